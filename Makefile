@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv from the lock first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.imtok-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data-deps test lint demo lock clean-venv
+
+setup: $(STAMP)
+
+# Installs exactly the pinned set (no resolution: the lock is complete), then the package itself.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(BIN)/python -c "import imtok, torch, torchvision" || { echo "install failed: see the pip output above"; exit 1; }
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when we can install it (root with apt);
+# elsewhere the prepare stage downloads it from the public mirrors or says how to get it.
+data-deps:
+	@if [ -d $(FMNIST_DIR) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "note: could not install dataset-fashion-mnist; tests that need it fall back as they report"; \
+	else echo "note: $(FMNIST_DIR) is absent and apt is not usable here; see docs/data.md"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) data-deps lint
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP) data-deps
+	$(BIN)/python -m demos.quantizers
+
+# Regenerate the lock after changing dependencies in pyproject.toml (needs `uv`).
+lock:
+	uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""Pieces every quantizer shares: the output tuple and codebook statistics."""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer's ``forward(z)`` returns.
+
+    codes: quantized latents, same shape as ``z`` (B, C, H, W), with straight-through gradients.
+    indices: int64 code ids (B, H, W).
+    loss: scalar auxiliary loss (0 for FSQ).
+    stats: scalar tensors for logging (``perplexity``, ``usage``, plus quantizer-specific entries).
+    """
+
+    codes: Tensor
+    indices: Tensor
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
+    """Counts of every code id in ``indices`` as a float (K,) tensor."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+
+
+def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Batch perplexity (exp of the code-distribution entropy) and the fraction of codes used."""
+    counts = code_histogram(indices.detach(), codebook_size)
+    probs = counts / counts.sum().clamp_min(1.0)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {
+        "perplexity": entropy.exp(),
+        "usage": (counts > 0).float().mean(),
+    }
+
+
+def check_channels(z: Tensor, expected: int, name: str) -> None:
+    """Raise a ValueError naming the argument when ``z`` is not (B, expected, H, W)."""
+    if z.ndim != 4:
+        raise ValueError(f"{name}: expected latents of shape (B, C, H, W), got shape {tuple(z.shape)}")
+    if z.shape[1] != expected:
+        raise ValueError(
+            f"{name}: latent has {z.shape[1]} channels but the quantizer expects {expected}; "
+            "project the encoder output to that many channels (or change the quantizer's dim/levels)"
+        )

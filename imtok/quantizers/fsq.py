@@ -1,0 +1,185 @@
+"""Finite Scalar Quantization (Mentzer, Minnen, Agustsson, Tschannen, ICLR 2024)."""
+
+from collections.abc import Sequence
+from numbers import Integral
+
+import torch
+from torch import Tensor, nn
+
+from imtok.quantizers.common import QuantizerOutput, check_channels, codebook_stats
+
+# The paper's Table 1: recommended levels per target codebook size.
+RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
+    2**8: (8, 6, 5),
+    2**10: (8, 5, 5, 5),
+    2**12: (7, 5, 5, 5, 5),
+    2**14: (8, 8, 8, 6, 5),
+    2**16: (8, 8, 8, 5, 5, 5),
+}
+
+# Widens the tanh range by a hair so the outermost levels are reached before tanh saturates;
+# the same value as the paper's reference code, so odd-level indices agree with it.
+BOUND_EPS = 1e-3
+
+
+def validate_levels(levels: Sequence[int]) -> list[int]:
+    """Check that ``levels`` is a non-empty list of integers >= 2 and return it as a list."""
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise ValueError(f"levels: expected a list of integers >= 2, got {levels!r}")
+    if len(levels) == 0:
+        raise ValueError("levels: expected a non-empty list of integers >= 2 (e.g. [8, 5, 5, 5]), got []")
+    for position, level in enumerate(levels):
+        if isinstance(level, bool) or not isinstance(level, Integral):
+            raise ValueError(f"levels[{position}]: expected an integer >= 2, got {level!r}")
+        if level < 2:
+            raise ValueError(f"levels[{position}]: expected an integer >= 2, got {level}")
+    return [int(level) for level in levels]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to the nearest integer with a straight-through (identity) gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+class FSQ(nn.Module):
+    """Finite Scalar Quantization: bound each channel, round it to one of ``levels[i]`` values.
+
+    The implicit codebook is the product grid of the per-channel levels (``codebook_size`` =
+    prod(levels)); there are no codebook parameters and no auxiliary loss.
+
+    Bounding. For a channel with L levels the paper's bound is
+    ``tanh(z + shift) * half_l - offset`` with ``half_l = (L - 1)(1 + eps) / 2``, ``offset = 0.5``
+    for even L (0 for odd) and ``shift = atanh(offset / half_l)`` so that z = 0 maps to 0. (The
+    paper's published code computes the shift with ``tan``, a slip its authors confirmed; we use
+    atanh.) The bounded value is rounded with a straight-through gradient and scaled into [-1, 1].
+
+    Odd L: both modes below are the paper's bound; levels {-(L-1)/2, ..., (L-1)/2}, symmetric.
+
+    Even L, ``symmetric=True`` (default): levels sit symmetrically around 0 at the half-integers
+    {-(L-1)/2, ..., (L-1)/2}, scaled so the codes span exactly [-1, 1] (L = 2 gives {-1, +1}).
+    For z ~ N(0, 1) the level shares are balanced: L = 2 -> 50% / 50%,
+    L = 4 -> 21% / 29% / 29% / 21%.
+
+    Even L, ``symmetric=False``: the paper's exact bound. Its levels are the integers
+    {-L/2, ..., L/2 - 1} divided by L/2, so the top code is 1 - 2/L, and the assignment is lopsided:
+    for z ~ N(0, 1) and L = 2 the atanh shift (about 3.8) sends 99.99% of values to one level (about
+    94% with the published tan shift of about 1.56); L = 4 gives 13% / 24% / 31% / 32%.
+
+    Training noise (``noise_prob`` > 0, off by default): in training mode that fraction of the
+    channel values is replaced by a uniform sample inside its level's bin (level + U(-1/2, 1/2) in
+    level units) instead of the level itself, a dithered stand-in for rounding that spreads the
+    decoder's input over each bin; indices always come from the rounded levels, and eval mode never
+    adds noise.
+
+    Quantization always runs in float32 (autocast is disabled inside) so that rounding and the
+    integer index arithmetic are exact under bf16 autocast; codes are returned in the input dtype.
+    """
+
+    def __init__(self, levels: Sequence[int], *, symmetric: bool = True, noise_prob: float = 0.0) -> None:
+        super().__init__()
+        self.levels = validate_levels(levels)
+        if not 0.0 <= noise_prob <= 1.0:
+            raise ValueError(f"noise_prob: expected a probability in [0, 1], got {noise_prob}")
+        self.symmetric = symmetric
+        self.noise_prob = float(noise_prob)
+        self.dim = len(self.levels)
+        self.codebook_size = 1
+        for level in self.levels:
+            self.codebook_size *= level
+
+        levels_f = torch.tensor(self.levels, dtype=torch.float64)
+        is_even = levels_f.remainder(2) == 0
+        half_l = (levels_f - 1) * (1 + BOUND_EPS) / 2
+        if symmetric:
+            offset = torch.zeros_like(levels_f)
+            center = torch.where(is_even, 0.5, 0.0)  # even L rounds onto half-integers
+            scale = (levels_f - 1) / 2
+        else:
+            offset = torch.where(is_even, 0.5, 0.0)
+            center = torch.zeros_like(levels_f)
+            scale = torch.floor(levels_f / 2)
+        shift = torch.atanh(offset / half_l)
+        basis = torch.cumprod(torch.tensor([1, *self.levels[:-1]], dtype=torch.int64), dim=0)
+
+        def channel_buffer(name: str, values: Tensor) -> None:
+            self.register_buffer(name, values.view(1, -1, 1, 1), persistent=False)
+
+        channel_buffer("_half_l", half_l.float())
+        channel_buffer("_offset", offset.float())
+        channel_buffer("_shift", shift.float())
+        channel_buffer("_center", center.float())
+        channel_buffer("_scale", scale.float())
+        channel_buffer("_levels", levels_f.float())
+        channel_buffer("_basis", basis)
+
+    @staticmethod
+    def levels_for(codebook_size: int) -> list[int]:
+        """The paper's Table 1 levels for a target codebook size (2^8, 2^10, 2^12, 2^14, 2^16)."""
+        if codebook_size not in RECOMMENDED_LEVELS:
+            sizes = ", ".join(f"2^{size.bit_length() - 1}" for size in RECOMMENDED_LEVELS)
+            raise ValueError(
+                f"codebook_size: the FSQ paper recommends levels only for {sizes}; got {codebook_size}. "
+                "Pass explicit levels instead (codebook size = product of levels)."
+            )
+        return list(RECOMMENDED_LEVELS[codebook_size])
+
+    def bound(self, z: Tensor) -> Tensor:
+        """Squash float32 latents (B, C, H, W) into each channel's level range, before rounding."""
+        return torch.tanh(z + self._shift) * self._half_l - self._offset
+
+    def _levels_from_latents(self, z: Tensor) -> Tensor:
+        """Rounded level values (B, C, H, W) with straight-through gradients."""
+        bounded = self.bound(z)
+        level_values = round_ste(bounded - self._center) + self._center
+        # tanh saturates to exactly +-1 in float32 for large |z|; keep the rounded value in range.
+        top = self._scale if self.symmetric else self._scale - (1 - self._levels.remainder(2))
+        return torch.maximum(torch.minimum(level_values, top), -self._scale)
+
+    def _digits(self, level_values: Tensor) -> Tensor:
+        """Per-channel integer digits in [0, L) from level values (B, C, H, W)."""
+        digits = torch.round(level_values.detach() + self._scale).long()
+        return digits.clamp_(min=0).minimum(self._levels.long() - 1)
+
+    def _add_noise(self, level_values: Tensor) -> Tensor:
+        """Replace a ``noise_prob`` fraction of level values by a uniform sample inside their bin."""
+        replace = torch.rand_like(level_values) < self.noise_prob
+        dithered = level_values + (torch.rand_like(level_values) - 0.5)
+        return torch.where(replace, dithered, level_values)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
+        check_channels(z, self.dim, "z")
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            level_values = self._levels_from_latents(z.float())  # (B, C, H, W)
+            indices = (self._digits(level_values) * self._basis).sum(dim=1)  # (B, H, W)
+            if self.training and self.noise_prob > 0:
+                level_values = self._add_noise(level_values)
+            codes = level_values / self._scale
+        stats = codebook_stats(indices, self.codebook_size)
+        loss = torch.zeros((), device=z.device, dtype=torch.float32)
+        return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
+
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""
+        check_channels(codes, self.dim, "codes")
+        with torch.autocast(device_type=codes.device.type, enabled=False):
+            level_values = codes.float() * self._scale
+            return (self._digits(level_values) * self._basis).sum(dim=1)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Codes (B, C, H, W) in [-1, 1] for integer indices (B, H, W)."""
+        if indices.ndim != 3:
+            raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
+        if indices.is_floating_point():
+            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        digits = (indices.long().unsqueeze(1) // self._basis) % self._levels.long()  # (B, C, H, W)
+        return (digits.float() - self._scale) / self._scale
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """All ``codebook_size`` codes as a (K, C) float32 tensor, row k being the code of index k."""
+        indices = torch.arange(self.codebook_size, device=self._basis.device).view(1, -1, 1)
+        return self.indices_to_codes(indices)[0, :, :, 0].T  # (K, C)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, symmetric={self.symmetric}, noise_prob={self.noise_prob}"
