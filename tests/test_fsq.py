@@ -34,7 +34,7 @@ def test_forward_codes_lie_on_grid_and_match_indices(levels, symmetric):
     assert codes.shape == z.shape and indices.shape == (4, 6, 5) and indices.dtype == torch.int64
     assert loss.item() == 0.0
     assert torch.equal(fsq.indices_to_codes(indices), codes)
-    assert 0 <= int(indices.min()) and int(indices.max()) < fsq.codebook_size
+    assert int(indices.min()) >= 0 and int(indices.max()) < fsq.codebook_size
     assert set(stats) >= {"perplexity", "usage"}
     assert 1.0 <= stats["perplexity"].item() <= fsq.codebook_size
 

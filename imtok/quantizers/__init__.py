@@ -2,5 +2,7 @@
 
 from imtok.quantizers.common import QuantizerOutput
 from imtok.quantizers.fsq import FSQ
+from imtok.quantizers.regvq import RegularizedVQ
+from imtok.quantizers.vq import VectorQuantizer
 
-__all__ = ["FSQ", "QuantizerOutput"]
+__all__ = ["FSQ", "QuantizerOutput", "RegularizedVQ", "VectorQuantizer"]

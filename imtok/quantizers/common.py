@@ -46,3 +46,9 @@ def check_channels(z: Tensor, expected: int, name: str) -> None:
             f"{name}: latent has {z.shape[1]} channels but the quantizer expects {expected}; "
             "project the encoder output to that many channels (or change the quantizer's dim/levels)"
         )
+
+
+def require(ok: bool, name: str, allowed: str, value: object) -> None:
+    """Raise a ValueError naming the argument and its allowed range unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name}: expected {allowed}, got {value!r}")

@@ -36,11 +36,6 @@ def validate_levels(levels: Sequence[int]) -> list[int]:
     return [int(level) for level in levels]
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round to the nearest integer with a straight-through (identity) gradient."""
-    return x + (torch.round(x) - x).detach()
-
-
 class FSQ(nn.Module):
     """Finite Scalar Quantization: bound each channel, round it to one of ``levels[i]`` values.
 
@@ -99,6 +94,8 @@ class FSQ(nn.Module):
             center = torch.zeros_like(levels_f)
             scale = torch.floor(levels_f / 2)
         shift = torch.atanh(offset / half_l)
+        self._paper_even_levels = bool((offset != 0).any())
+        self._has_half_integer_levels = bool((center != 0).any())
         basis = torch.cumprod(torch.tensor([1, *self.levels[:-1]], dtype=torch.int64), dim=0)
 
         def channel_buffer(name: str, values: Tensor) -> None:
@@ -109,6 +106,7 @@ class FSQ(nn.Module):
         channel_buffer("_shift", shift.float())
         channel_buffer("_center", center.float())
         channel_buffer("_scale", scale.float())
+        channel_buffer("_inverse_scale", (1 / scale).float())
         channel_buffer("_levels", levels_f.float())
         channel_buffer("_basis", basis)
 
@@ -125,20 +123,24 @@ class FSQ(nn.Module):
 
     def bound(self, z: Tensor) -> Tensor:
         """Squash float32 latents (B, C, H, W) into each channel's level range, before rounding."""
-        return torch.tanh(z + self._shift) * self._half_l - self._offset
+        if self._paper_even_levels:
+            return torch.tanh(z + self._shift) * self._half_l - self._offset
+        return torch.tanh(z) * self._half_l
 
-    def _levels_from_latents(self, z: Tensor) -> Tensor:
-        """Rounded level values (B, C, H, W) with straight-through gradients."""
-        bounded = self.bound(z)
-        level_values = round_ste(bounded - self._center) + self._center
-        # tanh saturates to exactly +-1 in float32 for large |z|; keep the rounded value in range.
-        top = self._scale if self.symmetric else self._scale - (1 - self._levels.remainder(2))
-        return torch.maximum(torch.minimum(level_values, top), -self._scale)
+    def _round_to_levels(self, bounded: Tensor) -> Tensor:
+        """Nearest level value of each bounded value (integers, or half-integers for symmetric even L).
 
-    def _digits(self, level_values: Tensor) -> Tensor:
-        """Per-channel integer digits in [0, L) from level values (B, C, H, W)."""
-        digits = torch.round(level_values.detach() + self._scale).long()
-        return digits.clamp_(min=0).minimum(self._levels.long() - 1)
+        No clamp is needed: ``eps * (L - 1) / 2 < 1/2`` for every L < 1001, so even a saturated tanh
+        rounds onto the outermost level.
+        """
+        if self._has_half_integer_levels:
+            return torch.round(bounded - self._center) + self._center
+        return torch.round(bounded)
+
+    def _indices_from_level_values(self, level_values: Tensor) -> Tensor:
+        """Exact int64 indices (B, H, W) from level values (B, C, H, W) on the grid."""
+        digits = (level_values + self._scale).long()  # exact: small integers stored in float32
+        return (digits * self._basis).sum(dim=1)
 
     def _add_noise(self, level_values: Tensor) -> Tensor:
         """Replace a ``noise_prob`` fraction of level values by a uniform sample inside their bin."""
@@ -150,11 +152,13 @@ class FSQ(nn.Module):
         """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
         check_channels(z, self.dim, "z")
         with torch.autocast(device_type=z.device.type, enabled=False):
-            level_values = self._levels_from_latents(z.float())  # (B, C, H, W)
-            indices = (self._digits(level_values) * self._basis).sum(dim=1)  # (B, H, W)
+            bounded = self.bound(z.float())  # (B, C, H, W)
+            rounded = self._round_to_levels(bounded).detach()
+            indices = self._indices_from_level_values(rounded)  # (B, H, W)
             if self.training and self.noise_prob > 0:
-                level_values = self._add_noise(level_values)
-            codes = level_values / self._scale
+                rounded = self._add_noise(rounded)
+            level_values = bounded + (rounded - bounded).detach()  # straight-through rounding
+            codes = level_values * self._inverse_scale
         stats = codebook_stats(indices, self.codebook_size)
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
         return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
@@ -163,8 +167,9 @@ class FSQ(nn.Module):
         """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""
         check_channels(codes, self.dim, "codes")
         with torch.autocast(device_type=codes.device.type, enabled=False):
-            level_values = codes.float() * self._scale
-            return (self._digits(level_values) * self._basis).sum(dim=1)
+            digits = torch.round(codes.float() * self._scale + self._scale).long()
+            digits = digits.clamp_(min=0).minimum(self._levels.long() - 1)  # codes off the grid snap to it
+            return (digits * self._basis).sum(dim=1)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) in [-1, 1] for integer indices (B, H, W)."""
@@ -173,7 +178,7 @@ class FSQ(nn.Module):
         if indices.is_floating_point():
             raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
         digits = (indices.long().unsqueeze(1) // self._basis) % self._levels.long()  # (B, C, H, W)
-        return (digits.float() - self._scale) / self._scale
+        return (digits.float() - self._scale) * self._inverse_scale
 
     @property
     def implicit_codebook(self) -> Tensor:

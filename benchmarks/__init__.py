@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks; results and the commands that produced them in RESULTS.md."""

@@ -1,0 +1,70 @@
+"""Timing and machine-description helpers shared by the benchmarks."""
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of one buffer)."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    seconds = time_call(lambda: target.copy_(source), device, warmup=3, repeats=10)
+    return 2 * source.numel() * 4 / seconds
+
+
+def machine_description(device: torch.device) -> str:
+    """One line naming the hardware, software versions and date of a benchmark run."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    today = datetime.date.today().isoformat()
+    return (
+        f"{hardware}; Python {platform.python_version()}; torch {torch.__version__}; "
+        f"{_peer_version()}; {today}"
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _peer_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"vector-quantize-pytorch {version('vector-quantize-pytorch')}"
+    except Exception:
+        return "vector-quantize-pytorch not installed"

@@ -1,0 +1,151 @@
+"""FSQ and VQ speed against vector-quantize-pytorch, side by side in one process.
+
+    python -m benchmarks.quantizers                      # CPU, sizes that fit a laptop
+    python -m benchmarks.quantizers --device cuda        # GPU, the sizes RESULTS.md reports
+
+Prints one markdown table per quantizer: milliseconds for forward (eval) and forward+backward
+(training mode, EMA updates included for VQ), and the peer/ours ratio (> 1 means we are faster).
+On CUDA the FSQ table also gives the memory floor: the time to read z and write codes and indices
+at the measured copy bandwidth.
+"""
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import copy_bandwidth, machine_description, time_call
+from imtok.quantizers import FSQ, VectorQuantizer
+
+TABLE_ONE_SIZES = (2**8, 2**10, 2**12, 2**14, 2**16)
+
+
+def latent_grid(num_vectors: int, channels: int, device: torch.device) -> torch.Tensor:
+    """Random N(0, 1) latents (B, C, 64, 64) holding ``num_vectors`` vectors."""
+    side = 64
+    batch = max(1, num_vectors // (side * side))
+    return torch.randn(batch, channels, side, side, device=device)
+
+
+def forward_fn(module: torch.nn.Module, z: torch.Tensor) -> Callable[[], object]:
+    """Inference-mode forward of a quantizer."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return module(z)
+
+    return run
+
+
+def forward_backward_fn(module: torch.nn.Module, z: torch.Tensor, codes_of: Callable) -> Callable[[], None]:
+    """Training-mode forward and backward through the straight-through codes and any aux loss."""
+    leaf = z.detach().clone().requires_grad_(True)
+
+    def run() -> None:
+        codes, loss = codes_of(module(leaf))
+        (codes.float().mean() + loss).backward()
+        leaf.grad = None
+
+    return run
+
+
+def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> list[str]:
+    """Markdown rows comparing our FSQ with the peer's at every Table-1 size."""
+    from vector_quantize_pytorch import FSQ as PeerFSQ
+
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    for size in TABLE_ONE_SIZES:
+        levels = FSQ.levels_for(size)
+        z = latent_grid(num_vectors, len(levels), device)
+        ours = FSQ(levels).to(device)
+        peer = PeerFSQ(levels=levels, channel_first=True).to(device)
+        ours_codes = lambda out: (out.codes, out.loss)  # noqa: E731
+        peer_codes = lambda out: (out[0], torch.zeros((), device=device))  # noqa: E731
+        timings = {}
+        for name, module, codes_of in (("ours", ours, ours_codes), ("peer", peer, peer_codes)):
+            module.eval()
+            timings[f"{name}_fwd"] = time_call(forward_fn(module, z), device, repeats=repeats)
+            module.train()
+            timings[f"{name}_fb"] = time_call(
+                forward_backward_fn(module, z, codes_of), device, repeats=repeats
+            )
+        floor = ""
+        if bandwidth is not None:
+            moved_bytes = z.numel() * 4 * 2 + z[:, 0].numel() * 8  # read z, write codes, int64 indices
+            floor = f"{moved_bytes / bandwidth * 1e3:.3f}"
+        rows.append(_row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor))
+    return rows
+
+
+def vq_rows(device: torch.device, num_vectors: int, dim: int, repeats: int) -> list[str]:
+    """Markdown rows comparing our EMA VQ with the peer's VectorQuantize at every Table-1 size."""
+    from vector_quantize_pytorch import VectorQuantize
+
+    rows = []
+    for size in TABLE_ONE_SIZES:
+        z = latent_grid(num_vectors, dim, device)
+        ours = VectorQuantizer(size, dim, kmeans_init=False).to(device)
+        peer = VectorQuantize(dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99).to(device)
+        with torch.no_grad():
+            peer._codebook.embed.copy_(ours.codebook.unsqueeze(0))
+        ours_codes = lambda out: (out.codes, out.loss)  # noqa: E731
+        peer_codes = lambda out: (out[0], out[2].sum())  # noqa: E731
+        timings = {}
+        for name, module, codes_of in (("ours", ours, ours_codes), ("peer", peer, peer_codes)):
+            module.eval()
+            timings[f"{name}_fwd"] = time_call(forward_fn(module, z), device, repeats=repeats)
+            module.train()
+            timings[f"{name}_fb"] = time_call(
+                forward_backward_fn(module, z, codes_of), device, repeats=repeats
+            )
+        rows.append(_row(f"K=2^{size.bit_length() - 1}, dim {dim}", z, timings, ""))
+    return rows
+
+
+def _row(label: str, z: torch.Tensor, timings: dict[str, float], floor: str) -> str:
+    ms = {key: value * 1e3 for key, value in timings.items()}
+    vectors = z.numel() // z.shape[1]
+    return (
+        f"| {label} | {vectors:,} | {floor} | {ms['ours_fwd']:.2f} | {ms['peer_fwd']:.2f} "
+        f"| {ms['peer_fwd'] / ms['ours_fwd']:.2f}x | {ms['ours_fb']:.2f} | {ms['peer_fb']:.2f} "
+        f"| {ms['peer_fb'] / ms['ours_fb']:.2f}x |"
+    )
+
+
+HEADER = (
+    "| size | vectors | floor ms | ours fwd ms | peer fwd ms | fwd ratio | ours fwd+bwd ms "
+    "| peer fwd+bwd ms | fwd+bwd ratio |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--fsq-vectors", type=int, default=None, help="latent vectors for FSQ")
+    parser.add_argument("--vq-vectors", type=int, default=None, help="latent vectors for VQ")
+    parser.add_argument("--vq-dim", type=int, default=8, help="VQ code dimension")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-vq", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    fsq_vectors = args.fsq_vectors or (4_194_304 if on_gpu else 262_144)
+    vq_vectors = args.vq_vectors or (65_536 if on_gpu else 8_192)
+    torch.manual_seed(0)
+
+    print(f"Machine: {machine_description(device)}\n")
+    print(f"FSQ, Table-1 levels, {fsq_vectors:,} latent vectors (peer: vector_quantize_pytorch.FSQ)\n")
+    print(HEADER)
+    print("\n".join(fsq_rows(device, fsq_vectors, args.repeats)))
+    if not args.skip_vq:
+        print(f"\nVQ (EMA codebook), {vq_vectors:,} latent vectors (peer: VectorQuantize)\n")
+        print(HEADER)
+        print("\n".join(vq_rows(device, vq_vectors, args.vq_dim, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

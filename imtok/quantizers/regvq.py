@@ -1,0 +1,199 @@
+"""Regularized Vector Quantization (Zhang, Zhan, Theobalt, Lu, CVPR 2023)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imtok.quantizers.common import QuantizerOutput, check_channels, codebook_stats, require
+from imtok.quantizers.search import squared_distances
+
+# The paper's ablation finds about 40% stochastically quantized positions best: fewer barely
+# regularize, more make the decoder train mostly on codes the deterministic path never produces.
+DEFAULT_MASK_RATIO = 0.4
+
+# Entries of ``stats`` that are per-position tensors for the contrastive loss and for evaluation,
+# not scalars to log; a logger keeps only the 0-dim entries (or drops these keys).
+TENSOR_STATS = ("argmax_indices", "sample_mask", "pcl_weights")
+
+# Keeps log(p) finite (and its gradient finite) for codes no position is assigned to; 0 log 0 = 0.
+PROB_FLOOR = 1e-12
+
+
+def posterior_logits(latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+    """Assignment logits -||z - e_k||^2 / temperature (N, K) for latents (N, D) and codes (K, D)."""
+    return squared_distances(latents, codebook).div(-temperature)  # (N, K)
+
+
+def prior_kl(assignment_probs: Tensor) -> Tensor:
+    """KL(P_post || uniform) = log K - H(P_post), with P_post the mean of the (..., K) assignment rows.
+
+    0 when the positions spread evenly over the codes, log K when they all put their mass on one.
+    """
+    num_codes = assignment_probs.shape[-1]
+    posterior = assignment_probs.reshape(-1, num_codes).mean(dim=0)  # (K,)
+    return (posterior * (posterior.clamp_min(PROB_FLOOR).log() + math.log(num_codes))).sum()
+
+
+def pcl_weights(sampled_codes: Tensor, argmax_codes: Tensor, sample_mask: Tensor) -> Tensor:
+    """Contrastive-loss weights (...,): ||e_sampled - e_argmax||^2 on sampled positions, summing to 1.
+
+    Codes are (..., D) and the mask (...,). Positions outside the mask get 0. When every sampled code
+    equals its argmax code (all distances 0) the weights are uniform over the sampled positions; when
+    nothing is sampled they are all 0.
+    """
+    mask = sample_mask.to(sampled_codes.dtype)  # (...,)
+    distances = (sampled_codes - argmax_codes).pow(2).sum(dim=-1) * mask  # (...,)
+    total = distances.sum()
+    uniform = mask / mask.sum().clamp_min(1.0)
+    # torch.where instead of a Python branch: no host sync on the accelerator.
+    return torch.where(total > 0, distances / total.clamp_min(torch.finfo(total.dtype).tiny), uniform)
+
+
+def random_mask(num_positions: int, ratio: float, device: torch.device) -> Tensor:
+    """Bool (N,) mask selecting each position independently with probability ``ratio``."""
+    # rand is in [0, 1): ratio 0 selects nothing and ratio 1 selects everything.
+    return torch.rand(num_positions, device=device) < ratio
+
+
+class RegularizedVQ(nn.Module):
+    """Learned-codebook vector quantizer with the two quantizer-side regularizers of Regularized VQ.
+
+    Base: each latent's nearest code (the argmax of the posterior below) with the VQ-VAE losses,
+    codebook ``||sg[z] - e||^2`` plus ``beta * ||z - sg[e]||^2`` (commitment), and straight-through
+    gradients to the encoder.
+
+    Prior distribution regularization: every position's assignment distribution is
+    ``softmax(-||z - e_k||^2 / prior_temperature)`` over the K codes. The hard nearest-code assignment
+    has no gradient; this softmax does, so the term below trains the encoder and the codebook. The
+    temperature sets how soft the assignment is: near 0 it approaches the one-hot nearest code, large
+    values spread it over codes whose distances differ by less than about the temperature. P_post is
+    its average over all positions in the batch, and ``prior_weight * KL(P_post || uniform)`` is added
+    to the loss, pushing the batch to use all codes.
+
+    Stochastic mask regularization (training mode only): each position independently, with
+    probability ``mask_ratio``, takes a code sampled from that softmax by hard Gumbel-softmax; the
+    others keep the nearest code. The sample follows the posterior whatever ``gumbel_temperature``
+    is; that temperature only shapes the straight-through gradient, which lets the decoder's loss
+    reach the codebook and the posterior through the sampled one-hot. Eval mode never samples.
+
+    Probabilistic contrastive loss: it lives with the tokenizer's losses; this module supplies its
+    per-position weights (see ``pcl_weights``).
+
+    ``forward`` returns ``QuantizerOutput(codes, indices, loss, stats)``. ``indices`` are the codes
+    actually used (sampled where masked); ``loss`` is codebook + beta * commitment + prior_weight *
+    KL. ``stats`` holds scalars for logging (``perplexity`` and ``usage`` of the returned indices,
+    ``prior_kl``, ``sampled_fraction``, ``codebook_loss``, ``commitment``) and, listed in
+    ``TENSOR_STATS``, three (B, H, W) tensors: ``argmax_indices`` (int64, the deterministic codes,
+    for evaluation and token extraction), ``sample_mask`` (bool, where a sampled code was used) and
+    ``pcl_weights`` (float32, detached, summing to 1 over the sampled positions).
+
+    Args:
+        codebook_size: number of codes K (>= 2).
+        dim: channels C of the latents and of the codes (>= 1).
+        beta: commitment-loss weight (>= 0).
+        mask_ratio: probability that a position takes a sampled code in training, in [0, 1].
+        prior_weight: weight of KL(P_post || uniform) in the loss (>= 0).
+        prior_temperature: temperature of the assignment softmax (> 0).
+        gumbel_temperature: temperature of the Gumbel-softmax relaxation (> 0).
+
+    Codes start uniform in (-1/K, 1/K), as in VQ-VAE. Quantization runs in float32 even under
+    autocast; codes come back in the input dtype. The assignment softmax needs the full (N, K)
+    distance matrix, so memory grows with positions times codes.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        mask_ratio: float = DEFAULT_MASK_RATIO,
+        prior_weight: float = 0.1,
+        prior_temperature: float = 1.0,
+        gumbel_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        require(codebook_size >= 2, "codebook_size", "an integer >= 2", codebook_size)
+        require(dim >= 1, "dim", "an integer >= 1", dim)
+        require(beta >= 0.0, "beta", "a value >= 0", beta)
+        require(0.0 <= mask_ratio <= 1.0, "mask_ratio", "a value in [0, 1]", mask_ratio)
+        require(prior_weight >= 0.0, "prior_weight", "a value >= 0", prior_weight)
+        require(prior_temperature > 0.0, "prior_temperature", "a value > 0", prior_temperature)
+        require(gumbel_temperature > 0.0, "gumbel_temperature", "a value > 0", gumbel_temperature)
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.beta = beta
+        self.mask_ratio = mask_ratio
+        self.prior_weight = prior_weight
+        self.prior_temperature = prior_temperature
+        self.gumbel_temperature = gumbel_temperature
+        bound = 1.0 / codebook_size
+        self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))  # (K, D)
+
+    def _stochastic_codes(self, logits: Tensor, argmax_indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mask (N,), indices used (N,) and the Gumbel straight-through code term (N, D) for training."""
+        mask = random_mask(logits.shape[0], self.mask_ratio, logits.device)  # (N,)
+        onehot = F.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=True)  # (N, K)
+        indices = torch.where(mask, onehot.argmax(dim=1), argmax_indices)  # (N,)
+        relaxed = onehot @ self.codebook  # (N, D)
+        # Zero in value; carries the Gumbel-softmax gradient, only where a sampled code was used.
+        gumbel_term = (relaxed - relaxed.detach()) * mask[:, None]
+        return mask, indices, gumbel_term
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize channel-first latents (B, C, H, W) with C == dim."""
+        check_channels(z, self.dim, "z")
+        batch, _, height, width = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            latents = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D)
+            logits = posterior_logits(latents, self.codebook, self.prior_temperature)  # (N, K)
+            argmax_indices = logits.detach().argmax(dim=1)  # (N,)
+            kl = prior_kl(logits.softmax(dim=1))
+            nearest = F.embedding(argmax_indices, self.codebook)  # (N, D)
+            # Both VQ-VAE terms use the nearest code: a sampled code is noise, not a target to pull to.
+            codebook_loss = F.mse_loss(latents.detach(), nearest)
+            commitment = F.mse_loss(latents, nearest.detach())
+            loss = codebook_loss + self.beta * commitment + self.prior_weight * kl
+
+            if self.training and self.mask_ratio > 0:
+                mask, indices, gumbel_term = self._stochastic_codes(logits, argmax_indices)
+            else:
+                mask = torch.zeros_like(argmax_indices, dtype=torch.bool)  # (N,)
+                indices, gumbel_term = argmax_indices, torch.zeros_like(latents)
+            used = F.embedding(indices, self.codebook.detach())  # (N, D)
+            weights = pcl_weights(used, nearest.detach(), mask)  # (N,)
+            # The identity straight-through gives the encoder the same gradient at every position.
+            quantized = latents + (used - latents).detach() + gumbel_term  # (N, D)
+
+        codes = quantized.view(batch, height, width, self.dim).permute(0, 3, 1, 2)  # (B, C, H, W)
+        indices = indices.view(batch, height, width)  # (B, H, W)
+        stats = {
+            **codebook_stats(indices, self.codebook_size),
+            "prior_kl": kl.detach(),
+            "sampled_fraction": mask.float().mean(),
+            "codebook_loss": codebook_loss.detach(),
+            "commitment": commitment.detach(),
+            "argmax_indices": argmax_indices.view(batch, height, width),
+            "sample_mask": mask.view(batch, height, width),
+            "pcl_weights": weights.view(batch, height, width),
+        }
+        return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Codes (B, C, H, W) for integer indices (B, H, W)."""
+        if indices.ndim != 3:
+            raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
+        if indices.is_floating_point():
+            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            codes = F.embedding(indices.long(), self.codebook)  # (B, H, W, C)
+        return codes.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"codebook_size={self.codebook_size}, dim={self.dim}, beta={self.beta}, "
+            f"mask_ratio={self.mask_ratio}, prior_weight={self.prior_weight}, "
+            f"prior_temperature={self.prior_temperature}, gumbel_temperature={self.gumbel_temperature}"
+        )
