@@ -4,13 +4,14 @@
     python -m benchmarks.quantizers --device cuda        # GPU, the sizes RESULTS.md reports
 
 Prints one markdown table per quantizer: milliseconds for forward (eval) and forward+backward
-(training mode, EMA updates included for VQ), and the peer/ours ratio (> 1 means we are faster).
+(training mode, EMA updates included for VQ), and the peer/ours ratio (> 1 means we are faster);
+"OOM" marks a run that ran out of device memory.
 On CUDA the FSQ table also gives the memory floor: the time to read z and write codes and indices
 at the measured copy bandwidth.
 """
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,67 +50,81 @@ def forward_backward_fn(module: torch.nn.Module, z: torch.Tensor, codes_of: Call
     return run
 
 
-def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> list[str]:
+def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> float | None:
+    """Median seconds of ``fn``, or None when it runs out of device memory."""
+    try:
+        return time_call(fn, device, repeats=repeats)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_pair(modules: dict, z: torch.Tensor, codes_of: dict, device: torch.device, repeats: int) -> dict:
+    """Forward (eval) and forward+backward (train) timings of each named module on ``z``."""
+    timings = {}
+    for name, module in modules.items():
+        module.eval()
+        timings[f"{name}_fwd"] = measure(forward_fn(module, z), device, repeats)
+        module.train()
+        timings[f"{name}_fb"] = measure(forward_backward_fn(module, z, codes_of[name]), device, repeats)
+    return timings
+
+
+def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> Iterator[str]:
     """Markdown rows comparing our FSQ with the peer's at every Table-1 size."""
     from vector_quantize_pytorch import FSQ as PeerFSQ
 
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
-    rows = []
     for size in TABLE_ONE_SIZES:
         levels = FSQ.levels_for(size)
         z = latent_grid(num_vectors, len(levels), device)
         ours = FSQ(levels).to(device)
         peer = PeerFSQ(levels=levels, channel_first=True).to(device)
-        ours_codes = lambda out: (out.codes, out.loss)  # noqa: E731
-        peer_codes = lambda out: (out[0], torch.zeros((), device=device))  # noqa: E731
-        timings = {}
-        for name, module, codes_of in (("ours", ours, ours_codes), ("peer", peer, peer_codes)):
-            module.eval()
-            timings[f"{name}_fwd"] = time_call(forward_fn(module, z), device, repeats=repeats)
-            module.train()
-            timings[f"{name}_fb"] = time_call(
-                forward_backward_fn(module, z, codes_of), device, repeats=repeats
-            )
+        codes_of = {
+            "ours": lambda out: (out.codes, out.loss),
+            "peer": lambda out: (out[0], torch.zeros((), device=device)),
+        }
+        timings = time_pair({"ours": ours, "peer": peer}, z, codes_of, device, repeats)
         floor = ""
         if bandwidth is not None:
             moved_bytes = z.numel() * 4 * 2 + z[:, 0].numel() * 8  # read z, write codes, int64 indices
             floor = f"{moved_bytes / bandwidth * 1e3:.3f}"
-        rows.append(_row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor))
-    return rows
+        yield _row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor)
 
 
-def vq_rows(device: torch.device, num_vectors: int, dim: int, repeats: int) -> list[str]:
+def vq_rows(device: torch.device, num_vectors: int, dim: int, repeats: int) -> Iterator[str]:
     """Markdown rows comparing our EMA VQ with the peer's VectorQuantize at every Table-1 size."""
     from vector_quantize_pytorch import VectorQuantize
 
-    rows = []
     for size in TABLE_ONE_SIZES:
         z = latent_grid(num_vectors, dim, device)
         ours = VectorQuantizer(size, dim, kmeans_init=False).to(device)
         peer = VectorQuantize(dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99).to(device)
         with torch.no_grad():
             peer._codebook.embed.copy_(ours.codebook.unsqueeze(0))
-        ours_codes = lambda out: (out.codes, out.loss)  # noqa: E731
-        peer_codes = lambda out: (out[0], out[2].sum())  # noqa: E731
-        timings = {}
-        for name, module, codes_of in (("ours", ours, ours_codes), ("peer", peer, peer_codes)):
-            module.eval()
-            timings[f"{name}_fwd"] = time_call(forward_fn(module, z), device, repeats=repeats)
-            module.train()
-            timings[f"{name}_fb"] = time_call(
-                forward_backward_fn(module, z, codes_of), device, repeats=repeats
-            )
-        rows.append(_row(f"K=2^{size.bit_length() - 1}, dim {dim}", z, timings, ""))
-    return rows
+        codes_of = {
+            "ours": lambda out: (out.codes, out.loss),
+            "peer": lambda out: (out[0], out[2].sum()),
+        }
+        timings = time_pair({"ours": ours, "peer": peer}, z, codes_of, device, repeats)
+        del ours, peer
+        yield _row(f"K=2^{size.bit_length() - 1}, dim {dim}", z, timings, "")
 
 
-def _row(label: str, z: torch.Tensor, timings: dict[str, float], floor: str) -> str:
-    ms = {key: value * 1e3 for key, value in timings.items()}
+def _row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: str) -> str:
+    def ms(key: str) -> str:
+        return "OOM" if timings[key] is None else f"{timings[key] * 1e3:.2f}"
+
+    def ratio(kind: str) -> str:
+        ours, peer = timings[f"ours_{kind}"], timings[f"peer_{kind}"]
+        return "-" if ours is None or peer is None else f"{peer / ours:.2f}x"
+
     vectors = z.numel() // z.shape[1]
     return (
-        f"| {label} | {vectors:,} | {floor} | {ms['ours_fwd']:.2f} | {ms['peer_fwd']:.2f} "
-        f"| {ms['peer_fwd'] / ms['ours_fwd']:.2f}x | {ms['ours_fb']:.2f} | {ms['peer_fb']:.2f} "
-        f"| {ms['peer_fb'] / ms['ours_fb']:.2f}x |"
+        f"| {label} | {vectors:,} | {floor} | {ms('ours_fwd')} | {ms('peer_fwd')} | {ratio('fwd')} "
+        f"| {ms('ours_fb')} | {ms('peer_fb')} | {ratio('fb')} |"
     )
 
 
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vq-vectors", type=int, default=None, help="latent vectors for VQ")
     parser.add_argument("--vq-dim", type=int, default=8, help="VQ code dimension")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-fsq", action="store_true")
     parser.add_argument("--skip-vq", action="store_true")
     args = parser.parse_args(argv)
 
@@ -138,13 +154,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     print(f"Machine: {machine_description(device)}\n")
-    print(f"FSQ, Table-1 levels, {fsq_vectors:,} latent vectors (peer: vector_quantize_pytorch.FSQ)\n")
-    print(HEADER)
-    print("\n".join(fsq_rows(device, fsq_vectors, args.repeats)))
-    if not args.skip_vq:
-        print(f"\nVQ (EMA codebook), {vq_vectors:,} latent vectors (peer: VectorQuantize)\n")
+    if not args.skip_fsq:
+        print(f"FSQ, Table-1 levels, {fsq_vectors:,} latent vectors (peer: vector_quantize_pytorch.FSQ)\n")
         print(HEADER)
-        print("\n".join(vq_rows(device, vq_vectors, args.vq_dim, args.repeats)))
+        for row in fsq_rows(device, fsq_vectors, args.repeats):
+            print(row, flush=True)
+    if not args.skip_vq:
+        print(
+            f"\nVQ (EMA codebook), {vq_vectors:,} latent vectors, dim {args.vq_dim} (peer: VectorQuantize)\n"
+        )
+        print(HEADER)
+        for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

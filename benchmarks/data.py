@@ -1,0 +1,113 @@
+"""Data benchmark: prepare throughput, and reading shards vs the same images as loose PNG files.
+
+Both readers decode and collate with the same functions (``decode_png_uint8``, ``collate_images``)
+into float batches of the same size, in the same process, with the same number of DataLoader
+workers; only the storage differs (a few tar files read in sequence vs one small file per image).
+
+    python -m benchmarks.data --images 10000 --workers 0 2 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imtok.data.shards import ShardLoader, collate_images, decode_png_uint8, iter_samples, write_split
+from imtok.data.sources import FASHION_MNIST_DIR, FashionMNIST, SyntheticShapes
+
+
+class LoosePngs(Dataset):
+    """One PNG file per image, class = parent folder, as a map-style dataset."""
+
+    def __init__(self, root: Path, class_names: list[str]):
+        self.files = sorted(root.rglob("*.png"))
+        self.label_of = {name: i for i, name in enumerate(class_names)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        path = self.files[index]
+        return decode_png_uint8(path.read_bytes()), int(path.parent.name), path.stem
+
+
+def _images_per_second(loader: Iterable) -> float:
+    """Throughput of one pass over ``loader`` (a batch's first element holds the images)."""
+    started, count = time.perf_counter(), 0
+    for batch in loader:
+        count += batch[0].shape[0]
+    return count / (time.perf_counter() - started)
+
+
+def _compare(first: Iterable, second: Iterable, repeats: int) -> tuple[float, float]:
+    """Median throughputs, measured alternately so that load changes on the machine hit both alike."""
+    for loader in (first, second):  # warm-up: page cache, worker imports, allocator
+        _images_per_second(loader)
+    rates = [(_images_per_second(first), _images_per_second(second)) for _ in range(repeats)]
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+
+
+def run(images: int, workers: list[int], batch_size: int, repeats: int, maxcount: int) -> str:
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        source, source_name = FashionMNIST(FASHION_MNIST_DIR, image_size=32, channels=1), "Fashion-MNIST"
+    else:
+        count = int(images / 0.9) + 1
+        source, source_name = SyntheticShapes(count=count, image_size=32, channels=1), "synthetic shapes"
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
+        shards, loose = Path(tmp) / "shards", Path(tmp) / "loose"
+        report = write_split(source, "train", shards, maxcount=maxcount, limit=images)
+        prepare_rate = report.count / report.seconds
+        for sample in iter_samples(shards):  # the very same PNG bytes, one file each
+            folder = loose / str(sample["cls"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{sample['__key__']}.png").write_bytes(sample["png"])
+        dataset = LoosePngs(loose, [str(i) for i in range(len(source.class_names))])
+
+        lines += [
+            f"- source: {source_name}, {report.count} train images at 32x32x1, "
+            f"{len(report.shards)} shards of <= {maxcount}",
+            f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"batch size {batch_size}, median of {repeats} alternating passes after a warm-up pass",
+            "",
+            f"prepare (fit to 32x32, PNG-encode, write shards): **{prepare_rate:,.0f} images/s**",
+            "",
+            "| workers | shards (ShardLoader) images/s | loose PNGs (DataLoader) images/s | ratio |",
+            "|---:|---:|---:|---:|",
+        ]
+        for num_workers in workers:
+            shard_loader = ShardLoader(
+                shards, batch_size, shuffle=True, shuffle_buffer=1000, num_workers=num_workers, seed=0
+            )
+            file_loader = DataLoader(
+                dataset, batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate_images
+            )
+            shard_rate, file_rate = _compare(shard_loader, file_loader, repeats)
+            lines.append(
+                f"| {num_workers} | {shard_rate:,.0f} | {file_rate:,.0f} | {shard_rate / file_rate:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--maxcount", type=int, default=1000)
+    args = parser.parse_args()
+    print(run(args.images, args.workers, args.batch_size, args.repeats, args.maxcount))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""S3 through boto3: an ``s3://`` scheme for webdataset's ``gopen``, and uploading a written split.
+
+Endpoint, credentials and region come from the standard AWS environment variables or config files
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+``AWS_PROFILE``), so MinIO or any S3-compatible store is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url}: not an s3:// URL")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{url}: no bucket name")
+    return bucket, key
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current environment, one per process and configuration."""
+    # a client must not cross a fork (its connection pool would be shared), and tests change the
+    # environment between cases, so both are part of the cache key
+    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                connect_timeout=10, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"}
+            )
+            _clients[key] = boto3.session.Session().client("s3", config=config)
+        return _clients[key]
+
+
+def _client_error(url: str, exc: Exception) -> OSError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    if code in ("NoSuchKey", "NoSuchBucket", "404"):
+        return FileNotFoundError(f"{url}: no such object ({code})")
+    return OSError(f"{url}: {exc}")
+
+
+def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """Open an S3 object for streaming reads; the signature of a webdataset gopen handler."""
+    if mode != "rb":
+        raise ValueError(f"{url}: s3:// URLs are read-only here (mode {mode!r}); write locally and upload")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3_url(url)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        raise _client_error(url, exc) from exc
+    except BotoCoreError as exc:
+        raise OSError(f"{url}: {exc}") from exc
+
+
+def register_s3_scheme() -> None:
+    """Make webdataset open ``s3://`` URLs through boto3 (it has no s3 handler of its own)."""
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["s3"] = open_s3
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole content of an S3 object."""
+    with open_s3(url) as body:
+        return body.read()
+
+
+def upload_split(local_dir: str | Path, url_prefix: str) -> list[str]:
+    """Upload a split's shards, then its meta.json (last, so a reader never sees meta without shards).
+
+    Returns the uploaded URLs. The bucket must exist.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    local_dir = Path(local_dir)
+    bucket, prefix = split_s3_url(url_prefix.rstrip("/"))
+    files = [*sorted(local_dir.glob("shard-*.tar")), local_dir / "meta.json"]
+    client = s3_client()
+    urls = []
+    for path in files:
+        key = f"{prefix}/{path.name}" if prefix else path.name
+        url = f"s3://{bucket}/{key}"
+        log.info("uploading %s -> %s", path, url)
+        try:
+            client.upload_file(str(path), bucket, key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _client_error(url, exc) from exc
+        except Exception as exc:  # s3transfer wraps client errors in its own exception types
+            raise OSError(f"{url}: upload of {path} failed: {exc}") from exc
+        urls.append(url)
+    return urls

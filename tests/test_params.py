@@ -1,0 +1,69 @@
+"""params.yaml models: defaults, the repository's own file, and errors that name the key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imtok.params import Params, PrepareParams, TokenizerParams, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load_and_match_the_documented_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.prepare.source == "fashion_mnist"
+    assert params.prepare.image_size == 32 and params.prepare.channels == 1
+    assert params.prepare.image_size % params.tokenizer.downsample == 0
+
+
+def test_every_prepare_key_is_listed_in_dvc_yaml():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    listed = set(stage["params"])
+    keys = {f"prepare.{field.name}" for field in dataclasses.fields(PrepareParams)}
+    assert keys | {"tokenizer.downsample"} == listed
+
+
+def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
+    params = PrepareParams.from_dict({"val_fraction": 1 / 4, "limit": 10})
+    assert params.val_fraction == 0.25 and params.limit == 10 and params.maxcount == 10000
+    assert TokenizerParams.from_dict(None).downsample == 4
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"prepare": {"source": "imagenet"}}, "prepare.source"),
+        ({"prepare": {"image_size": 30}}, "prepare.image_size"),
+        ({"prepare": {"image_size": 32}, "tokenizer": {"downsample": 64}}, "prepare.image_size"),
+        ({"prepare": {"channels": 2}}, "prepare.channels"),
+        ({"prepare": {"limit": 0}}, "prepare.limit"),
+        ({"prepare": {"limit": True}}, "prepare.limit"),
+        ({"prepare": {"maxcount": "many"}}, "prepare.maxcount"),
+        ({"prepare": {"val_fraction": 1.0}}, "prepare.val_fraction"),
+        ({"prepare": {"source": "folder"}}, "prepare.root"),
+        ({"prepare": {"upload": "bucket/prefix"}}, "prepare.upload"),
+        ({"prepare": {"imagesize": 32}}, "prepare.imagesize"),
+        ({"tokenizer": {"downsample": 3}}, "tokenizer.downsample"),
+        ({"prepare": [1, 2]}, "prepare"),
+        ({"trainer": {}}, "trainer"),
+    ],
+)
+def test_errors_name_the_offending_key(raw, key):
+    with pytest.raises(ValueError) as error:
+        Params.from_dict(raw)
+    assert str(error.value).startswith(f"{key}:")
+
+
+def test_divisibility_error_says_what_to_use():
+    with pytest.raises(ValueError, match=r"tokenizer\.downsample \(4\).*such as 28"):
+        Params.from_dict({"prepare": {"image_size": 30}})
+
+
+def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("prepare: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

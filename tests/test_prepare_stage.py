@@ -1,0 +1,167 @@
+"""The prepare stage: `dvc repro` in a fresh repository, its report, its errors, S3 upload and remotes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from PIL import Image
+
+from imtok.data.shards import iter_samples, read_meta
+from stages.prepare import main
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+PROJECT_PACKAGES = ["imtok", "stages"]
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 180) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{output}"
+    return output
+
+
+def _dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, env)
+
+
+@pytest.fixture
+def project(tmp_path: Path, fashion_mnist_dir) -> tuple[Path, dict[str, str]]:
+    """A git repository holding a copy of the pipeline, with small prepare params, and its env."""
+    repo = tmp_path / "repo"
+    for name in PROJECT_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"].update(limit=200, maxcount=64)
+    if fashion_mnist_dir is None:
+        message = (
+            "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): "
+            "dvc repro prepare runs on the synthetic source instead"
+        )
+        warnings.warn(message, stacklevel=1)
+        print(message)
+        params["prepare"].update(source="synthetic", synthetic_count=500)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` = this venv's
+        DVC_NO_ANALYTICS="1",
+        DVC_GLOBAL_CONFIG_DIR=str(tmp_path / "dvc-global"),
+        DVC_SYSTEM_CONFIG_DIR=str(tmp_path / "dvc-system"),
+        GIT_CONFIG_NOSYSTEM="1",
+        HOME=str(tmp_path / "home"),
+    )
+    _run(["git", "init", "-q"], repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_prepare_in_a_fresh_repository(project, s3_bucket, moto_endpoint):
+    repo, env = project
+    _dvc("repro", "prepare", cwd=repo, env=env)
+    report = json.loads((repo / "reports/prepare.json").read_text())
+    assert report["train"]["count"] == report["val"]["count"] == 200
+    assert report["skipped_total"] == 0
+    for split in ("train", "val"):
+        meta = read_meta(repo / "data/shards" / split)
+        assert meta["count"] == 200 and [s["count"] for s in meta["shards"]] == [64, 64, 64, 8]
+        assert len(list(iter_samples(repo / "data/shards" / split))) == 200
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock["params"]["params.yaml"]["prepare.limit"] == 200
+
+    assert "didn't change" in _dvc("repro", "prepare", cwd=repo, env=env)
+    _dvc("repro", "--force", "prepare", cwd=repo, env=env)  # a rerun writes byte-identical shards
+    relock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
+    shards = [out for out in lock["outs"] if out["path"].startswith("data/")]
+    assert len(shards) == 2 and shards == [out for out in relock["outs"] if out["path"].startswith("data/")]
+
+    # the committed default remote (a directory beside the clone) works from this copy
+    _dvc("push", cwd=repo, env=env)
+    assert any((repo.parent / "imtok-dvc-remote").rglob("*"))
+
+    # switching to S3 as docs/data.md describes: endpoint in the config, credentials in config.local
+    _dvc("remote", "add", "s3", f"s3://{s3_bucket}/dvc", cwd=repo, env=env)
+    _dvc("remote", "modify", "s3", "endpointurl", moto_endpoint, cwd=repo, env=env)
+    _dvc("remote", "modify", "--local", "s3", "access_key_id", "testing", cwd=repo, env=env)
+    _dvc("remote", "modify", "--local", "s3", "secret_access_key", "testing", cwd=repo, env=env)
+    _dvc("push", "-r", "s3", cwd=repo, env=env)  # env has no AWS_* variables: only the config speaks
+    stored = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="dvc/")
+    assert stored["KeyCount"] > 0
+    assert "testing" not in (repo / ".dvc/config").read_text()
+
+
+def _write_params(path: Path, **prepare) -> Path:
+    path.write_text(yaml.safe_dump({"prepare": prepare, "tokenizer": {"downsample": 4}}))
+    return path
+
+
+def test_unreadable_files_are_listed_in_the_report_and_the_log(tmp_path, monkeypatch, caplog):
+    images = tmp_path / "images"
+    for i in range(10):
+        (images / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), (i * 25, 0, 0)).save(images / f"c{i % 2}" / f"{i}.png")
+    (images / "c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (images / "c1" / "empty.jpg").write_bytes(b"")
+    params = _write_params(
+        tmp_path / "params.yaml", source="folder", root=str(images), image_size=8, channels=3
+    )
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert main(["--params", str(params)]) == 0
+    report = json.loads((tmp_path / "reports/prepare.json").read_text())
+    assert report["skipped_total"] == 2
+    assert report["train"]["count"] + report["val"]["count"] == 10
+    listed = {Path(entry["file"]).name for entry in report["skipped_files"]}
+    assert listed == {"broken.png", "empty.jpg"}
+    assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("prepare", "key"),
+    [
+        ({"image_size": 30}, "prepare.image_size"),
+        ({"source": "imagenet"}, "prepare.source"),
+        ({"source": "folder", "root": "no-such-folder"}, "prepare.root"),
+        ({"source": "folder", "root": "empty"}, "prepare.root"),
+    ],
+)
+def test_bad_params_and_empty_sources_fail_naming_the_key(tmp_path, monkeypatch, caplog, prepare, key):
+    (tmp_path / "empty" / "nested").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    params = _write_params(tmp_path / "params.yaml", **prepare)
+    with caplog.at_level(logging.ERROR):
+        assert main(["--params", str(params)]) == 1
+    assert key in caplog.text
+    assert not (tmp_path / "data/shards/train/meta.json").exists()
+
+
+def test_prepare_uploads_both_splits_to_s3(tmp_path, monkeypatch, s3_bucket):
+    monkeypatch.chdir(tmp_path)
+    upload = f"s3://{s3_bucket}/prepared"
+    params = _write_params(
+        tmp_path / "params.yaml",
+        source="synthetic",
+        synthetic_count=60,
+        image_size=8,
+        maxcount=20,
+        upload=upload,
+    )
+    assert main(["--params", str(params)]) == 0
+    report = json.loads((tmp_path / "reports/prepare.json").read_text())
+    for split in ("train", "val"):
+        assert report[split]["uploaded_to"] == f"{upload}/{split}"
+        remote = list(iter_samples(f"{upload}/{split}"))
+        assert remote == list(iter_samples(tmp_path / "data/shards" / split))
