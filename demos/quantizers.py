@@ -3,9 +3,10 @@
     python -m demos.quantizers [--sizes 8 10 12] [--steps 30]
 
 Each VQ-style quantizer first takes ``--steps`` training steps on fresh N(0, 1) batches of 4,096
-vectors (EMA or k-means updates, dead-code restarts, Adam on learned codebooks), then every quantizer is evaluated on one held-out batch of
-at least 4 vectors per code. ``usage`` is the fraction of codes used at least once, ``perplexity``
-the exponential of the code distribution's entropy (K for a perfectly uniform one).
+vectors (EMA or k-means updates, dead-code restarts, Adam on learned codebooks), then every
+quantizer is evaluated on one held-out batch of at least 4 vectors per code. ``usage`` is the
+fraction of codes used at least once, ``perplexity`` the exponential of the code distribution's
+entropy (K for a perfectly uniform one).
 """
 
 import argparse
