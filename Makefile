@@ -35,8 +35,10 @@ lint: $(STAMP)
 test: $(STAMP) data-deps lint
 	$(BIN)/python -m pytest -q
 
+# The main job so far: the quantizers' codebook-usage table, then the pipeline's prepare stage.
 demo: $(STAMP) data-deps
 	$(BIN)/python -m demos.quantizers
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs `uv`).
 lock:
