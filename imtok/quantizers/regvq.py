@@ -21,6 +21,22 @@ TENSOR_STATS = ("argmax_indices", "sample_mask", "pcl_weights")
 PROB_FLOOR = 1e-12
 
 
+def _assignment_scores(latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+    """Assignment logits up to a per-row constant: (2 z.e_k - ||e_k||^2) / temperature (N, K).
+
+    These are the logits of ``posterior_logits`` plus ||z||^2 / temperature on each row. Softmax,
+    argmax and Gumbel-max sampling ignore a per-row constant (and so do their gradients), so they
+    give the same assignment distribution without the passes over (N, K) that add ||z||^2 and divide.
+    """
+    scale = 1.0 / temperature
+    # A single matmul [z, 1] (N, D + 1) @ [2 e^T; -||e||^2] / temperature (D + 1, K): the norms and
+    # the temperature cost no extra pass over (N, K), and the contiguous right factor keeps the two
+    # backward matmuls in their fast layout.
+    norms = codebook.pow(2).sum(dim=1, keepdim=True).t()  # (1, K)
+    weights = torch.cat([codebook.t() * (2.0 * scale), norms * -scale])  # (D + 1, K)
+    return torch.cat([latents, latents.new_ones(latents.shape[0], 1)], dim=1) @ weights
+
+
 def posterior_logits(latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
     """Assignment logits -||z - e_k||^2 / temperature (N, K) for latents (N, D) and codes (K, D)."""
     return squared_distances(latents, codebook).div(-temperature)  # (N, K)
@@ -132,15 +148,38 @@ class RegularizedVQ(nn.Module):
         bound = 1.0 / codebook_size
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))  # (K, D)
 
-    def _stochastic_codes(self, logits: Tensor, argmax_indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mask (N,), indices used (N,) and the Gumbel straight-through code term (N, D) for training."""
-        mask = random_mask(logits.shape[0], self.mask_ratio, logits.device)  # (N,)
-        onehot = F.gumbel_softmax(logits, tau=self.gumbel_temperature, hard=True)  # (N, K)
-        indices = torch.where(mask, onehot.argmax(dim=1), argmax_indices)  # (N,)
-        relaxed = onehot @ self.codebook  # (N, D)
+    def _stochastic_codes(self, latents: Tensor, argmax_indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mask (N,), indices used (N,) and the Gumbel straight-through code term (N, D) for training.
+
+        Only the masked rows get assignment logits, Gumbel noise and a Gumbel term; the others keep
+        their nearest code and the term is 0 there.
+        """
+        num_positions = latents.shape[0]
+        mask = random_mask(num_positions, self.mask_ratio, latents.device)  # (N,)
+        # Gathering the masked rows needs their count: one host sync on an accelerator.
+        rows = mask.nonzero().squeeze(1)  # (M,)
+        tau = self.gumbel_temperature
+        # logits / tau of the masked rows, recomputed from their latents: cheaper than selecting
+        # rows of the (N, K) logits, whose backward would scatter into another (N, K) tensor.
+        scaled_logits = _assignment_scores(
+            latents.index_select(0, rows), self.codebook, self.prior_temperature * tau
+        )  # (M, K)
+        # (logits + g) / tau with Gumbel noise g = -log(Exp(1)); its argmax is a draw from
+        # softmax(logits) whatever tau is (Gumbel-max).
+        log_exponential = torch.empty_like(scaled_logits).exponential_().log_()  # (M, K)
+        perturbed = torch.sub(scaled_logits, log_exponential, alpha=1.0 / tau)  # (M, K)
+        sampled = perturbed.detach().argmax(dim=1)  # (M,)
+        indices = argmax_indices.index_copy(0, rows, sampled)  # (N,)
+        gumbel_term = latents.new_zeros(num_positions, self.dim)  # (N, D)
+        if not perturbed.requires_grad:
+            return mask, indices, gumbel_term
+        # Hard Gumbel-softmax with the straight-through estimator: value the sampled code, gradient
+        # that of the relaxed code soft @ codebook, soft = softmax((logits + g) / tau). The codebook's
+        # part of that gradient is the sampled code's row alone, so it is taken by index.
+        soft = perturbed.softmax(dim=1)  # (M, K)
+        relaxed = F.embedding(sampled, self.codebook) + soft @ self.codebook.detach()  # (M, D)
         # Zero in value; carries the Gumbel-softmax gradient, only where a sampled code was used.
-        gumbel_term = (relaxed - relaxed.detach()) * mask[:, None]
-        return mask, indices, gumbel_term
+        return mask, indices, gumbel_term.index_add(0, rows, relaxed - relaxed.detach())
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == dim."""
@@ -148,7 +187,8 @@ class RegularizedVQ(nn.Module):
         batch, _, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             latents = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D)
-            logits = posterior_logits(latents, self.codebook, self.prior_temperature)  # (N, K)
+            # Logits up to a per-row constant, which neither the softmax nor the argmax sees.
+            logits = _assignment_scores(latents, self.codebook, self.prior_temperature)  # (N, K)
             argmax_indices = logits.detach().argmax(dim=1)  # (N,)
             kl = prior_kl(logits.softmax(dim=1))
             nearest = F.embedding(argmax_indices, self.codebook)  # (N, D)
@@ -158,7 +198,7 @@ class RegularizedVQ(nn.Module):
             loss = codebook_loss + self.beta * commitment + self.prior_weight * kl
 
             if self.training and self.mask_ratio > 0:
-                mask, indices, gumbel_term = self._stochastic_codes(logits, argmax_indices)
+                mask, indices, gumbel_term = self._stochastic_codes(latents, argmax_indices)
             else:
                 mask = torch.zeros_like(argmax_indices, dtype=torch.bool)  # (N,)
                 indices, gumbel_term = argmax_indices, torch.zeros_like(latents)
