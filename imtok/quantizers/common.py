@@ -48,6 +48,14 @@ def check_channels(z: Tensor, expected: int, name: str) -> None:
         )
 
 
+def check_indices(indices: Tensor) -> None:
+    """Raise a ValueError naming the argument when ``indices`` is not an integer (B, H, W) tensor."""
+    if indices.ndim != 3:
+        raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
+    if indices.is_floating_point():
+        raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+
+
 def require(ok: bool, name: str, allowed: str, value: object) -> None:
     """Raise a ValueError naming the argument and its allowed range unless ``ok``."""
     if not ok:

@@ -6,7 +6,7 @@ from numbers import Integral
 import torch
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, codebook_stats
+from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats
 
 # The paper's Table 1: recommended levels per target codebook size.
 RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
@@ -173,10 +173,7 @@ class FSQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) in [-1, 1] for integer indices (B, H, W)."""
-        if indices.ndim != 3:
-            raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
-        if indices.is_floating_point():
-            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        check_indices(indices)
         digits = (indices.long().unsqueeze(1) // self._basis) % self._levels.long()  # (B, C, H, W)
         return (digits.float() - self._scale) * self._inverse_scale
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, codebook_stats, require
+from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
 from imtok.quantizers.search import squared_distances
 
 # The paper's ablation finds about 40% stochastically quantized positions best: fewer barely
@@ -223,10 +223,7 @@ class RegularizedVQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) for integer indices (B, H, W)."""
-        if indices.ndim != 3:
-            raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
-        if indices.is_floating_point():
-            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        check_indices(indices)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             codes = F.embedding(indices.long(), self.codebook)  # (B, H, W, C)
         return codes.permute(0, 3, 1, 2)

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, codebook_stats, require
+from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
 from imtok.quantizers.search import nearest_code
 
 
@@ -285,10 +285,7 @@ class VectorQuantizer(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) in latent space for integer indices (B, H, W)."""
-        if indices.ndim != 3:
-            raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
-        if indices.is_floating_point():
-            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        check_indices(indices)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             codes = self.project_out(F.embedding(indices.long(), self.codebook))  # (B, H, W, C)
         return codes.permute(0, 3, 1, 2)
