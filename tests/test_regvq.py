@@ -12,7 +12,7 @@ from imtok.quantizers.regvq import TENSOR_STATS, RegularizedVQ, pcl_weights, pri
 
 def separated_quantizer(codebook_size: int, spacing: float = 10.0, **kwargs) -> RegularizedVQ:
     """A quantizer whose codes are ``spacing`` times the unit vectors, so dim == codebook_size."""
-    quantizer = RegularizedVQ(codebook_size, codebook_size, **kwargs)
+    quantizer = RegularizedVQ(codebook_size, codebook_size, data_init=False, **kwargs)
     with torch.no_grad():
         quantizer.codebook.copy_(spacing * torch.eye(codebook_size))
     return quantizer
@@ -376,3 +376,32 @@ def test_forward_rejects_latents_of_the_wrong_shape(shape):
 def test_indices_to_codes_rejects_bad_indices(indices):
     with pytest.raises(ValueError, match="indices:"):
         RegularizedVQ(16, 4).indices_to_codes(indices)
+
+
+def test_first_training_batch_seeds_the_codebook_with_its_latents():
+    quantizer = RegularizedVQ(64, 4).train()
+    z = torch.randn(2, 4, 8, 8) * 3 + 5  # far from the (-1/K, 1/K) start
+    quantizer(z)
+    latents = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    is_latent = (quantizer.codebook.detach()[:, None, :] == latents[None]).all(dim=-1)  # (K, N)
+    assert is_latent.any(dim=1).all()  # every code is one of the batch's latents
+    assert bool(quantizer.initialized)
+    seeded = quantizer.codebook.detach().clone()
+    quantizer(torch.randn(2, 4, 8, 8))
+    assert torch.equal(quantizer.codebook.detach(), seeded)  # only the first batch seeds
+    reloaded = RegularizedVQ(64, 4)
+    reloaded.load_state_dict(quantizer.state_dict())
+    assert bool(reloaded.initialized)
+
+
+def test_data_init_uses_every_code_on_the_seeding_batch():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 8, 16, 16, generator=generator)
+    usage = {}
+    for data_init in (True, False):
+        torch.manual_seed(0)
+        quantizer = RegularizedVQ(256, 8, data_init=data_init).train()
+        quantizer(z)
+        usage[data_init] = quantizer.eval()(z).stats["usage"].item()
+    assert usage[True] == 1.0  # each code is a latent of z, so it is that latent's nearest code
+    assert usage[True] > usage[False]

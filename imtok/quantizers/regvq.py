@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
 from imtok.quantizers.search import squared_distances
+from imtok.quantizers.vq import broadcast_from_first, sample_rows
 
 # The paper's ablation finds about 40% stochastically quantized positions best: fewer barely
 # regularize, more make the decoder train mostly on codes the deterministic path never produces.
@@ -113,10 +114,15 @@ class RegularizedVQ(nn.Module):
         prior_weight: weight of KL(P_post || uniform) in the loss (>= 0).
         prior_temperature: temperature of the assignment softmax (> 0).
         gumbel_temperature: temperature of the Gumbel-softmax relaxation (> 0).
+        data_init: on the first training batch, set the codes to random latent vectors of that
+            batch (rank 0's, broadcast under ``torch.distributed``). Without it the codes start
+            uniform in (-1/K, 1/K) as in VQ-VAE: all codes then sit at nearly the same distance from
+            every latent, the assignment softmax is almost flat, the prior KL sees no imbalance to
+            correct, and only the few codes on the edge of that tiny cloud are ever the nearest.
 
-    Codes start uniform in (-1/K, 1/K), as in VQ-VAE. Quantization runs in float32 even under
-    autocast; codes come back in the input dtype. The assignment softmax needs the full (N, K)
-    distance matrix, so memory grows with positions times codes.
+    Quantization runs in float32 even under autocast; codes come back in the input dtype. The
+    assignment softmax needs the full (N, K) distance matrix, so memory grows with positions times
+    codes.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class RegularizedVQ(nn.Module):
         prior_weight: float = 0.1,
         prior_temperature: float = 1.0,
         gumbel_temperature: float = 1.0,
+        data_init: bool = True,
     ) -> None:
         super().__init__()
         require(codebook_size >= 2, "codebook_size", "an integer >= 2", codebook_size)
@@ -145,8 +152,16 @@ class RegularizedVQ(nn.Module):
         self.prior_weight = prior_weight
         self.prior_temperature = prior_temperature
         self.gumbel_temperature = gumbel_temperature
+        self.data_init = data_init
         bound = 1.0 / codebook_size
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))  # (K, D)
+        self.register_buffer("initialized", torch.tensor(not data_init))
+
+    @torch.no_grad()
+    def _initialize_from(self, latents: Tensor) -> None:
+        """Seed the codebook with random rows of ``latents`` (N, D), the same on every rank."""
+        self.codebook.copy_(broadcast_from_first(sample_rows(latents, self.codebook_size)))
+        self.initialized.fill_(True)
 
     def _stochastic_codes(self, latents: Tensor, argmax_indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mask (N,), indices used (N,) and the Gumbel straight-through code term (N, D) for training.
@@ -187,6 +202,8 @@ class RegularizedVQ(nn.Module):
         batch, _, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             latents = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D)
+            if self.training and not bool(self.initialized):
+                self._initialize_from(latents.detach())
             # Logits up to a per-row constant, which neither the softmax nor the argmax sees.
             logits = _assignment_scores(latents, self.codebook, self.prior_temperature)  # (N, K)
             argmax_indices = logits.detach().argmax(dim=1)  # (N,)
