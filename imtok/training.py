@@ -1,0 +1,394 @@
+"""Training-loop pieces shared by the stages: LR schedule, weight EMA, gradient clipping, checkpoints.
+
+A checkpoint is one file ``step-%08d.pt`` holding the model, optimizer, scheduler and EMA states, the
+step, the RNG states of python, numpy, torch and CUDA, and an architecture fingerprint (the shape of
+every state-dict entry plus the caller's config), so that resuming continues the exact same run and a
+checkpoint written under other params is refused with a message naming the differing key.
+"""
+
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
+TEMP_SUFFIX = ".tmp"
+# Appended to every mismatch message: the fix is either a fresh run or the params of the old one.
+MISMATCH_ADVICE = "delete the checkpoint directory or restore the params"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def check_schedule(warmup_steps: int, total_steps: int, min_ratio: float, prefix: str = "tokenizer") -> None:
+    """Raise ValueError naming the params key of the first invalid schedule setting."""
+    if warmup_steps < 0:
+        raise ValueError(f"{prefix}.warmup_steps: expected an integer >= 0, got {warmup_steps}")
+    if total_steps < 1:
+        raise ValueError(f"{prefix}.total_steps: expected an integer >= 1, got {total_steps}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"{prefix}.warmup_steps: {warmup_steps} exceeds {prefix}.total_steps={total_steps}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"{prefix}.min_lr_ratio: expected a number in [0, 1], got {min_ratio}")
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, cosine to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        # (step + 1) rather than step so the first update is not wasted at LR 0.
+        return (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    optimizer: Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    prefix: str = "tokenizer",
+) -> LambdaLR:
+    """A LambdaLR following ``warmup_cosine``; call ``scheduler.step()`` once per optimizer step."""
+    check_schedule(warmup_steps, total_steps, min_ratio, prefix)
+
+    # A closure (not a callable object) so the scheduler state stores no schedule settings and a
+    # resumed run follows the settings of its current params.
+    def multiplier(step: int) -> float:
+        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
+
+    return LambdaLR(optimizer, multiplier)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model helpers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel/DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
+    """Clip gradients to total L2 norm ``max_norm`` (0 or None: no clipping); return the norm before it."""
+    if max_norm is not None and max_norm < 0:
+        raise ValueError(f"gradient clipping max_norm: expected a number >= 0 or null, got {max_norm}")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    if not max_norm:
+        return float(torch.nn.utils.get_total_norm(grads))
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
+class ModelEma:
+    """Exponential moving average of a module's parameters and buffers (pass the unwrapped module)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ema decay: expected a number in [0, 1], got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {
+            name: value.detach().clone() for name, value in unwrap_model(model).state_dict().items()
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * current; integer buffers are copied."""
+        for name, value in unwrap_model(model).state_dict().items():
+            shadow = self.shadow[name]
+            if shadow.is_floating_point() or shadow.is_complex():
+                shadow.lerp_(value.detach(), 1.0 - self.decay)
+            else:
+                shadow.copy_(value)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model`` (e.g. an evaluation copy)."""
+        unwrap_model(model).load_state_dict(self.shadow)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Decay, update count and averaged tensors."""
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict``; the tensor names must match this EMA's model."""
+        stored = state["shadow"]
+        if set(stored) != set(self.shadow):
+            difference = sorted(set(stored) ^ set(self.shadow))
+            raise ValueError(f"ema state does not match the model: differing entries {difference[:5]}")
+        for name, value in stored.items():
+            self.shadow[name].copy_(value)
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of python ``random``, numpy's global RNG, torch CPU and (if present) CUDA."""
+    numpy_state = np.random.get_state(legacy=False)
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        # Plain ints and lists only, so the file loads with ``weights_only=True``.
+        "numpy": {
+            **numpy_state,
+            "state": {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()},
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore ``rng_states()``; CUDA states are skipped when the device count differs."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {
+        **numpy_state["state"],
+        "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+    }
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Architecture fingerprint
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists and dataclasses to dicts, recursively, so stored and current values compare equal."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def flatten_config(config: Any, prefix: str = "tokenizer") -> dict[str, Any]:
+    """A (nested) config mapping or dataclass as ``{"prefix.key.subkey": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in _plain(config).items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def architecture(model: nn.Module, config: Any = None, prefix: str = "tokenizer") -> dict[str, Any]:
+    """The shape of every state-dict entry and the flattened config: what a checkpoint must match."""
+    shapes = {name: list(value.shape) for name, value in unwrap_model(model).state_dict().items()}
+    return {"shapes": shapes, "config": None if config is None else flatten_config(config, prefix)}
+
+
+def _first_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first key (stored order, then new keys) whose values differ, with both values."""
+    missing = object()
+    for key in [*stored, *(key for key in current if key not in stored)]:
+        old, new = stored.get(key, missing), current.get(key, missing)
+        if old != new:
+            return key, (None if old is missing else old), (None if new is missing else new)
+    return None
+
+
+def architecture_mismatch(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's architecture differs from the current one, or None when it matches."""
+    if stored.get("config") is not None and current.get("config") is not None:
+        difference = _first_difference(stored["config"], current["config"])
+        if difference is not None:
+            key, old, new = difference
+            return f"checkpoint was trained with {key}={old!r} but the config asks for {new!r}"
+    difference = _first_difference(stored["shapes"], current["shapes"])
+    if difference is not None:
+        name, old, new = difference
+        if old is None:
+            return f"the model has tensor {name} (shape {new}) which the checkpoint lacks"
+        if new is None:
+            return f"checkpoint has tensor {name} (shape {old}) which the model lacks"
+        return f"checkpoint has tensor {name} of shape {old} but the model's is {new}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
+    """``directory/step-%08d.pt``."""
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Finished checkpoints in ``directory``, oldest step first (temp files are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(match[1]), path)
+        for path in directory.iterdir()
+        if (match := CHECKPOINT_PATTERN.match(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the highest step in ``directory``, or None."""
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints; return the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"prune_checkpoints keep: expected an integer >= 1, got {keep}")
+    doomed = list_checkpoints(directory)[:-keep]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename on POSIX; a no-op where directories cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_save(payload: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False
+    ) as handle:
+        temp = Path(handle.name)
+        try:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            temp.unlink(missing_ok=True)
+            raise
+    os.replace(temp, path)
+    _fsync_directory(path.parent)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler | None,
+    step: int,
+    ema: ModelEma | None = None,
+    extra: Mapping[str, Any] | None = None,
+    config: Any = None,
+    prefix: str = "tokenizer",
+) -> Path:
+    """Write a resumable checkpoint atomically; ``extra`` must hold plain python/tensor values."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "ema": None if ema is None else ema.state_dict(),
+        "rng": rng_states(),
+        "architecture": architecture(model, config, prefix),
+        "extra": dict(extra or {}),
+    }
+    atomic_save(payload, path)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint's payload on the CPU; ValueError naming the file when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on where the file ends.
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {error}") from error
+    required = ("format", "step", "model", "architecture")
+    if not isinstance(payload, dict) or any(key not in payload for key in required):
+        raise ValueError(f"{path}: not an imtok checkpoint (expected the keys {', '.join(required)})")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: checkpoint format {payload['format']} but this code reads {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: Optimizer | None = None,
+    scheduler: LRScheduler | None = None,
+    ema: ModelEma | None = None,
+    config: Any = None,
+    prefix: str = "tokenizer",
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore the given states (and the RNGs) from ``path``; return ``{"step": ..., "extra": ...}``."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    mismatch = architecture_mismatch(payload["architecture"], architecture(model, config, prefix))
+    if mismatch is not None:
+        raise ValueError(f"{path}: {mismatch}; {MISMATCH_ADVICE}")
+    unwrap_model(model).load_state_dict(payload["model"])
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
+        if target is None:
+            continue
+        if payload.get(name) is None:
+            raise ValueError(f"{path}: checkpoint holds no {name} state")
+        target.load_state_dict(payload[name])
+    if restore_rng:
+        set_rng_states(payload["rng"])
+    return {"step": payload["step"], "extra": payload.get("extra", {})}
