@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
@@ -57,17 +58,29 @@ def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
     raise TypeError(f"params: no validation rule for type {annotation!r}")
 
 
+def _checked_mapping(raw: Any, where: str, of_what: str) -> dict:
+    """``raw`` as a dict (an empty YAML block counts as {}), or a ValueError naming ``where``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of {of_what}, got {type(raw).__name__}")
+    return raw
+
+
+def _first_unknown(raw: dict, known: Mapping[str, Any]) -> str | None:
+    """The alphabetically first key of ``raw`` that is not in ``known``, if any."""
+    unknown = sorted(set(raw) - set(known))
+    return unknown[0] if unknown else None
+
+
 def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     """Check keys and types of one section against the dataclass ``cls`` and construct it."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{section}: expected a mapping of keys to values, got {type(raw).__name__}")
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
+    raw = _checked_mapping(raw, section, "keys to values")
+    unknown = _first_unknown(raw, fields)
     if unknown:
         raise ValueError(
-            f"{section}.{unknown[0]}: unknown key; the keys of `{section}` are {', '.join(fields)} "
+            f"{section}.{unknown}: unknown key; the keys of `{section}` are {', '.join(fields)} "
             "(check the spelling in params.yaml)"
         )
     hints = typing.get_type_hints(cls)
@@ -187,15 +200,12 @@ class Params:
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"params: expected a mapping of sections, got {type(raw).__name__}")
         sections = {field.name: field.type for field in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
+        raw = _checked_mapping(raw, "params", "sections")
+        unknown = _first_unknown(raw, sections)
         if unknown:
             raise ValueError(
-                f"{unknown[0]}: unknown params section; the sections are {', '.join(sections)} "
+                f"{unknown}: unknown params section; the sections are {', '.join(sections)} "
                 "(add a dataclass for it in imtok/params.py)"
             )
         hints = typing.get_type_hints(cls)

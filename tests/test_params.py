@@ -48,6 +48,7 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"downsample": 3}}, "tokenizer.downsample"),
         ({"prepare": [1, 2]}, "prepare"),
         ({"trainer": {}}, "trainer"),
+        (["prepare"], "params"),
     ],
 )
 def test_errors_name_the_offending_key(raw, key):
