@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imtok.quantizers import FSQ
+from imtok.quantizers import FSQ, RegularizedVQ, VectorQuantizer
 
 LEVEL_SETS = [[3], [2, 2], [8, 6, 5], [8, 5, 5, 5], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [2, 3, 4, 5]]
 
@@ -184,3 +184,17 @@ def test_mismatched_channels_and_bad_noise_raise_value_error():
         FSQ([8, 5, 5], noise_prob=1.5)
     with pytest.raises(ValueError, match="indices"):
         FSQ([8, 5, 5]).indices_to_codes(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: FSQ([5, 3]), lambda: VectorQuantizer(15, 4), lambda: RegularizedVQ(15, 4)]
+)
+@pytest.mark.parametrize("bad", [-1, 15])
+def test_every_quantizer_rejects_indices_outside_the_codebook(make, bad):
+    quantizer = make()
+    indices = torch.zeros(1, 2, 2, dtype=torch.long)
+    indices[0, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"indices: expected values in \[0, 15\)"):
+        quantizer.indices_to_codes(indices)
+    indices[0, 1, 1] = 14
+    assert quantizer.indices_to_codes(indices).shape == (1, quantizer.dim, 2, 2)

@@ -48,12 +48,20 @@ def check_channels(z: Tensor, expected: int, name: str) -> None:
         )
 
 
-def check_indices(indices: Tensor) -> None:
-    """Raise a ValueError naming the argument when ``indices`` is not an integer (B, H, W) tensor."""
+def check_indices(indices: Tensor, codebook_size: int) -> None:
+    """Raise a ValueError naming the argument unless ``indices`` is an integer (B, H, W) tensor of code ids.
+
+    The range check reads two values back from the device: a sync, paid only on the decode path.
+    """
     if indices.ndim != 3:
         raise ValueError(f"indices: expected shape (B, H, W), got {tuple(indices.shape)}")
-    if indices.is_floating_point():
+    if indices.is_floating_point() or indices.dtype == torch.bool:
         raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(
+            f"indices: expected values in [0, {codebook_size}), the codebook size; got values from "
+            f"{int(indices.min())} to {int(indices.max())}"
+        )
 
 
 def require(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -173,7 +173,7 @@ class FSQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) in [-1, 1] for integer indices (B, H, W)."""
-        check_indices(indices)
+        check_indices(indices, self.codebook_size)
         digits = (indices.long().unsqueeze(1) // self._basis) % self._levels.long()  # (B, C, H, W)
         return (digits.float() - self._scale) * self._inverse_scale
 

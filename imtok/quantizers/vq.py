@@ -285,7 +285,7 @@ class VectorQuantizer(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) in latent space for integer indices (B, H, W)."""
-        check_indices(indices)
+        check_indices(indices, self.codebook_size)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             codes = self.project_out(F.embedding(indices.long(), self.codebook))  # (B, H, W, C)
         return codes.permute(0, 3, 1, 2)
