@@ -29,6 +29,13 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(arg) for arg in args)})"
+    if typing.get_origin(annotation) is dict:
+        return "a mapping of names to values"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -55,6 +62,19 @@ def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
         return False, value
     if annotation is str:
         return isinstance(value, str), value
+    origin = typing.get_origin(annotation)
+    if origin is tuple:  # YAML lists; tuple[int, ...] or a fixed tuple[float, float]
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        element_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(element_types) != len(value):
+            return False, value
+        converted = [_matches(item, kind) for item, kind in zip(value, element_types, strict=True)]
+        return all(ok for ok, _ in converted), tuple(item for _, item in converted)
+    if origin is dict:  # free-form option mappings with string keys, checked by their consumer
+        ok = isinstance(value, dict) and all(isinstance(key, str) for key in value)
+        return ok, dict(value) if ok else value
     raise TypeError(f"params: no validation rule for type {annotation!r}")
 
 
@@ -103,13 +123,81 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     return cls(**values)
 
 
+QuantizerKind = Literal["fsq", "vq", "regvq"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 @dataclass(frozen=True)
 class TokenizerParams:
-    """The `tokenizer` section (only what earlier stages need to know about the tokenizer so far)."""
+    """The `tokenizer` section: architecture, quantizer, losses, optimisation and run settings.
+
+    ``RUNTIME_KEYS`` change how a run is executed or reported, not what it computes: a checkpoint
+    written under other values of them is still resumed (see ``stages.train_tokenizer``).
+    """
 
     SECTION: ClassVar[str] = "tokenizer"
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "device",
+            "num_workers",
+            "compile",
+            "log_every",
+            "val_every",
+            "val_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "grid_images",
+        }
+    )
 
+    # architecture (imtok.models.autoencoder.TokenizerConfig)
     downsample: int = 4  # spatial reduction factor f of the encoder: a token covers f x f pixels
+    base_channels: int = 32
+    channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one per resolution: len = log2(downsample) + 1
+    num_res_blocks: int = 1
+    mid_attention: bool = False
+    conv_downsample: bool = True
+    dropout: float = 0.0
+    quantizer: QuantizerKind = "fsq"
+    levels: tuple[int, ...] | None = None  # fsq: null = the FSQ paper's levels for codebook_size
+    codebook_size: int | None = 1024
+    latent_dim: int | None = None  # vq/regvq code channels; fsq: len(levels)
+    quantizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # losses (imtok.losses)
+    recon_loss: Literal["l1", "l2"] = "l1"
+    perceptual_weight: float = 0.1  # off (with a warning and an MLflow tag) without VGG-19 weights
+    vgg_weights: str | None = None  # local VGG-19 weights file; null: the HF / torch hub caches
+    pcl_weight: float = 0.1  # regvq only: probabilistic contrastive loss
+    pcl_temperature: float = 0.07
+    pcl_patches: int = 256
+    gan_weight: float = 0.0  # 0: no discriminator
+    gan_start_step: int = 0
+    gan_adaptive: bool = True  # VQGAN's adaptive weight at the decoder's last layer
+    disc_channels: int = 64
+    disc_layers: int = 3
+    # optimisation (imtok.training)
+    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 1e-4  # AdamW, on weight matrices and kernels only
+    warmup_steps: int = 50
+    total_steps: int = 600
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # EMA of the weights; the exported model then uses them
+    seed: int = 0
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    channels_last: bool = False
+    # run settings (RUNTIME_KEYS)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
+    num_workers: int = 0
+    compile: bool = False
+    log_every: int = 25
+    val_every: int = 200
+    val_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    grid_images: int = 32
 
     def __post_init__(self) -> None:
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
@@ -117,6 +205,70 @@ class TokenizerParams:
                 f"tokenizer.downsample: must be a power of two >= 1 (each encoder stage halves the "
                 f"resolution), got {self.downsample}"
             )
+        levels_needed = self.downsample.bit_length()  # log2(downsample) + 1
+        if len(self.channel_multipliers) != levels_needed:
+            raise ValueError(
+                f"tokenizer.channel_multipliers: {list(self.channel_multipliers)} has "
+                f"{len(self.channel_multipliers)} resolution levels, but "
+                f"tokenizer.downsample={self.downsample} needs {levels_needed} (one more than the number "
+                "of halvings); make them agree"
+            )
+        positive = ("base_channels", "num_res_blocks", "batch_size", "total_steps", "pcl_patches")
+        positive += ("disc_channels", "disc_layers", "log_every", "val_every", "checkpoint_every")
+        positive += ("keep_checkpoints", "grid_images")
+        checks = [
+            (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
+        ]
+        checks += [
+            (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
+            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {list(self.betas)}"),
+            (self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}"),
+            (
+                self.warmup_steps <= self.total_steps,
+                "warmup_steps",
+                f"{self.warmup_steps} exceeds tokenizer.total_steps={self.total_steps}",
+            ),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}"),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                "grad_clip",
+                f"must be > 0 or null (off), got {self.grad_clip}",
+            ),
+            (
+                self.ema_decay is None or 0 < self.ema_decay < 1,
+                "ema_decay",
+                f"must lie in (0, 1) or be null (off), got {self.ema_decay}",
+            ),
+            (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
+            (
+                self.val_batches >= 0,
+                "val_batches",
+                f"must be >= 0 (0: no validation), got {self.val_batches}",
+            ),
+            (self.pcl_temperature > 0, "pcl_temperature", f"must be > 0, got {self.pcl_temperature}"),
+            (self.gan_start_step >= 0, "gan_start_step", f"must be >= 0, got {self.gan_start_step}"),
+        ]
+        checks += [
+            (
+                getattr(self, key) >= 0,
+                key,
+                f"must be >= 0 (0 switches the term off), got {getattr(self, key)}",
+            )
+            for key in ("perceptual_weight", "pcl_weight", "gan_weight")
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"{self.SECTION}.{key}: {message}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
+        return {
+            field.name: list(value) if isinstance(value, tuple) else value
+            for field in dataclasses.fields(self)
+            for value in [getattr(self, field.name)]
+        }
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -188,6 +340,7 @@ class Params:
     tokenizer: TokenizerParams = dataclasses.field(default_factory=TokenizerParams)
 
     def __post_init__(self) -> None:
+        self.tokenizer_config(self.prepare.channels, self.prepare.image_size)  # raises naming the key
         factor = self.tokenizer.downsample
         if self.prepare.image_size % factor:
             below = self.prepare.image_size // factor * factor
@@ -197,6 +350,29 @@ class Params:
                 f"prepare.image_size: {self.prepare.image_size} is not divisible by tokenizer.downsample "
                 f"({factor}); use a multiple of {factor} such as {suggestion}"
             )
+
+    def tokenizer_config(self, channels: int, image_size: int) -> Any:
+        """The ``TokenizerConfig`` these params describe for images of ``channels`` x ``image_size``^2."""
+        from imtok.models.autoencoder import TokenizerConfig  # torch is only needed from here on
+
+        section = self.tokenizer
+        if image_size % section.downsample:  # reported in prepare's terms by __post_init__
+            image_size = section.downsample
+        return TokenizerConfig(
+            in_channels=channels,
+            image_size=image_size,
+            base_channels=section.base_channels,
+            channel_multipliers=section.channel_multipliers,
+            num_res_blocks=section.num_res_blocks,
+            mid_attention=section.mid_attention,
+            conv_downsample=section.conv_downsample,
+            dropout=section.dropout,
+            quantizer=section.quantizer,
+            levels=section.levels,
+            codebook_size=section.codebook_size,
+            latent_dim=section.latent_dim,
+            quantizer_options=dict(section.quantizer_options),
+        )
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

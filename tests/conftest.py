@@ -71,3 +71,37 @@ def fashion_mnist_dir() -> Path | None:
     if all((FASHION_MNIST_DIR / name).is_file() for name in names):
         return FASHION_MNIST_DIR
     return None
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run on one CPU thread: tiny convolutions gain nothing from more, and on a busy machine
+    OpenMP threads waiting for each other can make a step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/shards/{train,val} of 16x16 grayscale synthetic images (240 train, 60 val, 4 shards each)."""
+    from imtok.params import PrepareParams
+    from stages.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny-shards")
+    params = PrepareParams(source="synthetic", synthetic_count=300, image_size=16, maxcount=60, seed=0)
+    prepare(params, shards_dir=root / "data" / "shards", download_dir=root / "raw")
+    return root / "data" / "shards"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store (registry included) for this test, set through the standard variable."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "imtok-test")
+    monkeypatch.chdir(tmp_path)  # artifacts go to ./mlruns of the working directory
+    return uri

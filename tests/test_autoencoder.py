@@ -180,16 +180,6 @@ def test_regvq_decoder_sees_the_sampled_codes_and_the_output_carries_pcl_weights
     assert not torch.allclose(reconstruction.detach(), nearest, atol=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one CPU thread: tiny convolutions gain nothing from more, and on a busy machine
-    OpenMP threads waiting for each other can make a step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Final/initial eval MSE measured with this setup over seeds 0-3: fsq 0.010-0.019, vq 0.011-0.020,
 # regvq 0.035-0.062 (its sampled codes keep the decoder training on noisier inputs); 0.25 leaves a
 # margin of 4x or more.

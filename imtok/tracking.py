@@ -1,0 +1,256 @@
+"""MLflow helpers: one run per stage execution, metrics and images, model logging and the registry.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db`` in the working
+directory, with artifacts under ``./mlruns``), the experiment from ``MLFLOW_EXPERIMENT_NAME`` (default
+``imtok``): pointing at an MLflow server is configuration. ``mlflow`` is imported inside the functions
+because importing it costs seconds that library users and most tests do not need to pay.
+
+Models are logged with ``mlflow.pytorch.log_model`` in the pickle format, so that
+``mlflow.pytorch.load_model`` returns the real module (a ``Tokenizer`` with ``encode``/``decode``), not
+a ``torch.export`` graph. MLflow refuses to unpickle unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``
+is set by whoever trusts the store. imtok's own stages never unpickle: each logged model also carries
+its weights-only model file (``extra_files/``), which ``resolve_model_file`` fetches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "imtok"
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
+# MLflow caps a param value at 6000 characters; longer values (long lists) are cut with a marker.
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def configure() -> Any:
+    """Import mlflow, point it at the configured store and experiment, and return the module."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment_name())
+    return mlflow
+
+
+def git_commit(cwd: str | os.PathLike[str] = ".") -> str:
+    """The checked-out commit (with ``-dirty`` when tracked files differ), or ``unknown`` outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as ``{"section.key": "value"}`` strings, the way MLflow stores them."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = str(list(value) if isinstance(value, tuple) else value)
+            flat[name] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+    return flat
+
+
+def _existing_run(client: Any, run_id: str | None) -> str | None:
+    """``run_id`` when this store holds that run, else None (a checkpoint from another store)."""
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        log.warning("MLflow run %s is not in %s: starting a new run", run_id, tracking_uri())
+        return None
+    return run_id
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    *,
+    tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
+    system_metrics: bool = True,
+) -> Iterator[Any]:
+    """An active MLflow run for one execution of ``stage``, with params and standard tags logged.
+
+    ``resume_run_id`` (from a checkpoint) continues that run when the store has it, so a run killed
+    and resumed keeps one metric history. The run ends FINISHED, or FAILED when the block raises.
+    """
+    mlflow = configure()
+    client = mlflow.MlflowClient()
+    run_id = _existing_run(client, resume_run_id)
+    all_tags = {"imtok.stage": stage, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else stage,
+        tags=all_tags,
+        log_system_metrics=system_metrics,
+    )
+    try:
+        if run_id is None:
+            mlflow.log_params(flatten(params))
+        else:
+            mlflow.set_tags(all_tags)
+            mlflow.set_tag("imtok.resumed", "true")
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def log_metrics(metrics: Mapping[str, float], step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({name: str(value) for name, value in tags.items()})
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """Where a logged model landed: its ``models:/name/version`` URI and the run's model URI."""
+
+    name: str
+    version: str
+    model_uri: str  # models:/<model id>, the logged model itself
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def log_registered_model(
+    model: Any,
+    *,
+    registered_name: str,
+    input_shape: tuple[int, ...],
+    model_file: str | os.PathLike[str],
+    version_tags: Mapping[str, Any],
+    alias: str = CANDIDATE_ALIAS,
+    artifact_name: str = "model",
+) -> RegisteredModel:
+    """Log ``model`` to the active run, register it, tag the version and point ``alias`` at it.
+
+    ``input_shape`` is the per-sample input shape recorded in the signature (batch dimension free).
+    ``pip_requirements`` are given rather than inferred: inference imports and probes the model and
+    costs seconds per call. The module's own package (imtok) must be importable where it is loaded.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *input_shape))]))
+    info = mlflow.pytorch.log_model(
+        model,
+        name=artifact_name,
+        serialization_format="pickle",
+        signature=signature,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        extra_files=[str(model_file)],
+        registered_model_name=registered_name,
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for name, value in version_tags.items():
+        client.set_model_version_tag(registered_name, version, name, str(value))
+    client.set_registered_model_alias(registered_name, alias, version)
+    log.info("registered %s version %s with alias %s", registered_name, version, alias)
+    return RegisteredModel(registered_name, version, info.model_uri)
+
+
+def is_model_uri(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` names an MLflow model (``models:/``, ``runs:/``) rather than a local path."""
+    return str(location).startswith(("models:/", "runs:/"))
+
+
+def resolve_model_file(location: str | os.PathLike[str], filename: str) -> Path:
+    """The local path of model file ``filename`` given a directory, the file itself or an MLflow URI.
+
+    For a URI only the weights-only model file is downloaded (from ``extra_files/`` of the logged
+    model), never unpickled; a URI that does not resolve raises a ValueError naming it.
+    """
+    if not is_model_uri(location):
+        path = Path(location)
+        return path / filename if path.is_dir() else path
+    mlflow = configure()
+    from mlflow.exceptions import MlflowException
+
+    target = Path(tempfile.mkdtemp(prefix="imtok-model-"))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{str(location).rstrip('/')}/extra_files/{filename}", dst_path=str(target)
+        )
+    except (MlflowException, OSError) as error:
+        raise ValueError(
+            f"{location}: cannot fetch {filename} from the MLflow store at {tracking_uri()} ({error}); "
+            "check the model name, version or alias and MLFLOW_TRACKING_URI"
+        ) from None
+    return Path(local)
+
+
+def load_tokenizer(
+    location: str | os.PathLike[str], filename: str = "tokenizer.pt"
+) -> tuple[Any, dict[str, Any]]:
+    """A ``Tokenizer`` (eval mode, CPU) and its model-file payload from a directory, file or MLflow URI."""
+    from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+    from imtok.models.files import read_model_file
+
+    path = resolve_model_file(location, filename)
+    payload = read_model_file(path, "tokenizer")
+    try:
+        tokenizer = Tokenizer(TokenizerConfig(**payload["config"]))
+        tokenizer.load_state_dict(payload["state_dict"])
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"{path}: the stored tokenizer does not match this version of imtok: {error}"
+        ) from None
+    return tokenizer.eval(), payload

@@ -1,0 +1,1 @@
+"""Training loops of the pipeline's stages (tokenizer, prior): library code the stages call."""

@@ -1,0 +1,472 @@
+"""Training a tokenizer: the objective and the loop (single process or DDP under torchrun).
+
+Objective, per step (weights from the ``tokenizer`` params section):
+
+    L = recon(x, x_hat) + quantizer loss + w_p * perceptual + w_c * contrastive + w_g * lambda * GAN
+
+- recon: L1 or L2 on [-1, 1] images; quantizer loss: commitment / codebook / prior KL (0 for FSQ);
+- perceptual (``imtok.losses.PerceptualLoss``) and the probabilistic contrastive loss of Regularized VQ
+  (``ProbabilisticContrastiveLoss``, regvq only) share one frozen VGG-19. Without pretrained weights
+  both are switched off with a ``VGGWeightsMissingWarning``; ``TokenizerObjective.disabled`` keeps the
+  reason for the MLflow tags. They are never computed on random features;
+- GAN: PatchGAN with hinge loss from ``gan_start_step`` on, lambda the adaptive weight at the
+  decoder's last layer (VQGAN) when ``gan_adaptive``; the discriminator has its own AdamW.
+
+The loop checkpoints every ``checkpoint_every`` steps (atomically, with optimizer, scheduler, EMA,
+discriminator and RNG states) and resumes from the newest checkpoint in its directory. A resumed
+single-process run replays the same batches (``imtok.runtime.batches_from``) and RNG stream, so its
+weights equal an uninterrupted run's. Under DDP the checkpoint holds rank 0's RNG state; other ranks
+reseed from (seed, rank, step) on resume, so their random draws differ from an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from imtok.data.shards import ShardLoader
+from imtok.losses import (
+    PatchDiscriminator,
+    PerceptualLoss,
+    ProbabilisticContrastiveLoss,
+    VGGFeatures,
+    VGGWeightsMissingWarning,
+    adaptive_gan_weight,
+    gan_factor,
+    generator_adversarial_loss,
+    hinge_d_loss,
+    load_vgg_weights,
+    reconstruction_loss,
+)
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
+from imtok.params import TokenizerParams
+from imtok.quantizers import QuantizerOutput
+from imtok.quantizers.common import code_histogram
+from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
+from imtok.training import (
+    ModelEma,
+    clip_gradients,
+    latest_checkpoint,
+    load_checkpoint,
+    make_scheduler,
+    prune_checkpoints,
+    save_checkpoint,
+    unwrap_model,
+)
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[Mapping[str, float], int], None]
+GridCallback = Callable[[Tensor, Tensor, int], None]
+
+
+class TokenizerObjective(nn.Module):
+    """The generator-side losses and the optional discriminator, configured from the params."""
+
+    def __init__(self, params: TokenizerParams, in_channels: int) -> None:
+        super().__init__()
+        self.params = params
+        self.disabled: dict[str, str] = {}  # loss name -> why it is off although its weight is > 0
+        self.feature_source: str | None = None
+        wanted = []
+        if params.perceptual_weight > 0:
+            wanted.append("perceptual")
+        if params.quantizer == "regvq" and params.pcl_weight > 0:
+            wanted.append("contrastive")
+        features = None
+        if wanted:
+            weights = load_vgg_weights(params.vgg_weights)
+            if weights.state_dict is None:
+                for name in wanted:
+                    self.disabled[name] = str(weights.reason)
+                warnings.warn(
+                    f"{' and '.join(wanted)} loss disabled: {weights.reason}",
+                    VGGWeightsMissingWarning,
+                    stacklevel=2,
+                )
+            else:
+                features = VGGFeatures(weights.state_dict, weights.source or "given state dict")
+                self.feature_source = weights.source
+        self.perceptual = PerceptualLoss(features=features) if features and "perceptual" in wanted else None
+        self.contrastive = (
+            ProbabilisticContrastiveLoss(
+                features=features, num_patches=params.pcl_patches, temperature=params.pcl_temperature
+            )
+            if features and "contrastive" in wanted
+            else None
+        )
+        self.discriminator = (
+            PatchDiscriminator(in_channels, params.disc_channels, params.disc_layers, norm_layer=nn.GroupNorm)
+            if params.gan_weight > 0
+            else None
+        )
+
+    def generator_loss(
+        self,
+        images: Tensor,
+        reconstruction: Tensor,
+        quantized: QuantizerOutput,
+        step: int,
+        last_layer: Tensor,
+        discriminator: nn.Module | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and its (weighted) terms; ``discriminator`` defaults to the own (unwrapped) one."""
+        p = self.params
+        reconstruction = reconstruction.float()
+        recon = reconstruction_loss(reconstruction, images, p.recon_loss)
+        terms = {"recon": recon, "quantizer": quantized.loss.float()}
+        if self.perceptual is not None:
+            terms["perceptual"] = p.perceptual_weight * self.perceptual(images, reconstruction)
+        if self.contrastive is not None:
+            weights = quantized.stats["pcl_weights"]
+            terms["contrastive"] = p.pcl_weight * self.contrastive(images, reconstruction, weights)
+        factor = gan_factor(step, p.gan_start_step, p.gan_weight)
+        if self.discriminator is not None and factor > 0:
+            g_loss = generator_adversarial_loss((discriminator or self.discriminator)(reconstruction))
+            balance = (
+                adaptive_gan_weight(recon + terms.get("perceptual", 0.0), g_loss, last_layer)
+                if p.gan_adaptive
+                else recon.new_tensor(1.0)
+            )
+            terms["gan"] = factor * balance * g_loss
+            terms["gan_weight"] = balance.detach()
+        total = sum(value for name, value in terms.items() if name != "gan_weight")
+        return total, terms
+
+
+def decoder_last_layer(model: nn.Module) -> Tensor:
+    """Weight of the decoder's final convolution, where the adaptive GAN weight compares gradients."""
+    return unwrap_model(model).decoder.blocks[-1].weight
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices and kernels only; biases, norm scales and embeddings' 1-d params none."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
+    """Per-image PSNR in dB of [-1, 1] images (peak-to-peak range 2)."""
+    mse = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+class CodeCounter:
+    """Counts of each code id over many batches: usage and perplexity of the whole set."""
+
+    def __init__(self, codebook_size: int) -> None:
+        self.counts = torch.zeros(codebook_size, dtype=torch.float64)
+
+    def update(self, indices: Tensor) -> None:
+        self.counts += code_histogram(indices.cpu(), self.counts.numel()).double()
+
+    def usage(self) -> float:
+        return float((self.counts > 0).double().mean())
+
+    def perplexity(self) -> float:
+        probs = self.counts / self.counts.sum().clamp_min(1.0)
+        return float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()))
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: Tokenizer,
+    loader: ShardLoader,
+    device: torch.device,
+    *,
+    max_batches: int | None = None,
+    recon_kind: str = "l1",
+    autocast: Callable[[], Any] | None = None,
+) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+    """Validation metrics over (up to ``max_batches`` of) ``loader``, and the first batch's pair.
+
+    Images are reconstructed as ``decode(encode(x))`` does (eval mode, argmax codes, clamped), so the
+    numbers describe the tokens that later stages use. Each image counts once (the loader's padding
+    repeats are skipped); usage and perplexity are over all evaluated images.
+    """
+    counter = CodeCounter(model.codebook_size)
+    totals = {"recon": 0.0, "psnr": 0.0, "mse": 0.0}
+    count = 0
+    first = None
+    seen: set[str] = set()
+    with evaluating(model):
+        loader.set_epoch(0)
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            fresh = [key not in seen for key in batch.keys]  # the loader pads its last batch by repeating
+            seen.update(batch.keys)
+            if not any(fresh):
+                continue
+            images = batch.images[torch.tensor(fresh)].to(device)
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                reconstruction, quantized = model(images)
+            reconstruction = reconstruction.float().clamp(-1.0, 1.0)
+            counter.update(quantized.stats.get("argmax_indices", quantized.indices))
+            size = images.shape[0]
+            totals["recon"] += float(reconstruction_loss(reconstruction, images, recon_kind)) * size  # type: ignore[arg-type]
+            totals["mse"] += float((reconstruction - images).pow(2).mean()) * size
+            totals["psnr"] += float(psnr(reconstruction, images).sum())
+            count += size
+            if first is None:
+                first = (images.cpu(), reconstruction.cpu())
+    if count == 0:
+        raise ValueError(f"{loader.location}: no validation images")
+    metrics = {name: value / count for name, value in totals.items()}
+    metrics["codebook_usage_pct"] = 100.0 * counter.usage()
+    metrics["perplexity"] = counter.perplexity()
+    metrics["images"] = float(count)
+    return metrics, first
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run produced."""
+
+    model: Tokenizer  # unwrapped, on the training device, EMA weights when EMA is on
+    step: int
+    start_step: int
+    val: dict[str, float] = field(default_factory=dict)
+    train: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    disabled_losses: dict[str, str] = field(default_factory=dict)
+    feature_source: str | None = None
+
+
+class _Window:
+    """Running means of the step metrics between two log lines (kept on device to avoid syncs)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, values: Mapping[str, Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
+
+
+def _reseed_rank(seed: int, rank: int, step: int) -> None:
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def train_tokenizer(
+    params: TokenizerParams,
+    config: TokenizerConfig,
+    *,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    checkpoint_dir: str | Path,
+    runtime: Runtime,
+    on_metrics: MetricsCallback | None = None,
+    on_grid: GridCallback | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train (or resume training) a tokenizer to ``params.total_steps``; see the module docstring.
+
+    ``on_metrics(metrics, step)`` and ``on_grid(images, reconstructions, step)`` are called on the main
+    process only. ``checkpoint_extra`` (plain values) is stored in every checkpoint.
+    """
+    p = params
+    device = runtime.device
+    torch.manual_seed(p.seed)  # the same initial weights on every rank
+    model = Tokenizer(config).to(device)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = TokenizerObjective(p, config.in_channels).to(device)
+    discriminator = objective.discriminator
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
+    scheduler = make_scheduler(
+        optimizer, warmup_steps=p.warmup_steps, total_steps=p.total_steps, min_ratio=p.min_lr_ratio
+    )
+    d_optimizer = (
+        torch.optim.AdamW(discriminator.parameters(), lr=p.lr, betas=p.betas) if discriminator else None
+    )
+    ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
+    start = 0
+    checkpoint_dir = Path(checkpoint_dir)
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        state = load_checkpoint(
+            latest, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, config=config
+        )
+        start = int(state["step"])
+        extra = state["extra"]
+        if discriminator is not None:
+            if "discriminator" not in extra:
+                raise ValueError(f"{latest}: holds no discriminator state but tokenizer.gan_weight > 0")
+            discriminator.load_state_dict(extra["discriminator"])
+            d_optimizer.load_state_dict(extra["disc_optimizer"])  # type: ignore[union-attr]
+        _reseed_rank(p.seed, runtime.rank, start)
+        if runtime.is_main:
+            log.info("resuming from %s at step %d of %d", latest, start, p.total_steps)
+    else:
+        _reseed_rank(p.seed, runtime.rank, 0)
+
+    train_model: nn.Module = model
+    train_discriminator = discriminator
+    if runtime.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+        if discriminator is not None:
+            train_discriminator = DistributedDataParallel(discriminator, device_ids=device_ids)
+    forward = torch.compile(train_model) if p.compile else train_model
+
+    loader = ShardLoader(
+        train_dir,
+        p.batch_size,
+        shuffle=True,
+        num_workers=p.num_workers,
+        seed=p.seed,
+        pin_memory=device.type == "cuda",
+        multiprocessing_context="fork" if p.num_workers else None,
+    )
+    val_loader = (
+        ShardLoader(val_dir, p.batch_size, shuffle=False, rank=0, world_size=1)
+        if runtime.is_main and p.val_batches
+        else None
+    )
+    stream = batches_from(loader, start)
+    last_layer = decoder_last_layer(model)
+    window = _Window()
+    result = TrainResult(
+        model=model,
+        step=start,
+        start_step=start,
+        disabled_losses=dict(objective.disabled),
+        feature_source=objective.feature_source,
+    )
+    started = time.perf_counter()
+    bar = progress_bar(p.total_steps, start, runtime, "train_tokenizer")
+
+    def validate(step: int) -> dict[str, float]:
+        evaluated = model
+        if ema is not None:  # evaluate the averaged weights, which are what gets exported
+            evaluated = Tokenizer(config).to(device)
+            ema.copy_to(evaluated)
+        metrics, pair = evaluate_tokenizer(
+            evaluated,
+            val_loader,  # type: ignore[arg-type]
+            device,
+            max_batches=p.val_batches,
+            recon_kind=p.recon_loss,
+            autocast=runtime.autocast,
+        )
+        if on_grid is not None and pair is not None:
+            on_grid(pair[0][: p.grid_images], pair[1][: p.grid_images], step)
+        return metrics
+
+    try:
+        for step in range(start, p.total_steps):
+            images = next(stream).images.to(device, non_blocking=True)
+            if p.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            model.train()
+            with runtime.autocast():
+                reconstruction, quantized = forward(images)
+                loss, terms = objective.generator_loss(
+                    images, reconstruction, quantized, step, last_layer, train_discriminator
+                )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"train_tokenizer: loss is {float(loss)} at step {step}; the last checkpoint in "
+                    f"{checkpoint_dir} is intact (lower tokenizer.lr or set tokenizer.grad_clip)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model, p.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step_metrics = {f"train/{name}": value for name, value in terms.items()}
+            step_metrics["train/loss"] = loss
+            if train_discriminator is not None and gan_factor(step, p.gan_start_step) > 0:
+                with runtime.autocast():
+                    real = train_discriminator(images)
+                    fake = train_discriminator(reconstruction.detach().float())
+                    d_loss = hinge_d_loss(real.float(), fake.float())
+                d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                d_loss.backward()
+                d_optimizer.step()  # type: ignore[union-attr]
+                step_metrics["train/disc"] = d_loss
+            with torch.no_grad():
+                clamped = reconstruction.detach().float().clamp(-1, 1)
+                step_metrics["train/psnr"] = psnr(clamped, images).mean()
+            step_metrics["train/codebook_usage_pct"] = 100.0 * quantized.stats["usage"]
+            step_metrics["train/perplexity"] = quantized.stats["perplexity"]
+            step_metrics["train/grad_norm"] = torch.tensor(grad_norm)
+            window.add(step_metrics)
+            done = step + 1
+            bar.update(1)
+            last = done == p.total_steps
+            if done % p.log_every == 0 or last:
+                means = all_reduce_mean(window.means(), runtime)
+                means["train/lr"] = scheduler.get_last_lr()[0]
+                elapsed = time.perf_counter() - started
+                means["train/images_per_s"] = (done - start) * p.batch_size * runtime.world_size / elapsed
+                result.train = means
+                window = _Window()
+                if runtime.is_main:
+                    bar.set_postfix(loss=f"{means['train/loss']:.4f}", psnr=f"{means['train/psnr']:.2f}")
+                    if on_metrics is not None:
+                        on_metrics(means, done)
+            if val_loader is not None and (done % p.val_every == 0 or last):
+                result.val = {f"val/{name}": value for name, value in validate(done).items()}
+                if on_metrics is not None:
+                    on_metrics(result.val, done)
+            if done % p.checkpoint_every == 0 or last:
+                if runtime.is_main:
+                    extra = dict(checkpoint_extra or {})
+                    if discriminator is not None:
+                        extra["discriminator"] = discriminator.state_dict()
+                        extra["disc_optimizer"] = d_optimizer.state_dict()  # type: ignore[union-attr]
+                    save_checkpoint(
+                        checkpoint_dir / f"step-{done:08d}.pt",
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        step=done,
+                        ema=ema,
+                        extra=extra,
+                        config=config,
+                    )
+                    prune_checkpoints(checkpoint_dir, keep=p.keep_checkpoints)
+                runtime.barrier()
+            result.step = done
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - started
+    trained = result.step - start
+    result.images_per_s = trained * p.batch_size * runtime.world_size / max(result.seconds, 1e-9)
+    if ema is not None:
+        ema.copy_to(model)
+    return result
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and math.log2(value).is_integer()

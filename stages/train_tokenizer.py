@@ -1,0 +1,257 @@
+"""DVC stage `train_tokenizer`: image shards -> models/tokenizer/, one MLflow run, a registered model.
+
+Run from the repository root as ``python -m stages.train_tokenizer``, or on N GPUs / processes as
+``torchrun --nproc-per-node N -m stages.train_tokenizer``. Reads the ``tokenizer`` params section and
+``data/shards/{train,val}``; writes
+
+- ``models/tokenizer/tokenizer.pt`` (weights-only model file) and ``tokenizer.json`` (config, provenance,
+  the registered MLflow version), ``reconstructions.png`` (val inputs over their reconstructions);
+- ``reports/train_tokenizer.json`` (DVC metrics: full val split PSNR, codebook usage, perplexity);
+- checkpoints under ``checkpoints/tokenizer/<fingerprint>/``, the fingerprint hashing every param that
+  changes what is computed (not logging or checkpoint intervals) and the train split's meta.json. A
+  run killed midway and started again with the same params resumes from its newest checkpoint.
+
+MLflow: one run (resumed runs continue it) with all params, git commit and stage tags, train/ and val/
+metrics, reconstruction grids and system metrics; the model is registered as ``imtok-tokenizer`` with
+alias ``candidate``. The ``--no-register`` flag skips logging the model (quick local experiments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from imtok.data.shards import ShardLoader, read_meta
+from imtok.images import paired_rows, save_grid
+from imtok.models.files import file_sha256, save_model_file
+from imtok.params import Params, TokenizerParams, load_params
+from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.training import latest_checkpoint, read_checkpoint
+
+log = logging.getLogger("stages.train_tokenizer")
+
+STAGE = "train_tokenizer"
+SHARDS_DIR = Path("data/shards")
+OUT_DIR = Path("models/tokenizer")
+CHECKPOINT_ROOT = Path("checkpoints/tokenizer")
+REPORT_PATH = Path("reports/train_tokenizer.json")
+REGISTERED_NAME = "imtok-tokenizer"
+MODEL_FILE = "tokenizer.pt"
+
+
+def data_shape(shards_dir: Path, downsample: int) -> tuple[int, int, dict[str, Any]]:
+    """(channels, image_size, train meta) of the prepared shards, checked against the tokenizer."""
+    meta = read_meta(shards_dir / "train")
+    read_meta(shards_dir / "val")  # fail early, naming the split, when val is missing
+    size, channels = int(meta["image_size"]), int(meta["channels"])
+    if size % downsample:
+        raise ValueError(
+            f"tokenizer.downsample: {shards_dir / 'train'} holds {size}x{size} images, not divisible by "
+            f"tokenizer.downsample={downsample}; re-run prepare with prepare.image_size a multiple of it"
+        )
+    return channels, size, meta
+
+
+def fingerprint(params: TokenizerParams, channels: int, image_size: int, train_meta: dict[str, Any]) -> str:
+    data = json.dumps(train_meta, sort_keys=True)
+    values = {**params.as_dict(), "channels": channels, "image_size": image_size, "train_meta": data}
+    return run_fingerprint(values, TokenizerParams.RUNTIME_KEYS)
+
+
+def version_tags(
+    params: Params, config: Any, final: dict[str, float], commit: str, run_fingerprint: str
+) -> dict[str, Any]:
+    """What a person filters by when browsing the registry."""
+    from imtok.models.autoencoder import build_quantizer
+
+    quantizer = build_quantizer(
+        config.quantizer,
+        levels=config.levels,
+        codebook_size=config.codebook_size,
+        dim=config.latent_dim,
+        **config.quantizer_options,
+    )
+    tags = {
+        "quantizer": config.quantizer,
+        "codebook_size": quantizer.codebook_size,
+        "token_grid": "x".join(map(str, config.token_grid)),
+        "image_size": config.image_size,
+        "dataset": params.prepare.source,
+        "git_commit": commit,
+        "fingerprint": run_fingerprint,
+        "val_psnr": f"{final['psnr']:.3f}",
+        "val_codebook_usage_pct": f"{final['codebook_usage_pct']:.2f}",
+    }
+    if config.quantizer == "fsq":
+        tags["levels"] = ",".join(map(str, quantizer.levels))
+    return tags
+
+
+def _write_outputs(
+    out_dir: Path, model: Any, config: Any, summary: dict[str, Any], grid: tuple[Any, Any] | None
+) -> None:
+    """Write the output directory beside its final place, then swap it in (no half-written outputs)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_model_file(staging / MODEL_FILE, kind="tokenizer", config=config, model=model, meta=summary)
+        if grid is not None:
+            save_grid(paired_rows(*grid), staging / "reconstructions.png")
+        summary["sha256"] = file_sha256(staging / MODEL_FILE)
+        (staging / "tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train(
+    params: Params,
+    *,
+    shards_dir: Path = SHARDS_DIR,
+    out_dir: Path = OUT_DIR,
+    checkpoint_root: Path = CHECKPOINT_ROOT,
+    register: bool = True,
+    runtime: Runtime | None = None,
+) -> dict[str, Any] | None:
+    """Train, export and register the tokenizer; returns the report on the main process (else None)."""
+    from imtok import tracking
+    from imtok.trainers.tokenizer import evaluate_tokenizer, train_tokenizer
+
+    section = params.tokenizer
+    channels, image_size, train_meta = data_shape(shards_dir, section.downsample)
+    config = params.tokenizer_config(channels, image_size)
+    runtime = runtime or setup_runtime(section.device, section.precision)
+    run_key = fingerprint(section, channels, image_size, train_meta)
+    checkpoint_dir = checkpoint_root / run_key
+    latest = latest_checkpoint(checkpoint_dir)
+    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
+    commit = tracking.git_commit()
+    tags = {"imtok.fingerprint": run_key, "imtok.quantizer": section.quantizer}
+    run_context = (
+        tracking.stage_run(STAGE, dataclasses.asdict(params), tags=tags, resume_run_id=resume_run_id)
+        if runtime.is_main
+        else contextlib.nullcontext()
+    )
+    with run_context as run:
+
+        def on_grid(images: Any, reconstructions: Any, step: int) -> None:
+            with tempfile.TemporaryDirectory() as scratch:
+                path = save_grid(paired_rows(images, reconstructions), Path(scratch) / f"step-{step:08d}.png")
+                tracking.log_artifact(path, "reconstructions")
+
+        extra = {"mlflow_run_id": run.info.run_id if run else None, "fingerprint": run_key}
+        result = train_tokenizer(
+            section,
+            config,
+            train_dir=shards_dir / "train",
+            val_dir=shards_dir / "val",
+            checkpoint_dir=checkpoint_dir,
+            runtime=runtime,
+            on_metrics=tracking.log_metrics if runtime.is_main else None,
+            on_grid=on_grid if runtime.is_main else None,
+            checkpoint_extra=extra,
+        )
+        if not runtime.is_main:
+            return None
+        if result.disabled_losses:
+            tracking.set_tags(
+                {f"imtok.loss.{name}": f"disabled: {why}" for name, why in result.disabled_losses.items()}
+            )
+        if result.feature_source:
+            tracking.set_tags({"imtok.vgg_weights": result.feature_source})
+        model = result.model.eval()
+        val_loader = ShardLoader(shards_dir / "val", section.batch_size, shuffle=False, rank=0, world_size=1)
+        final, pair = evaluate_tokenizer(
+            model, val_loader, runtime.device, recon_kind=section.recon_loss, autocast=runtime.autocast
+        )
+        tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
+        model = model.cpu()
+        summary: dict[str, Any] = {
+            "stage": STAGE,
+            "step": result.step,
+            "fingerprint": run_key,
+            "codebook_size": model.codebook_size,
+            "token_grid": list(config.token_grid),
+            "image_size": image_size,
+            "channels": channels,
+            "git_commit": commit,
+            "mlflow_run_id": run.info.run_id,
+            "val": final,
+        }
+        grid = (pair[0][: section.grid_images], pair[1][: section.grid_images]) if pair else None
+        _write_outputs(out_dir, model, config, summary, grid)
+        if register:
+            registered = tracking.log_registered_model(
+                model,
+                registered_name=REGISTERED_NAME,
+                input_shape=(channels, image_size, image_size),
+                model_file=out_dir / MODEL_FILE,
+                version_tags=version_tags(params, config, final, commit, run_key),
+            )
+            summary["registered_model"] = {
+                "name": registered.name,
+                "version": registered.version,
+                "uri": registered.uri,
+                "model_uri": registered.model_uri,
+            }
+            summary["sha256"] = file_sha256(out_dir / MODEL_FILE)
+            (out_dir / "tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracking.log_artifact(out_dir / "tokenizer.json")
+        report = {
+            "step": result.step,
+            "resumed_from_step": result.start_step,
+            "seconds": round(result.seconds, 2),
+            "images_per_s": round(result.images_per_s, 1),
+            "precision": runtime.precision,
+            "world_size": runtime.world_size,
+            "disabled_losses": sorted(result.disabled_losses),
+            "val": {name: round(value, 5) for name, value in final.items()},
+        }
+        return report
+
+
+def _terminate_gracefully(signum: int, _frame: Any) -> None:
+    # SIGTERM (a scheduler's cancel, a job time limit) unwinds like Ctrl-C: the MLflow run ends FAILED
+    # and the last checkpoint stays, so a re-run resumes.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--report", type=Path, default=REPORT_PATH)
+    parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate_gracefully)
+    runtime = None
+    try:
+        params = load_params(args.params)
+        runtime = setup_runtime(params.tokenizer.device, params.tokenizer.precision)
+        report = train(params, register=not args.no_register, runtime=runtime)
+    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
+        log.error("%s", exc)
+        return 1
+    finally:
+        if runtime is not None:
+            shutdown_runtime(runtime)
+    if report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        log.info("report written to %s", args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
