@@ -333,11 +333,40 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class ExtractParams:
+    """The `extract` section: which tokenizer encodes the image shards into token shards, and how."""
+
+    SECTION: ClassVar[str] = "extract"
+
+    tokenizer: str = "models/tokenizer"  # a directory with tokenizer.pt, or models:/imtok-tokenizer@champion
+    batch_size: int = 256
+    flip: bool = False  # also store the tokens of horizontally flipped train images (keys ending _hflip)
+    maxcount: int = 100_000  # token samples per shard
+    device: str = "auto"
+    precision: Precision = "fp32"  # bf16 autocast is faster on GPUs but may flip near-tie codes
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
+            (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
+            (self.maxcount >= 1, "maxcount", f"must be >= 1, got {self.maxcount}"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"{self.SECTION}.{key}: {message}")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml; checks that need two sections live in ``__post_init__``."""
 
     prepare: PrepareParams = dataclasses.field(default_factory=PrepareParams)
     tokenizer: TokenizerParams = dataclasses.field(default_factory=TokenizerParams)
+    extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
 
     def __post_init__(self) -> None:
         self.tokenizer_config(self.prepare.channels, self.prepare.image_size)  # raises naming the key

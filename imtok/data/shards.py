@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -87,7 +87,7 @@ def _sync_and_rename(partial: str) -> str:
     return final
 
 
-def _clear_split_dir(out_dir: Path) -> None:
+def clear_split_dir(out_dir: Path) -> None:
     """Remove what an earlier (possibly killed) run wrote: meta first, so no reader trusts the rest."""
     (out_dir / META_NAME).unlink(missing_ok=True)
     (out_dir / (META_NAME + PARTIAL_SUFFIX)).unlink(missing_ok=True)
@@ -95,10 +95,61 @@ def _clear_split_dir(out_dir: Path) -> None:
         stale.unlink()
 
 
-def _write_json_atomic(path: Path, content: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     os.replace(partial, path)
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    maxcount: int = 10000,
+    maxsize: int = 100_000_000,
+) -> list[dict[str, Any]]:
+    """Write samples (``__key__`` plus byte fields) as ``shard-NNNNNN.tar`` files in ``out_dir``.
+
+    Each shard is written as ``.partial``, synced and renamed once complete; if iterating ``samples``
+    or writing raises, the shard in progress is removed (complete shards keep their final names) and
+    the error propagates. Returns ``[{"name", "count"}, ...]`` for meta.json. Clears nothing: callers
+    run ``clear_split_dir`` first.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    in_shard = 0  # samples written to the shard in progress
+    failed = False
+
+    def close_shard(partial: str) -> None:
+        nonlocal in_shard
+        if failed or in_shard == 0:
+            Path(partial).unlink(missing_ok=True)
+        else:
+            shards.append({"name": Path(_sync_and_rename(partial)).name, "count": in_shard})
+        in_shard = 0
+
+    writer = wds.ShardWriter(
+        str(out_dir / (SHARD_PATTERN + PARTIAL_SUFFIX)),
+        maxcount=maxcount,
+        maxsize=maxsize,
+        post=close_shard,
+        verbose=0,
+        encoder=False,  # samples arrive as bytes: nothing is re-encoded
+        # fixed timestamps make the same input give byte-identical shards; an int, because a float
+        # mtime makes tarfile add a pax header to every member (doubling the shard size)
+        mtime=0,
+    )
+    try:
+        for sample in samples:
+            writer.write(sample)
+            in_shard += 1  # after write(): a shard rollover inside write() has already closed the old one
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        writer.close()
+    return shards
 
 
 def write_split(
@@ -119,36 +170,13 @@ def write_split(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_split_dir(out_dir)
+    clear_split_dir(out_dir)
     items: list[SourceItem] = source.items(split)[:limit]
     if not items:
         raise ValueError(f"split {split!r} of {source.location} holds no images")
-
-    shards: list[dict[str, Any]] = []
-    in_shard = 0  # samples written to the shard in progress
-    failed = False
-
-    def close_shard(partial: str) -> None:
-        nonlocal in_shard
-        if failed or in_shard == 0:
-            Path(partial).unlink(missing_ok=True)
-        else:
-            shards.append({"name": Path(_sync_and_rename(partial)).name, "count": in_shard})
-        in_shard = 0
-
     skipped: list[SkippedImage] = []
-    writer = wds.ShardWriter(
-        str(out_dir / (SHARD_PATTERN + PARTIAL_SUFFIX)),
-        maxcount=maxcount,
-        maxsize=maxsize,
-        post=close_shard,
-        verbose=0,
-        encoder=False,  # samples arrive as bytes: nothing is re-encoded
-        # fixed timestamps make the same input give byte-identical shards; an int, because a float
-        # mtime makes tarfile add a pax header to every member (doubling the shard size)
-        mtime=0,
-    )
-    try:
+
+    def samples() -> Iterator[dict[str, Any]]:
         for item in items:
             try:
                 image = source.load(item)
@@ -156,14 +184,9 @@ def write_split(
                 log.warning("skipping unreadable image %s: %s", item.origin, exc)
                 skipped.append(SkippedImage(item.key, item.origin, str(exc)))
                 continue
-            writer.write({"__key__": item.key, "png": encode_png(image), "cls": str(item.label).encode()})
-            in_shard += 1  # after write(): a shard rollover inside write() has already closed the old one
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        writer.close()
+            yield {"__key__": item.key, "png": encode_png(image), "cls": str(item.label).encode()}
 
+    shards = write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)
     count = sum(shard["count"] for shard in shards)
     if count == 0:
         raise ValueError(
@@ -185,7 +208,7 @@ def write_split(
         "shards": shards,
         "sample": {"png": "8-bit PNG, (H, W) or (H, W, 3)", "cls": "class index, ASCII"},
     }
-    _write_json_atomic(out_dir / META_NAME, meta)
+    write_json_atomic(out_dir / META_NAME, meta)
     return SplitReport(split, count, shards, skipped, time.perf_counter() - started)
 
 

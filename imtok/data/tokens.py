@@ -1,0 +1,164 @@
+"""Token shards: the tokenizer's code indices of a split, cached for prior training and evaluation.
+
+A token split is a directory (or S3 prefix) of WebDataset shards with samples ``{__key__, tokens.npy,
+cls}``: ``tokens.npy`` is an ``(H, W)`` array in NumPy's .npy format, uint16 when the codebook has at
+most 65,536 codes and int32 otherwise. ``meta.json`` (written last) holds the count, the grid, the
+codebook size, the dtype and the tokenizer's location, URI and checksum, so a prior can refuse tokens
+of another tokenizer. Writing is atomic per shard, like image shards.
+
+Token splits are small (a 16x16 grid of uint16 is 512 bytes an image), so readers load a whole split
+into one tensor: ``load_token_split`` checks every sample against meta.json.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from imtok.data.shards import (
+    META_NAME,
+    ShardError,
+    _read_shards,
+    clear_split_dir,
+    read_meta,
+    shard_urls,
+    write_json_atomic,
+    write_shards,
+)
+
+TOKEN_META_VERSION = 1
+TOKEN_FIELDS = ("tokens.npy", "cls")
+UINT16_CODES = 1 << 16
+
+
+def token_dtype(codebook_size: int) -> np.dtype:
+    """uint16 when every index fits, else int32."""
+    if codebook_size < 1:
+        raise ValueError(f"codebook_size: expected a positive number of codes, got {codebook_size}")
+    if codebook_size > np.iinfo(np.int32).max:
+        raise ValueError(f"codebook_size: {codebook_size} codes do not fit int32 token ids")
+    return np.dtype(np.uint16) if codebook_size <= UINT16_CODES else np.dtype(np.int32)
+
+
+def encode_tokens(tokens: np.ndarray) -> bytes:
+    """.npy bytes of one (H, W) token array."""
+    buffer = io.BytesIO()
+    np.save(buffer, tokens, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_tokens(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TokenSample(NamedTuple):
+    key: str
+    tokens: np.ndarray  # (H, W) integer code ids
+    label: int
+
+
+def write_token_split(
+    samples: Iterable[TokenSample],
+    out_dir: str | Path,
+    *,
+    codebook_size: int,
+    grid: tuple[int, int],
+    meta: Mapping[str, Any],
+    maxcount: int = 100_000,
+) -> dict[str, Any]:
+    """Write token samples as shards plus meta.json (``meta`` adds provenance); returns the meta."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_split_dir(out_dir)
+    dtype = token_dtype(codebook_size)
+    counts = np.zeros(codebook_size, dtype=np.int64)
+
+    def encoded() -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            tokens = np.asarray(sample.tokens)
+            if tokens.shape != tuple(grid):
+                raise ValueError(f"{sample.key}: tokens of shape {tokens.shape}, expected the grid {grid}")
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= codebook_size):
+                raise ValueError(
+                    f"{sample.key}: token ids from {tokens.min()} to {tokens.max()} fall outside "
+                    f"[0, {codebook_size})"
+                )
+            counts[:] += np.bincount(tokens.reshape(-1).astype(np.int64), minlength=codebook_size)
+            cls = str(int(sample.label)).encode()
+            yield {"__key__": sample.key, "tokens.npy": encode_tokens(tokens.astype(dtype)), "cls": cls}
+
+    shards = write_shards(encoded(), out_dir, maxcount=maxcount, maxsize=1 << 40)
+    count = sum(shard["count"] for shard in shards)
+    if count == 0:
+        raise ValueError(f"{out_dir}: no token samples to write")
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    content = {
+        "version": TOKEN_META_VERSION,
+        "kind": "tokens",
+        "count": count,
+        "grid": list(grid),
+        "codebook_size": int(codebook_size),
+        "dtype": dtype.name,
+        "codebook_usage_pct": float(100.0 * (counts > 0).mean()),
+        "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+        **dict(meta),
+        "shards": shards,
+        "sample": {"tokens.npy": f"{dtype.name} (H, W) code ids, .npy format", "cls": "class index, ASCII"},
+    }
+    write_json_atomic(out_dir / META_NAME, content)
+    return content
+
+
+class TokenSplit(NamedTuple):
+    tokens: torch.Tensor  # (N, H, W) int64
+    labels: torch.Tensor  # (N,) int64
+    keys: list[str]
+    meta: dict[str, Any]
+
+
+def read_token_meta(location: str | Path) -> dict[str, Any]:
+    """meta.json of a token split; ValueError when the directory holds image shards instead."""
+    meta = read_meta(location)
+    if meta.get("kind") != "tokens":
+        raise ValueError(
+            f"{location}: meta.json describes {meta.get('kind', 'image')} shards, not token shards; "
+            "point at the output of extract_tokens"
+        )
+    return meta
+
+
+def load_token_split(location: str | Path) -> TokenSplit:
+    """The whole split in memory, each sample checked against the split's grid and codebook."""
+    meta = read_token_meta(location)
+    grid = tuple(meta["grid"])
+    urls = shard_urls(location, meta)
+    expected = {url: shard["count"] for url, shard in zip(urls, meta["shards"], strict=True)}
+    tokens = np.empty((meta["count"], *grid), dtype=np.int64)
+    labels: list[int] = []
+    keys: list[str] = []
+    for sample in _read_shards(iter({"url": url} for url in urls), expected, TOKEN_FIELDS):
+        array = decode_tokens(sample["tokens.npy"])
+        if array.shape != grid:
+            raise ShardError(
+                f"{location}: sample {sample['__key__']!r} has tokens of shape {array.shape}, but meta.json "
+                f"says the grid is {grid}"
+            )
+        if len(keys) >= len(tokens):
+            raise ShardError(f"{location}: holds more samples than the {meta['count']} meta.json lists")
+        tokens[len(keys)] = array
+        labels.append(int(sample["cls"]))
+        keys.append(sample["__key__"])
+    if len(keys) != meta["count"]:
+        raise ShardError(f"{location}: holds {len(keys)} samples but meta.json lists {meta['count']}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= meta["codebook_size"]):
+        raise ShardError(
+            f"{location}: token ids from {tokens.min()} to {tokens.max()} fall outside the codebook "
+            f"[0, {meta['codebook_size']})"
+        )
+    return TokenSplit(torch.from_numpy(tokens), torch.tensor(labels, dtype=torch.int64), keys, meta)

@@ -1,0 +1,143 @@
+"""extract_tokens: token shards that decode to the tokenizer's own reconstructions, and their errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imtok.data.shards import ShardError, decode_png, iter_samples
+from imtok.data.tokens import TokenSample, load_token_split, token_dtype, write_token_split
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+from imtok.models.files import save_model_file
+from imtok.params import ExtractParams
+from stages.extract_tokens import FLIP_SUFFIX, extract
+
+
+def save_tokenizer(directory: Path, in_channels: int = 1, seed: int = 0) -> Tokenizer:
+    torch.manual_seed(seed)
+    config = TokenizerConfig(in_channels=in_channels, image_size=16, base_channels=8, codebook_size=256)
+    tokenizer = Tokenizer(config).eval()
+    save_model_file(
+        directory / "tokenizer.pt", kind="tokenizer", config=config, model=tokenizer, meta={"step": 0}
+    )
+    return tokenizer
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    save_tokenizer(tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def split_images(split_dir: Path) -> tuple[list[str], torch.Tensor]:
+    samples = list(iter_samples(split_dir))
+    return [s["__key__"] for s in samples], torch.stack([decode_png(s["png"]) for s in samples])
+
+
+def test_extracted_tokens_decode_to_exactly_the_tokenizers_reconstruction(
+    tiny_shards, tokenizer_dir, tmp_path, one_thread
+):
+    params = ExtractParams(tokenizer=str(tokenizer_dir), batch_size=7, device="cpu")
+    report = extract(params, shards_dir=tiny_shards, tokens_dir=tmp_path / "tokens")
+    tokenizer = save_tokenizer(tmp_path / "again")
+    val = load_token_split(tmp_path / "tokens" / "val")
+    keys, images = split_images(tiny_shards / "val")
+    assert val.keys == keys and val.tokens.shape == (len(keys), 4, 4)
+    assert torch.equal(tokenizer.decode(val.tokens), tokenizer.decode(tokenizer.encode(images)))
+    assert val.meta["dtype"] == "uint16" and val.meta["codebook_size"] == tokenizer.codebook_size == 240
+    assert val.meta["tokenizer_sha256"] == report["tokenizer"]["tokenizer_sha256"]
+    assert report["val"]["count"] == len(keys) and 0 < report["val"]["codebook_usage_pct"] <= 100
+
+
+def test_extraction_is_deterministic_byte_for_byte(tiny_shards, tokenizer_dir, tmp_path, one_thread):
+    digests = []
+    for name in ("first", "second"):
+        extract(
+            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu"),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / name,
+        )
+        files = sorted((tmp_path / name / "train").glob("shard-*.tar"))
+        digests.append([hashlib.sha256(path.read_bytes()).hexdigest() for path in files])
+    assert digests[0] == digests[1] and digests[0]
+
+
+def test_flip_adds_the_tokens_of_mirrored_train_images_only(tiny_shards, tokenizer_dir, tmp_path, one_thread):
+    extract(
+        ExtractParams(tokenizer=str(tokenizer_dir), flip=True, device="cpu"),
+        shards_dir=tiny_shards,
+        tokens_dir=tmp_path / "t",
+    )
+    train = load_token_split(tmp_path / "t" / "train")
+    keys, images = split_images(tiny_shards / "train")
+    assert train.keys[0::2] == keys and train.keys[1::2] == [key + FLIP_SUFFIX for key in keys]
+    tokenizer = save_tokenizer(tmp_path / "again")
+    assert torch.equal(train.tokens[1::2], tokenizer.encode(images.flip(-1)))
+    assert len(load_token_split(tmp_path / "t" / "val").keys) == len(split_images(tiny_shards / "val")[0])
+
+
+def test_large_codebooks_are_stored_as_int32_and_round_trip(tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.int32
+    rng = np.random.default_rng(0)
+    samples = [TokenSample(f"k{i}", rng.integers(0, 2**18, size=(2, 3)), i % 3) for i in range(5)]
+    meta = write_token_split(samples, tmp_path / "s", codebook_size=2**18, grid=(2, 3), meta={}, maxcount=2)
+    assert meta["dtype"] == "int32" and len(meta["shards"]) == 3
+    split = load_token_split(tmp_path / "s")
+    assert torch.equal(split.tokens, torch.from_numpy(np.stack([s.tokens for s in samples])))
+    assert split.labels.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_tokens_outside_the_grid_or_codebook_are_refused_naming_the_sample(tmp_path):
+    with pytest.raises(ValueError, match=r"k0: tokens of shape \(2, 2\), expected the grid \(2, 3\)"):
+        write_token_split(
+            [TokenSample("k0", np.zeros((2, 2)), 0)], tmp_path / "a", codebook_size=8, grid=(2, 3), meta={}
+        )
+    with pytest.raises(ValueError, match=r"k0: token ids from 0 to 8 fall outside \[0, 8\)"):
+        samples = [TokenSample("k0", np.array([[0, 8]]), 0)]
+        write_token_split(samples, tmp_path / "b", codebook_size=8, grid=(1, 2), meta={})
+    assert not list((tmp_path / "b").glob("*.tar"))
+
+
+def test_a_truncated_token_shard_names_the_file(tmp_path):
+    samples = [TokenSample(f"k{i}", np.full((4, 4), i), 0) for i in range(50)]
+    write_token_split(samples, tmp_path / "s", codebook_size=64, grid=(4, 4), meta={})
+    shard = tmp_path / "s" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ShardError, match=r"shard-000000\.tar"):
+        load_token_split(tmp_path / "s")
+
+
+def test_image_shards_are_not_mistaken_for_tokens(tiny_shards):
+    with pytest.raises(ValueError, match="not token shards"):
+        load_token_split(tiny_shards / "val")
+
+
+def test_a_tokenizer_for_other_channels_names_both_counts(tiny_shards, tmp_path):
+    save_tokenizer(tmp_path / "rgb", in_channels=3)
+    with pytest.raises(
+        ValueError, match=r"extract\.tokenizer: .* takes 3-channel images but .* holds 1-channel"
+    ):
+        extract(
+            ExtractParams(tokenizer=str(tmp_path / "rgb"), device="cpu"),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / "t",
+        )
+
+
+def test_missing_tokenizer_and_unresolvable_uri_are_named(tiny_shards, tmp_path, mlflow_store):
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        extract(
+            ExtractParams(tokenizer=str(tmp_path / "nowhere")),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / "t",
+        )
+    with pytest.raises(ValueError, match=r"models:/imtok-tokenizer@missing: cannot fetch tokenizer\.pt"):
+        extract(
+            ExtractParams(tokenizer="models:/imtok-tokenizer@missing"),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / "t",
+        )
