@@ -127,6 +127,12 @@ QuantizerKind = Literal["fsq", "vq", "regvq"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+RUN_SETTINGS = frozenset(
+    {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
+    | {"keep_checkpoints", "grid_images"}
+)
+
+
 @dataclass(frozen=True)
 class TokenizerParams:
     """The `tokenizer` section: architecture, quantizer, losses, optimisation and run settings.
@@ -136,19 +142,7 @@ class TokenizerParams:
     """
 
     SECTION: ClassVar[str] = "tokenizer"
-    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {
-            "device",
-            "num_workers",
-            "compile",
-            "log_every",
-            "val_every",
-            "val_batches",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "grid_images",
-        }
-    )
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
     # architecture (imtok.models.autoencoder.TokenizerConfig)
     downsample: int = 4  # spatial reduction factor f of the encoder: a token covers f x f pixels
@@ -361,12 +355,157 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
+class PriorParams:
+    """The `prior` section: a MaskGIT or GPT prior over the token shards, and how it is trained."""
+
+    SECTION: ClassVar[str] = "prior"
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
+
+    kind: Literal["maskgit", "gpt"] = "maskgit"
+    conditional: bool = True  # class-conditional (class names from the token shards) or unconditional
+    hidden_dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    label_dropout: float = 0.1  # null-class rate in training, for classifier-free guidance
+    label_smoothing: float = 0.1
+    batch_size: int = 128  # per process
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    total_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    seed: int = 0
+    precision: Precision = "auto"
+    device: str = "auto"
+    log_every: int = 50
+    val_every: int = 500
+    val_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        positive = ("hidden_dim", "depth", "heads", "batch_size", "total_steps", "log_every", "val_every")
+        positive += ("checkpoint_every", "keep_checkpoints")
+        checks = [
+            (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
+        ]
+        checks += [
+            (
+                self.hidden_dim % self.heads == 0,
+                "heads",
+                f"{self.heads} does not divide prior.hidden_dim={self.hidden_dim}",
+            ),
+            (self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}"),
+            (0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}"),
+            (0 <= self.label_dropout < 1, "label_dropout", f"must lie in [0, 1), got {self.label_dropout}"),
+            (
+                0 <= self.label_smoothing < 1,
+                "label_smoothing",
+                f"must lie in [0, 1), got {self.label_smoothing}",
+            ),
+            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {list(self.betas)}"),
+            (self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
+            (
+                0 <= self.warmup_steps <= self.total_steps,
+                "warmup_steps",
+                f"must lie in [0, prior.total_steps={self.total_steps}], got {self.warmup_steps}",
+            ),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}"),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                "grad_clip",
+                f"must be > 0 or null, got {self.grad_clip}",
+            ),
+            (
+                self.ema_decay is None or 0 < self.ema_decay < 1,
+                "ema_decay",
+                f"must lie in (0, 1) or be null, got {self.ema_decay}",
+            ),
+            (self.val_batches >= 0, "val_batches", f"must be >= 0, got {self.val_batches}"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"{self.SECTION}.{key}: {message}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """The `sample` section: how many images the prior generates, and how it decodes them."""
+
+    SECTION: ClassVar[str] = "sample"
+
+    prior: str = "models/prior"  # a directory with prior.pt, or models:/imtok-prior@champion
+    tokenizer: str | None = None  # null: the tokenizer the prior was trained on (from its metadata)
+    per_class: int = 100  # images per class of a conditional prior
+    count: int = 1000  # images of an unconditional prior
+    steps: int = 12  # maskgit: parallel decoding steps
+    temperature: float = 1.0
+    choice_temperature: float = 4.5  # maskgit: Gumbel noise on confidences, annealed to 0
+    guidance_scale: float = 0.0  # classifier-free guidance: logits c + s * (c - u)
+    top_k: int | None = None  # gpt
+    top_p: float | None = None  # gpt
+    batch_size: int = 250
+    seed: int = 0
+    grid_per_class: int = 10  # columns of the PNG grid (one row per class)
+    maxcount: int = 10000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.per_class >= 1, "per_class", f"must be >= 1, got {self.per_class}"),
+            (self.count >= 1, "count", f"must be >= 1, got {self.count}"),
+            (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+            (self.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {self.temperature}"),
+            (
+                self.choice_temperature >= 0,
+                "choice_temperature",
+                f"must be >= 0, got {self.choice_temperature}",
+            ),
+            (self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}"),
+            (self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or null, got {self.top_k}"),
+            (
+                self.top_p is None or 0 < self.top_p <= 1,
+                "top_p",
+                f"must lie in (0, 1] or be null, got {self.top_p}",
+            ),
+            (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
+            (self.grid_per_class >= 1, "grid_per_class", f"must be >= 1, got {self.grid_per_class}"),
+            (self.maxcount >= 1, "maxcount", f"must be >= 1, got {self.maxcount}"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"{self.SECTION}.{key}: {message}")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml; checks that need two sections live in ``__post_init__``."""
 
     prepare: PrepareParams = dataclasses.field(default_factory=PrepareParams)
     tokenizer: TokenizerParams = dataclasses.field(default_factory=TokenizerParams)
     extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
+    prior: PriorParams = dataclasses.field(default_factory=PriorParams)
+    sample: SampleParams = dataclasses.field(default_factory=SampleParams)
 
     def __post_init__(self) -> None:
         self.tokenizer_config(self.prepare.channels, self.prepare.image_size)  # raises naming the key

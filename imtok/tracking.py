@@ -171,13 +171,15 @@ def log_registered_model(
     registered_name: str,
     input_shape: tuple[int, ...],
     model_file: str | os.PathLike[str],
+    input_dtype: str = "float32",
     version_tags: Mapping[str, Any],
     alias: str = CANDIDATE_ALIAS,
     artifact_name: str = "model",
 ) -> RegisteredModel:
     """Log ``model`` to the active run, register it, tag the version and point ``alias`` at it.
 
-    ``input_shape`` is the per-sample input shape recorded in the signature (batch dimension free).
+    ``input_shape`` and ``input_dtype`` describe one sample of the input in the signature (the batch
+    dimension is free): float32 images for a tokenizer, int64 token grids for a prior.
     ``pip_requirements`` are given rather than inferred: inference imports and probes the model and
     costs seconds per call. The module's own package (imtok) must be importable where it is loaded.
     """
@@ -188,7 +190,7 @@ def log_registered_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *input_shape))]))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(input_dtype), (-1, *input_shape))]))
     info = mlflow.pytorch.log_model(
         model,
         name=artifact_name,
@@ -254,3 +256,18 @@ def load_tokenizer(
             f"{path}: the stored tokenizer does not match this version of imtok: {error}"
         ) from None
     return tokenizer.eval(), payload
+
+
+def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> tuple[Any, dict[str, Any]]:
+    """A prior (MaskGIT or GPT, eval mode, CPU) and its model-file payload, like ``load_tokenizer``."""
+    from imtok.models.files import read_model_file
+    from imtok.trainers.prior import build_prior
+
+    path = resolve_model_file(location, filename)
+    payload = read_model_file(path, "prior")
+    try:
+        prior = build_prior(payload["config"]["kind"], payload["config"]["model"])
+        prior.load_state_dict(payload["state_dict"])
+    except (TypeError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{path}: the stored prior does not match this version of imtok: {error}") from None
+    return prior.eval(), payload

@@ -23,8 +23,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -36,6 +34,7 @@ from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, TokenizerParams, load_params
 from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
 from imtok.training import latest_checkpoint, read_checkpoint
+from stages.common import replace_directory, terminate_gracefully, write_json
 
 log = logging.getLogger("stages.train_tokenizer")
 
@@ -99,20 +98,16 @@ def version_tags(
 def _write_outputs(
     out_dir: Path, model: Any, config: Any, summary: dict[str, Any], grid: tuple[Any, Any] | None
 ) -> None:
-    """Write the output directory beside its final place, then swap it in (no half-written outputs)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """Model file, summary and reconstruction grid, swapped in as one directory."""
+
+    def fill(staging: Path) -> None:
         save_model_file(staging / MODEL_FILE, kind="tokenizer", config=config, model=model, meta=summary)
         if grid is not None:
             save_grid(paired_rows(*grid), staging / "reconstructions.png")
         summary["sha256"] = file_sha256(staging / MODEL_FILE)
-        (staging / "tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / "tokenizer.json", summary)
+
+    replace_directory(out_dir, fill)
 
 
 def train(
@@ -206,7 +201,7 @@ def train(
                 "model_uri": registered.model_uri,
             }
             summary["sha256"] = file_sha256(out_dir / MODEL_FILE)
-            (out_dir / "tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(out_dir / "tokenizer.json", summary)
         tracking.log_artifact(out_dir / "tokenizer.json")
         report = {
             "step": result.step,
@@ -221,12 +216,6 @@ def train(
         return report
 
 
-def _terminate_gracefully(signum: int, _frame: Any) -> None:
-    # SIGTERM (a scheduler's cancel, a job time limit) unwinds like Ctrl-C: the MLflow run ends FAILED
-    # and the last checkpoint stays, so a re-run resumes.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -234,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate_gracefully)
+    signal.signal(signal.SIGTERM, terminate_gracefully)
     runtime = None
     try:
         params = load_params(args.params)
@@ -247,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None:
             shutdown_runtime(runtime)
     if report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.report, report)
         log.info("report written to %s", args.report)
     return 0
 

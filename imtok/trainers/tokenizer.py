@@ -248,7 +248,7 @@ class TrainResult:
     feature_source: str | None = None
 
 
-class _Window:
+class MetricWindow:
     """Running means of the step metrics between two log lines (kept on device to avoid syncs)."""
 
     def __init__(self) -> None:
@@ -265,7 +265,7 @@ class _Window:
         return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
 
 
-def _reseed_rank(seed: int, rank: int, step: int) -> None:
+def reseed_rank(seed: int, rank: int, step: int) -> None:
     if rank > 0:
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
@@ -317,11 +317,11 @@ def train_tokenizer(
                 raise ValueError(f"{latest}: holds no discriminator state but tokenizer.gan_weight > 0")
             discriminator.load_state_dict(extra["discriminator"])
             d_optimizer.load_state_dict(extra["disc_optimizer"])  # type: ignore[union-attr]
-        _reseed_rank(p.seed, runtime.rank, start)
+        reseed_rank(p.seed, runtime.rank, start)
         if runtime.is_main:
             log.info("resuming from %s at step %d of %d", latest, start, p.total_steps)
     else:
-        _reseed_rank(p.seed, runtime.rank, 0)
+        reseed_rank(p.seed, runtime.rank, 0)
 
     train_model: nn.Module = model
     train_discriminator = discriminator
@@ -348,7 +348,7 @@ def train_tokenizer(
     )
     stream = batches_from(loader, start)
     last_layer = decoder_last_layer(model)
-    window = _Window()
+    window = MetricWindow()
     result = TrainResult(
         model=model,
         step=start,
@@ -426,7 +426,7 @@ def train_tokenizer(
                 elapsed = time.perf_counter() - started
                 means["train/images_per_s"] = (done - start) * p.batch_size * runtime.world_size / elapsed
                 result.train = means
-                window = _Window()
+                window = MetricWindow()
                 if runtime.is_main:
                     bar.set_postfix(loss=f"{means['train/loss']:.4f}", psnr=f"{means['train/psnr']:.2f}")
                     if on_metrics is not None:

@@ -1,0 +1,222 @@
+"""DVC stage `train_prior`: token shards -> models/prior/, one MLflow run, a registered model.
+
+Run as ``python -m stages.train_prior`` (or under ``torchrun``). Reads the ``prior`` params section and
+``data/tokens/{train,val}``; the codebook size, token grid and class names come from the token shards,
+which must agree between the splits and name the same tokenizer. Writes
+
+- ``models/prior/prior.pt`` (weights-only model file: kind, config, weights, and the tokenizer it was
+  trained on: location, registry URI, SHA-256) and ``prior.json`` (summary, registered version);
+- ``reports/train_prior.json`` (DVC metrics: val loss, perplexity, masked-token accuracy);
+- checkpoints under ``checkpoints/prior/<fingerprint>/``; a re-run after a kill resumes.
+
+The MLflow run records the prior's params and the tokenizer's provenance as params; the model is
+registered as ``imtok-prior`` with alias ``candidate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from imtok.data.tokens import TokenSplit, load_token_split
+from imtok.models.files import file_sha256, save_model_file
+from imtok.params import Params, PriorParams, load_params
+from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.training import latest_checkpoint, read_checkpoint
+from stages.common import replace_directory, terminate_gracefully, write_json
+
+log = logging.getLogger("stages.train_prior")
+
+STAGE = "train_prior"
+TOKENS_DIR = Path("data/tokens")
+OUT_DIR = Path("models/prior")
+CHECKPOINT_ROOT = Path("checkpoints/prior")
+REPORT_PATH = Path("reports/train_prior.json")
+REGISTERED_NAME = "imtok-prior"
+MODEL_FILE = "prior.pt"
+# What train and val must share: otherwise they were extracted by different tokenizers.
+SHARED_KEYS = ("codebook_size", "grid", "tokenizer_sha256")
+
+
+def check_token_splits(train: TokenSplit, val: TokenSplit, tokens_dir: Path) -> None:
+    """Train and val token shards must come from one tokenizer; errors name both values."""
+    for key in SHARED_KEYS:
+        if train.meta.get(key) != val.meta.get(key):
+            raise ValueError(
+                f"{tokens_dir / 'val'}: {key} {val.meta.get(key)!r} differs from {tokens_dir / 'train'}'s "
+                f"{train.meta.get(key)!r}; extract both splits with the same tokenizer (run extract_tokens)"
+            )
+
+
+def tokenizer_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tokenizer": meta.get("tokenizer"),
+        "tokenizer_uri": meta.get("tokenizer_uri"),
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+    }
+
+
+def train(
+    params: Params,
+    *,
+    tokens_dir: Path = TOKENS_DIR,
+    out_dir: Path = OUT_DIR,
+    checkpoint_root: Path = CHECKPOINT_ROOT,
+    register: bool = True,
+    runtime: Runtime | None = None,
+) -> dict[str, Any] | None:
+    """Train, export and register the prior; returns the report on the main process (else None)."""
+    from imtok import tracking
+    from imtok.trainers.prior import evaluate_prior, prior_config, train_prior
+
+    section = params.prior
+    train_split, val_split = load_token_split(tokens_dir / "train"), load_token_split(tokens_dir / "val")
+    check_token_splits(train_split, val_split, tokens_dir)
+    meta = train_split.meta
+    class_names = list(meta.get("class_names") or [])
+    num_classes = len(class_names) or int(train_split.labels.max()) + 1
+    grid = (int(meta["grid"][0]), int(meta["grid"][1]))
+    config = prior_config(section, int(meta["codebook_size"]), grid, num_classes)
+    runtime = runtime or setup_runtime(section.device, section.precision, prefix="prior")
+    token_identity = json.dumps(
+        {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
+    )
+    run_key = run_fingerprint({**section.as_dict(), "tokens": token_identity}, PriorParams.RUNTIME_KEYS)
+    checkpoint_dir = checkpoint_root / run_key
+    latest = latest_checkpoint(checkpoint_dir)
+    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
+    provenance = tokenizer_provenance(meta)
+    logged = {
+        **dataclasses.asdict(params),
+        "tokens": {**provenance, "grid": list(grid), "count": meta["count"]},
+    }
+    run_context = (
+        tracking.stage_run(
+            STAGE,
+            logged,
+            tags={"imtok.fingerprint": run_key, "imtok.prior": section.kind},
+            resume_run_id=resume_run_id,
+        )
+        if runtime.is_main
+        else contextlib.nullcontext()
+    )
+    with run_context as run:
+        result = train_prior(
+            section,
+            config,
+            train=train_split,
+            val=val_split,
+            checkpoint_dir=checkpoint_dir,
+            runtime=runtime,
+            on_metrics=tracking.log_metrics if runtime.is_main else None,
+            checkpoint_extra={"mlflow_run_id": run.info.run_id if run else None, "fingerprint": run_key},
+        )
+        if not runtime.is_main:
+            return None
+        model = result.model.eval()
+        final = evaluate_prior(
+            section.kind,
+            model,
+            val_split,
+            runtime.device,
+            batch_size=section.batch_size,
+            conditional=section.conditional,
+        )
+        tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
+        model = model.cpu()
+        summary: dict[str, Any] = {
+            "stage": STAGE,
+            "kind": section.kind,
+            "step": result.step,
+            "fingerprint": run_key,
+            "codebook_size": config.codebook_size,
+            "grid": list(grid),
+            "num_classes": config.num_classes,
+            "class_names": class_names,
+            "image_size": meta.get("image_size"),
+            "channels": meta.get("channels"),
+            **provenance,
+            "git_commit": tracking.git_commit(),
+            "mlflow_run_id": run.info.run_id,
+            "val": final,
+        }
+        model_config = {"kind": section.kind, "model": dataclasses.asdict(config)}
+
+        def fill(staging: Path) -> None:
+            save_model_file(
+                staging / MODEL_FILE, kind="prior", config=model_config, model=model, meta=summary
+            )
+            summary["sha256"] = file_sha256(staging / MODEL_FILE)
+            write_json(staging / "prior.json", summary)
+
+        replace_directory(out_dir, fill)
+        if register:
+            registered = tracking.log_registered_model(
+                model,
+                registered_name=REGISTERED_NAME,
+                input_shape=grid,
+                input_dtype="int64",
+                model_file=out_dir / MODEL_FILE,
+                version_tags={
+                    "prior": section.kind,
+                    "codebook_size": config.codebook_size,
+                    "token_grid": "x".join(map(str, grid)),
+                    "num_classes": config.num_classes,
+                    "tokenizer_uri": provenance["tokenizer_uri"] or provenance["tokenizer"],
+                    "tokenizer_sha256": provenance["tokenizer_sha256"],
+                    "git_commit": summary["git_commit"],
+                    "fingerprint": run_key,
+                    "val_loss": f"{final['loss']:.4f}",
+                },
+            )
+            summary["registered_model"] = {
+                "name": registered.name,
+                "version": registered.version,
+                "uri": registered.uri,
+            }
+            write_json(out_dir / "prior.json", summary)
+        tracking.log_artifact(out_dir / "prior.json")
+        return {
+            "step": result.step,
+            "resumed_from_step": result.start_step,
+            "seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "precision": runtime.precision,
+            "world_size": runtime.world_size,
+            "val": {name: round(value, 5) for name, value in final.items()},
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--report", type=Path, default=REPORT_PATH)
+    parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, terminate_gracefully)
+    runtime = None
+    try:
+        params = load_params(args.params)
+        runtime = setup_runtime(params.prior.device, params.prior.precision, prefix="prior")
+        report = train(params, register=not args.no_register, runtime=runtime)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if runtime is not None:
+            shutdown_runtime(runtime)
+    if report is not None:
+        write_json(args.report, report)
+        log.info("report written to %s", args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
