@@ -146,7 +146,7 @@ class TokenizerParams:
 
     # architecture (imtok.models.autoencoder.TokenizerConfig)
     downsample: int = 4  # spatial reduction factor f of the encoder: a token covers f x f pixels
-    base_channels: int = 32
+    base_channels: int = 16
     channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one per resolution: len = log2(downsample) + 1
     num_res_blocks: int = 1
     mid_attention: bool = False
@@ -363,19 +363,19 @@ class PriorParams:
 
     kind: Literal["maskgit", "gpt"] = "maskgit"
     conditional: bool = True  # class-conditional (class names from the token shards) or unconditional
-    hidden_dim: int = 128
-    depth: int = 4
+    hidden_dim: int = 96
+    depth: int = 3
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     label_dropout: float = 0.1  # null-class rate in training, for classifier-free guidance
     label_smoothing: float = 0.1
-    batch_size: int = 128  # per process
+    batch_size: int = 64  # per process
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    total_steps: int = 2000
+    total_steps: int = 1200
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
@@ -383,9 +383,9 @@ class PriorParams:
     precision: Precision = "auto"
     device: str = "auto"
     log_every: int = 50
-    val_every: int = 500
+    val_every: int = 400
     val_batches: int = 8
-    checkpoint_every: int = 500
+    checkpoint_every: int = 400
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:

@@ -80,3 +80,8 @@ def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_params_yaml_states_exactly_the_library_defaults():
+    # params.yaml is the documentation of every default: it must not drift from the dataclasses
+    assert load_params(REPO / "params.yaml") == Params()

@@ -1,0 +1,202 @@
+"""Tokenizer training throughput: imtok's training step beside the same step with the peer's FSQ.
+
+    python -m benchmarks.train                                   # CPU, the demo size (32x32 gray)
+    python -m benchmarks.train --device cuda --image-size 256 --channels 3 --base-channels 128 \
+        --multipliers 1 1 2 2 4 --batch-size 32 --precision bf16 --channels-last
+
+One run measures, on the same machine and inputs:
+- the full training step (forward, L1 + quantizer loss, backward, AdamW, weight EMA) of the imtok
+  tokenizer with our FSQ, images/s and peak memory;
+- the very same step with vector-quantize-pytorch's FSQ (same levels) in place of ours: the ratio
+  says what the quantizer choice costs inside a real model;
+- the shard loader alone over synthetic shards of the same size (``ShardLoader``, the loader the stage
+  uses): it must deliver well above the training rate, so that data is never the bottleneck;
+- on CUDA, model FLOPs utilisation (FLOPs of one step counted by ``torch.utils.flop_counter`` over
+  the step time, against ``--peak-tflops``) and the GPU utilisation reported by NVML when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.common import machine_description, synchronize
+from imtok.data.shards import ShardLoader, write_split
+from imtok.data.sources import SyntheticShapes
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+from imtok.quantizers import QuantizerOutput
+from imtok.quantizers.common import codebook_stats
+from imtok.training import ModelEma
+
+
+class PeerFSQ(nn.Module):
+    """vector-quantize-pytorch's FSQ behind imtok's quantizer interface (same levels)."""
+
+    def __init__(self, levels: tuple[int, ...]) -> None:
+        super().__init__()
+        from vector_quantize_pytorch import FSQ as LucidrainsFSQ
+
+        self.inner = LucidrainsFSQ(levels=list(levels))
+        self.dim = len(levels)
+        self.codebook_size = self.inner.codebook_size
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        codes, indices = self.inner(z)
+        return QuantizerOutput(codes, indices, z.new_zeros(()), codebook_stats(indices, self.codebook_size))
+
+
+def build(args: argparse.Namespace, device: torch.device, peer: bool) -> Tokenizer:
+    config = TokenizerConfig(
+        in_channels=args.channels,
+        image_size=args.image_size,
+        base_channels=args.base_channels,
+        channel_multipliers=tuple(args.multipliers),
+        num_res_blocks=args.res_blocks,
+        mid_attention=args.mid_attention,
+        codebook_size=args.codebook_size,
+    )
+    torch.manual_seed(0)
+    model = Tokenizer(config)
+    if peer:
+        model.quantizer = PeerFSQ(model.quantizer.levels)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEma, images: Tensor, dtype
+) -> None:
+    autocast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with autocast:
+        reconstruction, quantized = model(images)
+        loss = (reconstruction.float() - images).abs().mean() + quantized.loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema.update(model)
+
+
+def step_flops(model: nn.Module, images: Tensor, dtype) -> float:
+    """FLOPs of one forward + backward, counted on the real graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    autocast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with counter, autocast:
+        reconstruction, quantized = model(images)
+        ((reconstruction.float() - images).abs().mean() + quantized.loss).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def measure_training(args: argparse.Namespace, device: torch.device, peer: bool) -> dict[str, float]:
+    model = build(args, device, peer)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = ModelEma(model, 0.999)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    images = (
+        torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
+    )
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    for _ in range(args.warmup):
+        training_step(model, optimizer, ema, images, dtype)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    utilisation = []
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        training_step(model, optimizer, ema, images, dtype)
+        if device.type == "cuda":
+            with contextlib.suppress(Exception):  # NVML (pynvml) is optional
+                utilisation.append(torch.cuda.utilization(device))
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / args.steps
+    result = {"images_per_s": args.batch_size / seconds, "step_ms": 1000 * seconds}
+    if device.type == "cuda":
+        result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["mfu_pct"] = 100 * step_flops(model, images, dtype) / seconds / (args.peak_tflops * 1e12)
+        if utilisation:
+            result["gpu_util_pct"] = sum(utilisation) / len(utilisation)
+    else:
+        result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide RSS
+    return result
+
+
+def measure_loader(args: argparse.Namespace) -> float:
+    """Images/s of ``ShardLoader`` over synthetic shards at the benchmark size (decode + collate)."""
+    count = max(args.loader_images, args.batch_size * 4)
+    source = SyntheticShapes(count=int(count / 0.9) + 1, image_size=args.image_size, channels=args.channels)
+    with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
+        write_split(source, "train", Path(tmp), maxcount=max(1, count // 8))
+        loader = ShardLoader(Path(tmp), args.batch_size, num_workers=args.workers, seed=0)
+        for _ in loader:  # warm-up pass: page cache and worker start
+            pass
+        started, seen = time.perf_counter(), 0
+        for batch in loader:
+            seen += batch.images.shape[0]
+        return seen / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--base-channels", type=int, default=32)
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 2])
+    parser.add_argument("--res-blocks", type=int, default=1)
+    parser.add_argument("--mid-attention", action="store_true")
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    parser.add_argument("--loader-images", type=int, default=4096)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    ours = measure_training(args, device, peer=False)
+    peer = measure_training(args, device, peer=True)
+    loader = measure_loader(args)
+    print(f"- machine: {machine_description(device)}")
+    print(
+        f"- tokenizer: {args.image_size}x{args.image_size}x{args.channels}, base {args.base_channels}, "
+        f"multipliers {args.multipliers}, FSQ {args.codebook_size}, batch {args.batch_size}, {args.precision}"
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
+        f"{args.steps} timed steps after {args.warmup}; loader workers {args.workers}"
+    )
+    print()
+    print("| step with | images/s | ms/step | peak MiB | MFU % | GPU util % |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, result in (("imtok FSQ", ours), ("vector-quantize-pytorch FSQ", peer)):
+        mfu = f"{result['mfu_pct']:.1f}" if "mfu_pct" in result else "-"
+        util = f"{result['gpu_util_pct']:.0f}" if "gpu_util_pct" in result else "-"
+        print(
+            f"| {name} | {result['images_per_s']:,.0f} | {result['step_ms']:.1f} | {result['peak_mib']:,.0f} "
+            f"| {mfu} | {util} |"
+        )
+    print()
+    print(f"ours/peer throughput ratio: **{ours['images_per_s'] / peer['images_per_s']:.2f}**; ", end="")
+    print(
+        f"loader alone: **{loader:,.0f} images/s** = {loader / ours['images_per_s']:.1f}x the training rate"
+    )
+
+
+if __name__ == "__main__":
+    main()
