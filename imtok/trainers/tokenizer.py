@@ -49,10 +49,11 @@ from imtok.losses import (
     load_vgg_weights,
     reconstruction_loss,
 )
+from imtok.metrics.codebook import CodeCounter
+from imtok.metrics.recon import psnr, ssim
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.quantizers.common import code_histogram
 from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
 from imtok.training import (
     ModelEma,
@@ -159,27 +160,8 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
-    """Per-image PSNR in dB of [-1, 1] images (peak-to-peak range 2)."""
-    mse = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-class CodeCounter:
-    """Counts of each code id over many batches: usage and perplexity of the whole set."""
-
-    def __init__(self, codebook_size: int) -> None:
-        self.counts = torch.zeros(codebook_size, dtype=torch.float64)
-
-    def update(self, indices: Tensor) -> None:
-        self.counts += code_histogram(indices.cpu(), self.counts.numel()).double()
-
-    def usage(self) -> float:
-        return float((self.counts > 0).double().mean())
-
-    def perplexity(self) -> float:
-        probs = self.counts / self.counts.sum().clamp_min(1.0)
-        return float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()))
+# PSNR of an image reproduced exactly is +inf; capped so that means over a set stay finite.
+MAX_PSNR_DB = 100.0
 
 
 @torch.no_grad()
@@ -199,7 +181,7 @@ def evaluate_tokenizer(
     repeats are skipped); usage and perplexity are over all evaluated images.
     """
     counter = CodeCounter(model.codebook_size)
-    totals = {"recon": 0.0, "psnr": 0.0, "mse": 0.0}
+    totals = {"recon": 0.0, "psnr": 0.0, "ssim": 0.0, "mse": 0.0}
     count = 0
     first = None
     seen: set[str] = set()
@@ -220,13 +202,17 @@ def evaluate_tokenizer(
             size = images.shape[0]
             totals["recon"] += float(reconstruction_loss(reconstruction, images, recon_kind)) * size  # type: ignore[arg-type]
             totals["mse"] += float((reconstruction - images).pow(2).mean()) * size
-            totals["psnr"] += float(psnr(reconstruction, images).sum())
+            totals["psnr"] += float(psnr(images, reconstruction).clamp(max=MAX_PSNR_DB).sum())
+            if min(images.shape[-2:]) >= 11:  # SSIM's window
+                totals["ssim"] += float(ssim(images, reconstruction).sum())
             count += size
             if first is None:
                 first = (images.cpu(), reconstruction.cpu())
     if count == 0:
         raise ValueError(f"{loader.location}: no validation images")
     metrics = {name: value / count for name, value in totals.items()}
+    if first is not None and min(first[0].shape[-2:]) < 11:
+        del metrics["ssim"]  # too small for SSIM's 11x11 window: not computed, not reported as 0
     metrics["codebook_usage_pct"] = 100.0 * counter.usage()
     metrics["perplexity"] = counter.perplexity()
     metrics["images"] = float(count)
@@ -412,7 +398,7 @@ def train_tokenizer(
                 step_metrics["train/disc"] = d_loss
             with torch.no_grad():
                 clamped = reconstruction.detach().float().clamp(-1, 1)
-                step_metrics["train/psnr"] = psnr(clamped, images).mean()
+                step_metrics["train/psnr"] = psnr(images, clamped).clamp(max=MAX_PSNR_DB).mean()
             step_metrics["train/codebook_usage_pct"] = 100.0 * quantized.stats["usage"]
             step_metrics["train/perplexity"] = quantized.stats["perplexity"]
             step_metrics["train/grad_norm"] = torch.tensor(grad_norm)
