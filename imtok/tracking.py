@@ -271,3 +271,65 @@ def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> 
     except (TypeError, KeyError, RuntimeError) as error:
         raise ValueError(f"{path}: the stored prior does not match this version of imtok: {error}") from None
     return prior.eval(), payload
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote_if_better`` decided, and why (also stored as a tag on the version)."""
+
+    promoted: bool
+    reason: str
+
+
+def promote_if_better(
+    registered_name: str,
+    version: str,
+    metric: str,
+    value: float,
+    *,
+    higher_is_better: bool,
+    alias: str = CHAMPION_ALIAS,
+) -> Promotion:
+    """Point ``alias`` at ``version`` when its ``metric`` beats the current holder's (or there is none).
+
+    Each evaluated version carries its value as the tag ``eval.<metric>``; the champion's tag is what
+    a candidate is compared with. A champion without that tag (evaluated on another metric) cannot be
+    compared, and is replaced, with the reason saying so. The reason goes to the version's tag
+    ``imtok.promotion``.
+    """
+    import math
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure()
+    client = mlflow.MlflowClient()
+    if not math.isfinite(value):
+        reason = f"not promoted: {metric} is {value}"
+        client.set_model_version_tag(registered_name, version, "imtok.promotion", reason)
+        return Promotion(False, reason)
+    client.set_model_version_tag(registered_name, version, f"eval.{metric}", repr(float(value)))
+    try:
+        holder = client.get_model_version_by_alias(registered_name, alias)
+    except MlflowException:
+        holder = None
+    direction = "higher" if higher_is_better else "lower"
+    if holder is None:
+        promoted, reason = True, f"first {alias}: {metric}={value:.6g}"
+    elif str(holder.version) == str(version):
+        promoted, reason = True, f"already {alias}: {metric}={value:.6g}"
+    elif f"eval.{metric}" not in holder.tags:
+        promoted = True
+        reason = f"replaces version {holder.version}, which has no {metric} to compare ({metric}={value:.6g})"
+    else:
+        held = float(holder.tags[f"eval.{metric}"])
+        promoted = value > held if higher_is_better else value < held
+        verdict = "beats" if promoted else "does not beat"
+        reason = (
+            f"{metric}={value:.6g} {verdict} version {holder.version}'s {held:.6g} ({direction} is better)"
+        )
+    if promoted:
+        client.set_registered_model_alias(registered_name, alias, version)
+    client.set_model_version_tag(registered_name, version, "imtok.promotion", reason)
+    log.info("%s version %s: %s", registered_name, version, reason)
+    return Promotion(promoted, reason)

@@ -104,4 +104,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "imtok-test")
     monkeypatch.chdir(tmp_path)  # artifacts go to ./mlruns of the working directory
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # an earlier test's configure() set the process-wide URI: replace it
     return uri

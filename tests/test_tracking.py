@@ -1,0 +1,60 @@
+"""MLflow helpers against a real sqlite store: champion promotion, params flattening, URI errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from imtok import tracking
+
+
+def new_version(client, name: str, tmp_path) -> str:
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    source = (
+        tmp_path / name / str(len(list((tmp_path / name).glob("*"))) if (tmp_path / name).exists() else 0)
+    )
+    source.mkdir(parents=True)
+    return str(client.create_model_version(name, source=str(source)).version)
+
+
+def test_a_better_candidate_takes_champion_and_a_worse_one_does_not(mlflow_store, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    first, second, third = (new_version(client, "imtok-prior", tmp_path) for _ in range(3))
+    decision = tracking.promote_if_better("imtok-prior", first, "fid_fmnist", 40.0, higher_is_better=False)
+    assert decision.promoted and decision.reason.startswith("first champion")
+    assert tracking.promote_if_better(
+        "imtok-prior", second, "fid_fmnist", 30.0, higher_is_better=False
+    ).promoted
+    worse = tracking.promote_if_better("imtok-prior", third, "fid_fmnist", 35.0, higher_is_better=False)
+    assert not worse.promoted and "does not beat version 2's 30" in worse.reason
+    assert str(client.get_model_version_by_alias("imtok-prior", "champion").version) == second
+    assert client.get_model_version("imtok-prior", third).tags["imtok.promotion"] == worse.reason
+    assert client.get_model_version("imtok-prior", third).tags["eval.fid_fmnist"] == "35.0"
+
+
+def test_higher_is_better_metrics_and_non_finite_values(mlflow_store, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    first, second, third = (new_version(client, "imtok-tokenizer", tmp_path) for _ in range(3))
+    tracking.promote_if_better("imtok-tokenizer", first, "psnr", 20.0, higher_is_better=True)
+    assert tracking.promote_if_better("imtok-tokenizer", second, "psnr", 21.0, higher_is_better=True).promoted
+    assert not tracking.promote_if_better(
+        "imtok-tokenizer", third, "psnr", float("nan"), higher_is_better=True
+    ).promoted
+    assert str(client.get_model_version_by_alias("imtok-tokenizer", "champion").version) == second
+
+
+def test_flatten_names_nested_keys_and_caps_long_values():
+    flat = tracking.flatten({"a": {"b": 1, "c": (1, 2)}, "d": "x" * 7000, "e": {}})
+    assert flat["a.b"] == "1" and flat["a.c"] == "[1, 2]" and flat["e"] == "{}"
+    assert len(flat["d"]) == tracking.MAX_PARAM_LENGTH and flat["d"].endswith("...")
+
+
+def test_model_uris_that_do_not_resolve_are_named(mlflow_store):
+    with pytest.raises(ValueError, match="models:/nothing@here: cannot fetch"):
+        tracking.resolve_model_file("models:/nothing@here", "tokenizer.pt")
