@@ -498,6 +498,61 @@ class SampleParams:
 
 
 @dataclass(frozen=True)
+class ClassifierParams:
+    """The `classifier` section: the domain feature network for FID-type metrics without InceptionV3."""
+
+    SECTION: ClassVar[str] = "classifier"
+
+    name: str = "fmnist"  # metrics from its features are named fid_<name>, precision_<name>, ...
+    widths: tuple[int, ...] = (32, 64, 128)
+    embed_dim: int = 128
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    flip: bool = True  # mirror half of each batch (right for clothing, wrong for digits or text)
+    seed: int = 0
+    min_accuracy: float = 0.9  # the stage fails below this val accuracy: its features would mislead
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (0 <= self.min_accuracy <= 1, "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"{self.SECTION}.{key}: {message}")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """The `evaluate` section: which features the metrics use and how champions are chosen."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    inception_weights: str | None = None  # FID InceptionV3 weights; null: $IMTOK_INCEPTION_WEIGHTS, torch hub
+    batch_size: int = 256
+    tokenizer_metric: str = "psnr"  # promotes imtok-tokenizer to champion (higher is better)
+    prior_metric: str | None = None  # null: fid when InceptionV3 is available, else fid_<classifier.name>
+    promote: bool = True  # move the `champion` aliases
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"{self.SECTION}.batch_size: must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml; checks that need two sections live in ``__post_init__``."""
 
@@ -506,6 +561,8 @@ class Params:
     extract: ExtractParams = dataclasses.field(default_factory=ExtractParams)
     prior: PriorParams = dataclasses.field(default_factory=PriorParams)
     sample: SampleParams = dataclasses.field(default_factory=SampleParams)
+    classifier: ClassifierParams = dataclasses.field(default_factory=ClassifierParams)
+    evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
         self.tokenizer_config(self.prepare.channels, self.prepare.image_size)  # raises naming the key

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imtok.data.shards import ShardLoader, read_meta
+from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, TokenizerParams, load_params
@@ -166,9 +166,12 @@ def train(
         if result.feature_source:
             tracking.set_tags({"imtok.vgg_weights": result.feature_source})
         model = result.model.eval()
-        val_loader = ShardLoader(shards_dir / "val", section.batch_size, shuffle=False, rank=0, world_size=1)
         final, pair = evaluate_tokenizer(
-            model, val_loader, runtime.device, recon_kind=section.recon_loss, autocast=runtime.autocast
+            model,
+            iter_batches(shards_dir / "val", section.batch_size),
+            runtime.device,
+            recon_kind=section.recon_loss,
+            autocast=runtime.autocast,
         )
         tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
         model = model.cpu()

@@ -315,6 +315,23 @@ class Batch(NamedTuple):
     keys: list[str]
 
 
+def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
+    """Every sample of a split exactly once, in stored order, as batches (the last may be smaller).
+
+    For evaluation and extraction, where ``ShardLoader``'s equal-length padding would count images twice.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    pending: list[tuple[torch.Tensor, int, str]] = []
+    for sample in iter_samples(location):
+        pending.append((decode_png_uint8(sample["png"]), sample["cls"], sample["__key__"]))
+        if len(pending) == batch_size:
+            yield collate_images(pending)
+            pending = []
+    if pending:
+        yield collate_images(pending)
+
+
 def _decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
     return decode_png_uint8(sample["png"]), int(sample["cls"]), sample["__key__"]
 

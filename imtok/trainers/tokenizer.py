@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from imtok.data.shards import ShardLoader
+from imtok.data.shards import Batch, ShardLoader, iter_batches
 from imtok.losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -167,34 +167,28 @@ MAX_PSNR_DB = 100.0
 @torch.no_grad()
 def evaluate_tokenizer(
     model: Tokenizer,
-    loader: ShardLoader,
+    batches: Iterable[Batch],
     device: torch.device,
     *,
     max_batches: int | None = None,
     recon_kind: str = "l1",
     autocast: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
-    """Validation metrics over (up to ``max_batches`` of) ``loader``, and the first batch's pair.
+    """Validation metrics over (up to ``max_batches`` of) ``batches``, and the first batch's pair.
 
     Images are reconstructed as ``decode(encode(x))`` does (eval mode, argmax codes, clamped), so the
-    numbers describe the tokens that later stages use. Each image counts once (the loader's padding
-    repeats are skipped); usage and perplexity are over all evaluated images.
+    numbers describe the tokens that later stages use. Pass each image once (``iter_batches``); usage
+    and perplexity are over all evaluated images.
     """
     counter = CodeCounter(model.codebook_size)
     totals = {"recon": 0.0, "psnr": 0.0, "ssim": 0.0, "mse": 0.0}
     count = 0
     first = None
-    seen: set[str] = set()
     with evaluating(model):
-        loader.set_epoch(0)
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            fresh = [key not in seen for key in batch.keys]  # the loader pads its last batch by repeating
-            seen.update(batch.keys)
-            if not any(fresh):
-                continue
-            images = batch.images[torch.tensor(fresh)].to(device)
+            images = batch.images.to(device)
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
                 reconstruction, quantized = model(images)
             reconstruction = reconstruction.float().clamp(-1.0, 1.0)
@@ -209,7 +203,7 @@ def evaluate_tokenizer(
             if first is None:
                 first = (images.cpu(), reconstruction.cpu())
     if count == 0:
-        raise ValueError(f"{loader.location}: no validation images")
+        raise ValueError("validation: the split holds no images")
     metrics = {name: value / count for name, value in totals.items()}
     if first is not None and min(first[0].shape[-2:]) < 11:
         del metrics["ssim"]  # too small for SSIM's 11x11 window: not computed, not reported as 0
@@ -327,11 +321,7 @@ def train_tokenizer(
         pin_memory=device.type == "cuda",
         multiprocessing_context="fork" if p.num_workers else None,
     )
-    val_loader = (
-        ShardLoader(val_dir, p.batch_size, shuffle=False, rank=0, world_size=1)
-        if runtime.is_main and p.val_batches
-        else None
-    )
+    validating = runtime.is_main and p.val_batches > 0
     stream = batches_from(loader, start)
     last_layer = decoder_last_layer(model)
     window = MetricWindow()
@@ -352,7 +342,7 @@ def train_tokenizer(
             ema.copy_to(evaluated)
         metrics, pair = evaluate_tokenizer(
             evaluated,
-            val_loader,  # type: ignore[arg-type]
+            iter_batches(val_dir, p.batch_size),
             device,
             max_batches=p.val_batches,
             recon_kind=p.recon_loss,
@@ -417,7 +407,7 @@ def train_tokenizer(
                     bar.set_postfix(loss=f"{means['train/loss']:.4f}", psnr=f"{means['train/psnr']:.2f}")
                     if on_metrics is not None:
                         on_metrics(means, done)
-            if val_loader is not None and (done % p.val_every == 0 or last):
+            if validating and (done % p.val_every == 0 or last):
                 result.val = {f"val/{name}": value for name, value in validate(done).items()}
                 if on_metrics is not None:
                     on_metrics(result.val, done)

@@ -1,0 +1,111 @@
+"""DVC stage `train_classifier`: the domain feature network, trained on the real image shards.
+
+When the standard FID InceptionV3 weights are not on the machine, generation metrics use the
+embedding of this classifier instead, under their own names (``fid_<classifier.name>``, never
+``fid``). It also scores class-conditional samples (accuracy on the requested class). Trains on
+``data/shards/train``, measures accuracy on ``data/shards/val`` and fails when it stays below
+``classifier.min_accuracy``: features of a weak classifier would make the metrics mislead. Writes
+``models/classifier/classifier.pt`` and ``reports/train_classifier.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imtok.data.shards import ShardLoader, iter_batches, read_meta
+from imtok.models.classifier import ClassifierConfig, evaluate_accuracy, save_classifier, train_classifier
+from imtok.params import ClassifierParams, load_params
+from imtok.runtime import resolve_device
+from stages.common import write_json
+
+log = logging.getLogger("stages.train_classifier")
+
+SHARDS_DIR = Path("data/shards")
+OUT_PATH = Path("models/classifier/classifier.pt")
+REPORT_PATH = Path("reports/train_classifier.json")
+
+
+def labelled_batches(loader: ShardLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, labels) batches, a new shuffle each epoch."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch.images, batch.labels
+        epoch += 1
+
+
+def val_batches(location: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in iter_batches(location, batch_size):
+        yield batch.images, batch.labels
+
+
+def train(
+    params: ClassifierParams, *, shards_dir: Path = SHARDS_DIR, out_path: Path = OUT_PATH
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    meta = read_meta(shards_dir / "train")
+    num_classes = len(meta.get("class_names") or []) or 10
+    config = ClassifierConfig(
+        in_channels=int(meta["channels"]),
+        num_classes=num_classes,
+        image_size=int(meta["image_size"]),
+        widths=params.widths,
+        embed_dim=params.embed_dim,
+        name=params.name,
+    )
+    device = resolve_device(params.device, key="classifier.device")
+    loader = ShardLoader(
+        shards_dir / "train", params.batch_size, shuffle=True, seed=params.seed, rank=0, world_size=1
+    )
+    model = train_classifier(
+        labelled_batches(loader),
+        config,
+        steps=params.steps,
+        lr=params.lr,
+        flip=params.flip,
+        device=device,
+        seed=params.seed,
+    )
+    accuracy = evaluate_accuracy(model, val_batches(shards_dir / "val", 512))
+    log.info("val accuracy %.4f after %d steps", accuracy, params.steps)
+    if accuracy < params.min_accuracy:
+        raise ValueError(
+            f"classifier.min_accuracy: the classifier reached {accuracy:.4f} val accuracy, below "
+            f"{params.min_accuracy}; raise classifier.steps or widths (its features would mislead metrics)"
+        )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(model.cpu(), out_path, val_accuracy=accuracy, dataset=meta.get("source"))
+    return {
+        "name": params.name,
+        "val_accuracy": round(accuracy, 5),
+        "steps": params.steps,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--report", type=Path, default=REPORT_PATH)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = train(load_params(args.params).classifier)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    write_json(args.report, report)
+    log.info("report written to %s", args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
