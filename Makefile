@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.imtok-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps test lint demo lock clean-venv
+.PHONY: setup data-deps test lint demo ui lock clean-venv
 
 setup: $(STAMP)
 
@@ -35,10 +35,15 @@ lint: $(STAMP)
 test: $(STAMP) data-deps lint
 	$(BIN)/python -m pytest -q
 
-# The main job so far: the quantizers' codebook-usage table, then the pipeline's prepare stage.
+# The main job: the whole pipeline on Fashion-MNIST (prepare, tokenizer, tokens, prior, samples,
+# classifier, evaluation) through DVC, then the metrics table and the path of the sample grid.
 demo: $(STAMP) data-deps
-	$(BIN)/python -m demos.quantizers
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m demos.report
+
+# The MLflow UI over the embedded store (runs, metrics, the model registry) on localhost.
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs `uv`).
 lock:

@@ -127,6 +127,45 @@ QuantizerKind = Literal["fsq", "vq", "regvq"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
+    """(ok, key, message) for the optimisation fields the tokenizer and prior sections share."""
+    s = section
+    return [
+        (s.lr > 0, "lr", f"must be > 0, got {s.lr}"),
+        (all(0 <= b < 1 for b in s.betas), "betas", f"must lie in [0, 1), got {list(s.betas)}"),
+        (s.weight_decay >= 0, "weight_decay", f"must be >= 0, got {s.weight_decay}"),
+        (s.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {s.warmup_steps}"),
+        (
+            s.warmup_steps <= s.total_steps,
+            "warmup_steps",
+            f"{s.warmup_steps} exceeds {s.SECTION}.total_steps={s.total_steps}",
+        ),
+        (0 <= s.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {s.min_lr_ratio}"),
+        (s.grad_clip is None or s.grad_clip > 0, "grad_clip", f"must be > 0 or null, got {s.grad_clip}"),
+        (
+            s.ema_decay is None or 0 < s.ema_decay < 1,
+            "ema_decay",
+            f"must lie in (0, 1) or be null (off), got {s.ema_decay}",
+        ),
+        (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
+    ]
+
+
+def _raise_first_failed(section: str, checks: list[tuple[bool, str, str]]) -> None:
+    for ok, key, message in checks:
+        if not ok:
+            raise ValueError(f"{section}.{key}: {message}")
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    """A section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
+    return {
+        field.name: list(value) if isinstance(value, tuple) else value
+        for field in dataclasses.fields(section)
+        for value in [getattr(section, field.name)]
+    }
+
+
 RUN_SETTINGS = frozenset(
     {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
     | {"keep_checkpoints", "grid_images"}
@@ -215,26 +254,6 @@ class TokenizerParams:
         ]
         checks += [
             (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
-            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
-            (all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {list(self.betas)}"),
-            (self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}"),
-            (
-                self.warmup_steps <= self.total_steps,
-                "warmup_steps",
-                f"{self.warmup_steps} exceeds tokenizer.total_steps={self.total_steps}",
-            ),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}"),
-            (
-                self.grad_clip is None or self.grad_clip > 0,
-                "grad_clip",
-                f"must be > 0 or null (off), got {self.grad_clip}",
-            ),
-            (
-                self.ema_decay is None or 0 < self.ema_decay < 1,
-                "ema_decay",
-                f"must lie in (0, 1) or be null (off), got {self.ema_decay}",
-            ),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
             (
                 self.val_batches >= 0,
@@ -252,17 +271,11 @@ class TokenizerParams:
             )
             for key in ("perceptual_weight", "pcl_weight", "gan_weight")
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks + _training_checks(self))
 
     def as_dict(self) -> dict[str, Any]:
         """The section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
-        return {
-            field.name: list(value) if isinstance(value, tuple) else value
-            for field in dataclasses.fields(self)
-            for value in [getattr(self, field.name)]
-        }
+        return _section_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -408,36 +421,11 @@ class PriorParams:
                 "label_smoothing",
                 f"must lie in [0, 1), got {self.label_smoothing}",
             ),
-            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
-            (all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {list(self.betas)}"),
-            (self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
-            (
-                0 <= self.warmup_steps <= self.total_steps,
-                "warmup_steps",
-                f"must lie in [0, prior.total_steps={self.total_steps}], got {self.warmup_steps}",
-            ),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}"),
-            (
-                self.grad_clip is None or self.grad_clip > 0,
-                "grad_clip",
-                f"must be > 0 or null, got {self.grad_clip}",
-            ),
-            (
-                self.ema_decay is None or 0 < self.ema_decay < 1,
-                "ema_decay",
-                f"must lie in (0, 1) or be null, got {self.ema_decay}",
-            ),
-            (self.val_batches >= 0, "val_batches", f"must be >= 0, got {self.val_batches}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks + _training_checks(self))
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
+        return _section_dict(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

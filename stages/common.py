@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,3 +43,65 @@ def terminate_gracefully(signum: int, _frame: Any) -> None:
     """SIGTERM handler (a scheduler's cancel, a job time limit): unwind like Ctrl-C, so the MLflow run
     ends FAILED and the last checkpoint stays for the re-run to resume from."""
     raise SystemExit(128 + signum)
+
+
+Work = Callable[[Any, argparse.Namespace], "dict[str, Any] | None"]
+
+
+def stage_main(
+    doc: str,
+    work: Work,
+    *,
+    report_path: Path | None,
+    argv: list[str] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line every stage shares: ``--params``, ``--report``, logging, exit codes.
+
+    ``work(params, args)`` does the stage's job and returns its report (written to ``--report``
+    atomically) or None. Bad params or input (ValueError, FileNotFoundError) end with exit code 1 and
+    one log line saying what to fix; SIGTERM unwinds like Ctrl-C.
+    """
+    from imtok.params import load_params
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    if report_path is not None:
+        parser.add_argument("--report", type=Path, default=report_path)
+    if options is not None:
+        options(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, terminate_gracefully)
+    log = logging.getLogger("stages")
+    try:
+        report = work(load_params(args.params), args)
+    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
+        log.error("%s", exc)
+        return 1
+    if report is not None and report_path is not None:
+        write_json(args.report, report)
+        log.info("report written to %s", args.report)
+    return 0
+
+
+def no_register_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
+
+
+def training_run(
+    stage: str, logged: dict[str, Any], tags: dict[str, str], checkpoint_dir: Path, is_main: bool
+) -> contextlib.AbstractContextManager[Any]:
+    """The MLflow run of a training stage on the main process (a no-op context elsewhere).
+
+    When ``checkpoint_dir`` holds a checkpoint, the run it recorded is continued, so a killed and
+    resumed execution keeps one run and one metric history.
+    """
+    if not is_main:
+        return contextlib.nullcontext()
+    from imtok import tracking
+    from imtok.training import latest_checkpoint, read_checkpoint
+
+    latest = latest_checkpoint(checkpoint_dir)
+    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
+    return tracking.stage_run(stage, logged, tags=tags, resume_run_id=resume_run_id)

@@ -10,7 +10,6 @@ shards whose meta.json records the tokenizer's location, registry URI and SHA-25
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -23,8 +22,9 @@ import torch
 from imtok.data.shards import decode_png, iter_samples, read_meta
 from imtok.data.sources import SPLITS
 from imtok.data.tokens import TokenSample, write_token_split
-from imtok.params import ExtractParams, load_params
+from imtok.params import ExtractParams
 from imtok.runtime import resolve_device, resolve_precision
+from stages.common import stage_main
 
 log = logging.getLogger("stages.extract_tokens")
 
@@ -161,20 +161,7 @@ def extract(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = extract(load_params(args.params).extract)
-    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
-        log.error("%s", exc)
-        return 1
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("report written to %s", args.report)
-    return 0
+    return stage_main(__doc__, lambda params, _: extract(params.extract), report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":

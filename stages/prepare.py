@@ -7,8 +7,6 @@ skipped (unreadable) file. Run as ``python -m stages.prepare`` from the reposito
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,7 +15,8 @@ from typing import Any
 from imtok.data.s3 import upload_split
 from imtok.data.shards import write_split
 from imtok.data.sources import SPLITS, source_from_params
-from imtok.params import PrepareParams, load_params
+from imtok.params import PrepareParams
+from stages.common import stage_main
 
 log = logging.getLogger("stages.prepare")
 
@@ -86,21 +85,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        report = prepare(params.prepare)
-    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
-        log.error("%s", exc)
-        return 1
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("report written to %s", args.report)
-    return 0
+    return stage_main(__doc__, lambda params, _: prepare(params.prepare), report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ grid to an MLflow run of this stage.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -33,10 +32,10 @@ from imtok.data.shards import (
     write_shards,
 )
 from imtok.images import save_grid
-from imtok.params import SampleParams, load_params
+from imtok.params import Params, SampleParams
 from imtok.runtime import resolve_device
 from imtok.sampling import autoregressive_sample, gpt_next_token_logits, maskgit_decode
-from stages.common import write_json
+from stages.common import stage_main
 
 log = logging.getLogger("stages.sample")
 
@@ -194,26 +193,20 @@ def sample(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def sample_and_log(params: Params, _args: Any) -> dict[str, Any]:
+    """``sample`` inside an MLflow run of this stage that keeps the grid."""
     from imtok import tracking
 
-    try:
-        params = load_params(args.params)
-        with tracking.stage_run(STAGE, {"sample": dataclasses.asdict(params.sample)}, system_metrics=False):
-            report = sample(params.sample)
-            tracking.log_artifact(GRID_PATH, "samples")
-            tracking.log_metrics({"sample/images_per_s": report["images_per_s"]}, 0)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    write_json(args.report, report)
+    with tracking.stage_run(STAGE, {"sample": dataclasses.asdict(params.sample)}, system_metrics=False):
+        report = sample(params.sample)
+        tracking.log_artifact(GRID_PATH, "samples")
+        tracking.log_metrics({"sample/images_per_s": report["images_per_s"]}, 0)
     log.info("%d samples in %s, grid %s", report["count"], SAMPLES_DIR, report["grid"])
-    return 0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, sample_and_log, report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ embedding of this classifier instead, under their own names (``fid_<classifier.n
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ import torch
 
 from imtok.data.shards import ShardLoader, iter_batches, read_meta
 from imtok.models.classifier import ClassifierConfig, evaluate_accuracy, save_classifier, train_classifier
-from imtok.params import ClassifierParams, load_params
+from imtok.params import ClassifierParams
 from imtok.runtime import resolve_device
-from stages.common import write_json
+from stages.common import stage_main
 
 log = logging.getLogger("stages.train_classifier")
 
@@ -92,19 +91,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = train(load_params(args.params).classifier)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    write_json(args.report, report)
-    log.info("report written to %s", args.report)
-    return 0
+    return stage_main(__doc__, lambda params, _: train(params.classifier), report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,17 @@ registered as ``imtok-prior`` with alias ``candidate``.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
 from imtok.data.tokens import TokenSplit, load_token_split
 from imtok.models.files import file_sha256, save_model_file
-from imtok.params import Params, PriorParams, load_params
+from imtok.params import Params, PriorParams
 from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
-from imtok.training import latest_checkpoint, read_checkpoint
-from stages.common import replace_directory, terminate_gracefully, write_json
+from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_prior")
 
@@ -89,24 +85,13 @@ def train(
     )
     run_key = run_fingerprint({**section.as_dict(), "tokens": token_identity}, PriorParams.RUNTIME_KEYS)
     checkpoint_dir = checkpoint_root / run_key
-    latest = latest_checkpoint(checkpoint_dir)
-    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
     provenance = tokenizer_provenance(meta)
     logged = {
         **dataclasses.asdict(params),
         "tokens": {**provenance, "grid": list(grid), "count": meta["count"]},
     }
-    run_context = (
-        tracking.stage_run(
-            STAGE,
-            logged,
-            tags={"imtok.fingerprint": run_key, "imtok.prior": section.kind},
-            resume_run_id=resume_run_id,
-        )
-        if runtime.is_main
-        else contextlib.nullcontext()
-    )
-    with run_context as run:
+    tags = {"imtok.fingerprint": run_key, "imtok.prior": section.kind}
+    with training_run(STAGE, logged, tags, checkpoint_dir, runtime.is_main) as run:
         result = train_prior(
             section,
             config,
@@ -193,29 +178,18 @@ def train(
         }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, terminate_gracefully)
-    runtime = None
+def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
+    runtime = setup_runtime(params.prior.device, params.prior.precision, prefix="prior")
     try:
-        params = load_params(args.params)
-        runtime = setup_runtime(params.prior.device, params.prior.precision, prefix="prior")
-        report = train(params, register=not args.no_register, runtime=runtime)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+        return train(params, register=not args.no_register, runtime=runtime)
     finally:
-        if runtime is not None:
-            shutdown_runtime(runtime)
-    if report is not None:
-        write_json(args.report, report)
-        log.info("report written to %s", args.report)
-    return 0
+        shutdown_runtime(runtime)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        __doc__, train_in_runtime, report_path=REPORT_PATH, argv=argv, options=no_register_option
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,9 @@ alias ``candidate``. The ``--no-register`` flag skips logging the model (quick l
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,10 +28,9 @@ from typing import Any
 from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.models.files import file_sha256, save_model_file
-from imtok.params import Params, TokenizerParams, load_params
+from imtok.params import Params, TokenizerParams
 from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
-from imtok.training import latest_checkpoint, read_checkpoint
-from stages.common import replace_directory, terminate_gracefully, write_json
+from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_tokenizer")
 
@@ -129,16 +125,9 @@ def train(
     runtime = runtime or setup_runtime(section.device, section.precision)
     run_key = fingerprint(section, channels, image_size, train_meta)
     checkpoint_dir = checkpoint_root / run_key
-    latest = latest_checkpoint(checkpoint_dir)
-    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
     commit = tracking.git_commit()
     tags = {"imtok.fingerprint": run_key, "imtok.quantizer": section.quantizer}
-    run_context = (
-        tracking.stage_run(STAGE, dataclasses.asdict(params), tags=tags, resume_run_id=resume_run_id)
-        if runtime.is_main
-        else contextlib.nullcontext()
-    )
-    with run_context as run:
+    with training_run(STAGE, dataclasses.asdict(params), tags, checkpoint_dir, runtime.is_main) as run:
 
         def on_grid(images: Any, reconstructions: Any, step: int) -> None:
             with tempfile.TemporaryDirectory() as scratch:
@@ -219,29 +208,18 @@ def train(
         return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--report", type=Path, default=REPORT_PATH)
-    parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, terminate_gracefully)
-    runtime = None
+def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
+    runtime = setup_runtime(params.tokenizer.device, params.tokenizer.precision)
     try:
-        params = load_params(args.params)
-        runtime = setup_runtime(params.tokenizer.device, params.tokenizer.precision)
-        report = train(params, register=not args.no_register, runtime=runtime)
-    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
-        log.error("%s", exc)
-        return 1
+        return train(params, register=not args.no_register, runtime=runtime)
     finally:
-        if runtime is not None:
-            shutdown_runtime(runtime)
-    if report is not None:
-        write_json(args.report, report)
-        log.info("report written to %s", args.report)
-    return 0
+        shutdown_runtime(runtime)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        __doc__, train_in_runtime, report_path=REPORT_PATH, argv=argv, options=no_register_option
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,339 @@
+"""DVC stage `evaluate`: reconstruction and generation metrics, reference rows, plots, champions.
+
+Tokenizer (``models/tokenizer``) on the whole val split: PSNR, SSIM, codebook usage (fraction of codes
+used at least once, as the FSQ paper measures it), perplexity, and rFID (val images against their
+reconstructions). Prior samples (``data/samples``) against val: FID, precision, recall (k-NN
+manifolds), and the domain classifier's accuracy on the requested class.
+
+Features: the standard FID InceptionV3 when its weights are on this machine (metrics ``fid``,
+``rfid``, ...), and the domain classifier of ``train_classifier`` (metrics ``fid_<name>``,
+``rfid_<name>``, ...). The reasons for any extractor left out are written next to the metrics.
+
+Reference rows, computed with the same features: two halves of val (the floor a perfect model would
+reach with sets of that size) and val against as many train images (the train/val gap).
+
+Writes ``metrics/tokenizer.json``, ``metrics/generation.json``, ``metrics/reference.json`` (DVC
+metrics) and ``plots/codebook_usage.csv``, ``plots/tokenizer_curves.csv``, ``plots/prior_curves.csv``
+(DVC plots), logs the metrics into the tokenizer's and the prior's MLflow runs and tags their registry
+versions, and moves the ``champion`` aliases (see ``imtok.tracking.promote_if_better``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imtok.data.shards import iter_batches, read_meta
+from imtok.metrics.codebook import CodeCounter
+from imtok.metrics.features import ExtractedFeatures, extract_features, feature_extractors, metric_name
+from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
+from imtok.metrics.recon import psnr, ssim
+from imtok.params import Params
+from imtok.runtime import resolve_device
+from stages.common import stage_main, write_json
+
+log = logging.getLogger("stages.evaluate")
+
+SHARDS_DIR = Path("data/shards")
+SAMPLES_DIR = Path("data/samples")
+TOKENIZER_DIR = Path("models/tokenizer")
+PRIOR_DIR = Path("models/prior")
+CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+SSIM_MIN_SIZE = 11
+
+
+def load_images(
+    location: Path, batch_size: int, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, H, W) in [-1, 1] and labels (N,) of a split, in stored order."""
+    images, labels, count = [], [], 0
+    for batch in iter_batches(location, batch_size):
+        images.append(batch.images)
+        labels.append(batch.labels)
+        count += len(batch.keys)
+        if limit is not None and count >= limit:
+            break
+    if not images:
+        raise ValueError(f"{location}: the split holds no images")
+    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+
+
+@torch.no_grad()
+def reconstruct(
+    tokenizer: Any, images: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, CodeCounter]:
+    """decode(encode(images)) batch by batch, and the histogram of the codes used."""
+    counter = CodeCounter(tokenizer.codebook_size)
+    outputs = []
+    for chunk in images.split(batch_size):
+        indices = tokenizer.encode(chunk.to(device))
+        counter.update(indices)
+        outputs.append(tokenizer.decode(indices).cpu())
+    return torch.cat(outputs), counter
+
+
+def tokenizer_metrics(
+    images: torch.Tensor,
+    reconstructions: torch.Tensor,
+    counter: CodeCounter,
+    extractors: list[Any],
+    batch_size: int,
+) -> dict[str, float]:
+    metrics = {"psnr": float(psnr(images, reconstructions).clamp(max=100.0).mean())}
+    if min(images.shape[-2:]) >= SSIM_MIN_SIZE:
+        metrics["ssim"] = float(ssim(images, reconstructions).mean())
+    metrics["codebook_usage_pct"] = 100.0 * counter.usage()
+    metrics["perplexity"] = counter.perplexity()
+    metrics["codes_used"] = float((counter.counts > 0).sum())
+    metrics["codebook_size"] = float(counter.codebook_size)
+    for extractor in extractors:
+        real = extract_features(extractor, images, batch_size).features
+        fake = extract_features(extractor, reconstructions, batch_size).features
+        metrics[metric_name("rfid", extractor)] = fid_from_features(real, fake)
+    return metrics
+
+
+def generation_metrics(
+    real: dict[str, ExtractedFeatures],
+    samples: torch.Tensor,
+    sample_labels: torch.Tensor,
+    extractors: list[Any],
+    classifier: Any,
+    batch_size: int,
+) -> dict[str, float]:
+    metrics: dict[str, float] = {"samples": float(len(samples))}
+    for extractor in extractors:
+        fake = extract_features(extractor, samples, batch_size)
+        metrics.update(sample_metrics(real[extractor.name], fake))
+    if classifier is not None and bool((sample_labels >= 0).all()):
+        metrics["class_accuracy"] = class_accuracy(classifier, samples, sample_labels)
+    return metrics
+
+
+def reference_rows(
+    real: dict[str, ExtractedFeatures], train_images: torch.Tensor, extractors: list[Any], batch_size: int
+) -> dict[str, dict[str, float]]:
+    """The same sample metrics between two val halves, and between val and train images."""
+    rows: dict[str, dict[str, float]] = {"val_half_vs_half": {}, "val_vs_train": {}}
+    for extractor in extractors:
+        features = real[extractor.name]
+        half = len(features.features) // 2
+        first = ExtractedFeatures(features.features[:half], features.extractor, features.image_shape)
+        second = ExtractedFeatures(
+            features.features[half : 2 * half], features.extractor, features.image_shape
+        )
+        rows["val_half_vs_half"].update(sample_metrics(first, second))
+        train = extract_features(extractor, train_images, batch_size)
+        rows["val_vs_train"].update(sample_metrics(features, train))
+    return rows
+
+
+def write_usage_plot(counter: CodeCounter, path: Path) -> None:
+    """Codes sorted by frequency: rank, code id, count, share (a long flat tail is a healthy codebook)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = counter.counts
+    order = torch.argsort(counts, descending=True, stable=True)
+    total = max(int(counts.sum()), 1)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "code", "count", "share"])
+        for rank, code in enumerate(order.tolist()):
+            writer.writerow([rank, code, int(counts[code]), f"{int(counts[code]) / total:.6g}"])
+
+
+def write_curves(run_id: str | None, names: list[str], path: Path) -> None:
+    """Metric histories of an MLflow run as one CSV (step plus one column per metric)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table: dict[int, dict[str, float]] = {}
+    if run_id:
+        from imtok import tracking
+
+        client = tracking.configure().MlflowClient()
+        for name in names:
+            try:
+                history = client.get_metric_history(run_id, name)
+            except Exception as error:  # a run from another store: the plot stays empty, said in the log
+                log.warning("no history of %s in run %s: %s", name, run_id, error)
+                continue
+            for point in history:
+                table.setdefault(point.step, {})[name] = point.value
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *[name.replace("/", "_") for name in names]])
+        for step in sorted(table):
+            writer.writerow([step, *[table[step].get(name, "") for name in names]])
+
+
+def summary_of(directory: Path, name: str) -> dict[str, Any]:
+    path = directory / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def chosen_prior_metric(params: Params, generation: dict[str, float]) -> str | None:
+    """The metric that decides the prior's champion; ValueError when the configured one is missing."""
+    wanted = params.evaluate.prior_metric
+    if wanted is None:
+        for candidate in ("fid", f"fid_{params.classifier.name}"):
+            if candidate in generation:
+                return candidate
+        return None
+    if wanted not in generation:
+        raise ValueError(
+            f"evaluate.prior_metric: {wanted!r} was not computed; available: {', '.join(sorted(generation))}"
+        )
+    return wanted
+
+
+def record_and_promote(
+    params: Params, tokenizer_summary: dict[str, Any], prior_summary: dict[str, Any], results: dict[str, Any]
+) -> dict[str, Any]:
+    """Log metrics into the models' runs, tag their versions, move the champion aliases."""
+    from imtok import tracking
+
+    mlflow = tracking.configure()
+    client = mlflow.MlflowClient()
+    decisions: dict[str, Any] = {}
+    for summary, metrics, kind in (
+        (tokenizer_summary, results["tokenizer"], "tokenizer"),
+        (prior_summary, results.get("generation", {}), "prior"),
+    ):
+        run_id = summary.get("mlflow_run_id")
+        if run_id and metrics:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    client.log_metric(run_id, f"eval/{name}", value)
+        registered = summary.get("registered_model")
+        if not registered or not params.evaluate.promote:
+            continue
+        if kind == "tokenizer":
+            metric, higher = params.evaluate.tokenizer_metric, True
+            if metric not in metrics:
+                raise ValueError(
+                    f"evaluate.tokenizer_metric: {metric!r} was not computed; available: "
+                    f"{', '.join(sorted(metrics))}"
+                )
+        else:
+            metric, higher = chosen_prior_metric(params, metrics), False
+            if metric is None:
+                decisions[kind] = {"promoted": False, "reason": "no sample metric to compare on"}
+                continue
+        for name, value in metrics.items():
+            client.set_model_version_tag(
+                registered["name"], registered["version"], f"eval.{name}", f"{value:.6g}"
+            )
+        decision = tracking.promote_if_better(
+            registered["name"], registered["version"], metric, metrics[metric], higher_is_better=higher
+        )
+        decisions[kind] = {"metric": metric, "promoted": decision.promoted, "reason": decision.reason}
+    return decisions
+
+
+def evaluate(
+    params: Params,
+    *,
+    shards_dir: Path = SHARDS_DIR,
+    samples_dir: Path = SAMPLES_DIR,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+    prior_dir: Path = PRIOR_DIR,
+    classifier_path: Path = CLASSIFIER_PATH,
+    metrics_dir: Path = METRICS_DIR,
+    plots_dir: Path = PLOTS_DIR,
+    promote: bool = True,
+) -> dict[str, Any]:
+    from imtok.tracking import load_tokenizer
+
+    settings = params.evaluate
+    device = resolve_device(settings.device, key="evaluate.device")
+    batch = settings.batch_size
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    tokenizer = tokenizer.to(device)
+    val_images, _ = load_images(shards_dir / "val", batch)
+    available = feature_extractors(
+        settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
+    )
+    extractors = available.extractors
+    classifier = next((e.classifier for e in extractors if hasattr(e, "classifier")), None)
+    reconstructions, counter = reconstruct(tokenizer, val_images, batch, device)
+    results: dict[str, Any] = {
+        "features": {
+            "used": [extractor.name for extractor in extractors],
+            "skipped": available.skipped,
+        },
+        "tokenizer": tokenizer_metrics(val_images, reconstructions, counter, extractors, batch),
+    }
+    real = {extractor.name: extract_features(extractor, val_images, batch) for extractor in extractors}
+    if (samples_dir / "meta.json").is_file():
+        sample_meta = read_meta(samples_dir)
+        samples, sample_labels = load_images(samples_dir, batch)
+        if tuple(samples.shape[1:]) != tuple(val_images.shape[1:]):
+            raise ValueError(
+                f"{samples_dir}: samples are {tuple(samples.shape[1:])} (C, H, W) but val images are "
+                f"{tuple(val_images.shape[1:])}; sample with a tokenizer trained on these shards"
+            )
+        results["generation"] = generation_metrics(
+            real, samples, sample_labels, extractors, classifier, batch
+        )
+        results["generation"]["conditional"] = float(bool(sample_meta.get("conditional")))
+    train_images, _ = load_images(shards_dir / "train", batch, limit=len(val_images))
+    results["reference"] = reference_rows(real, train_images, extractors, batch)
+
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_dir / "tokenizer.json", results["tokenizer"])
+    write_json(metrics_dir / "generation.json", results.get("generation", {}))
+    write_json(metrics_dir / "reference.json", results["reference"] | {"features": results["features"]})
+    write_usage_plot(counter, plots_dir / "codebook_usage.csv")
+    tokenizer_summary = summary_of(tokenizer_dir, "tokenizer.json")
+    prior_summary = summary_of(prior_dir, "prior.json")
+    write_curves(
+        tokenizer_summary.get("mlflow_run_id"),
+        ["train/loss", "train/psnr", "val/psnr", "train/codebook_usage_pct"],
+        plots_dir / "tokenizer_curves.csv",
+    )
+    write_curves(
+        prior_summary.get("mlflow_run_id"),
+        ["train/loss", "val/loss", "val/accuracy"],
+        plots_dir / "prior_curves.csv",
+    )
+    if promote:
+        results["promotion"] = record_and_promote(params, tokenizer_summary, prior_summary, results)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The metrics as a markdown table: model rows beside the reference rows."""
+    generation = results.get("generation", {})
+    names = sorted(name for name in generation if name.startswith(("fid", "precision", "recall")))
+    lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    rows = [("prior samples vs val", generation), *results["reference"].items()]
+    for label, values in rows:
+        lines.append(
+            f"| {label} | " + " | ".join(f"{values.get(name, float('nan')):.4g}" for name in names) + " |"
+        )
+    tokenizer = results["tokenizer"]
+    summary = ", ".join(f"{name} {value:.4g}" for name, value in tokenizer.items())
+    accuracy = generation.get("class_accuracy")
+    extra = f"\nclass accuracy of samples: {accuracy:.3f}" if accuracy is not None else ""
+    return f"tokenizer on val: {summary}\n\n" + "\n".join(lines) + extra
+
+
+def evaluate_and_print(params: Params, _args: Any) -> None:
+    results = evaluate(params)
+    print(table(results))
+    for kind, decision in results.get("promotion", {}).items():
+        print(f"{kind}: {decision['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, evaluate_and_print, report_path=None, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
