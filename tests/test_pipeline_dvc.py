@@ -44,8 +44,20 @@ TINY_PARAMS = {
         "checkpoint_every": 12,
         "device": "cpu",
     },
-    "sample": {"per_class": 2, "steps": 3, "device": "cpu", "grid_per_class": 2},
+    "sample": {"per_class": 4, "steps": 3, "device": "cpu", "grid_per_class": 2},
+    "classifier": {"steps": 20, "batch_size": 32, "min_accuracy": 0.0, "device": "cpu"},
+    "evaluate": {"device": "cpu"},
 }
+
+STAGES = (
+    "prepare",
+    "train_tokenizer",
+    "extract_tokens",
+    "train_prior",
+    "sample",
+    "train_classifier",
+    "evaluate",
+)
 
 
 def make_project(root: Path, params: dict) -> Path:
@@ -84,17 +96,17 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str
 
 
 @pytest.mark.slow
-def test_dvc_repro_sample_runs_every_stage_once_and_then_skips_them(tmp_path):
+def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_and_plots(tmp_path):
     root = make_project(tmp_path / "project", TINY_PARAMS)
     env = environment(root)
-    output = run(["dvc", "repro", "sample"], root, env)
-    for stage in ("prepare", "train_tokenizer", "extract_tokens", "train_prior", "sample"):
+    output = run(["dvc", "repro"], root, env)
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in output, output
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert {"prepare", "train_tokenizer", "extract_tokens", "train_prior", "sample"} <= set(lock)
+    assert set(STAGES) <= set(lock)
     meta = read_meta(root / "data" / "samples")
-    assert meta["count"] == 8 and meta["image_size"] == 16
-    assert len(list(iter_samples(root / "data" / "samples"))) == 8
+    assert meta["count"] == 16 and meta["image_size"] == 16
+    assert len(list(iter_samples(root / "data" / "samples"))) == 16
     from PIL import Image
 
     with Image.open(root / "reports" / "samples.png") as grid:
@@ -102,11 +114,35 @@ def test_dvc_repro_sample_runs_every_stage_once_and_then_skips_them(tmp_path):
     report = json.loads((root / "reports" / "extract_tokens.json").read_text())
     assert report["train"]["count"] == 270
 
-    again = run(["dvc", "repro", "sample"], root, env)
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root, env))
+    shown = json.dumps(metrics)
+    for name in (
+        "psnr",
+        "codebook_usage_pct",
+        "rfid_fmnist",
+        "fid_fmnist",
+        "precision_fmnist",
+        "class_accuracy",
+    ):
+        assert f'"{name}"' in shown, name
+    generation = json.loads((root / "metrics" / "generation.json").read_text())
+    assert "fid" not in generation  # no InceptionV3 weights here: only the domain network's names
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
+    assert any("codebook_usage.csv" in key for key in json.dumps(plots).split('"'))
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    for name in ("imtok-tokenizer", "imtok-prior"):
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags["imtok.promotion"].startswith("first champion")
+
+    again = run(["dvc", "repro"], root, env)
     assert "Running stage" not in again, again
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"]["seed"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(["dvc", "repro", "sample"], root, env)
-    assert "Running stage 'sample'" in changed and "Running stage 'train_prior'" not in changed, changed
+    changed = run(["dvc", "repro"], root, env)
+    assert "Running stage 'sample'" in changed and "Running stage 'evaluate'" in changed, changed
+    assert "Running stage 'train_prior'" not in changed, changed

@@ -1,0 +1,72 @@
+"""Reconstruction quality: PSNR and SSIM of images in [-1, 1], per image and averaged.
+
+Images follow the pipeline's convention, float (B, C, H, W) in [-1, 1], so the data range is 2:
+PSNR = 10 log10(2^2 / MSE), which equals the PSNR of the same images mapped to [0, 1] with range 1.
+SSIM (Wang et al. 2004) is torchmetrics' Gaussian-window SSIM (11x11, sigma 1.5, K1 0.01, K2 0.03)
+of the images mapped to [0, 1] with ``data_range=1``. The mapping matters: SSIM's luminance term
+2 mu_x mu_y / (mu_x^2 + mu_y^2) depends on the absolute means, so SSIM is not shift invariant, and
+[-1, 1] values with range 2 would give other numbers than every published SSIM. Both metrics are
+computed per image and the reported value is the mean over images (not the PSNR of the pooled MSE),
+as tokenizer papers report them. Values are not clamped: pass images already clipped to [-1, 1] (as
+they would be saved) when the decoder can overshoot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+DATA_RANGE = 2.0  # images live in [-1, 1]
+SSIM_KERNEL_SIZE = 11  # the window of Wang et al.; images must be at least this large
+
+
+def _check_pair(images: Tensor, reconstructions: Tensor) -> None:
+    """Raise a ValueError naming the argument unless both are float (B, C, H, W) of one shape."""
+    if images.ndim != 4:
+        raise ValueError(f"images: expected shape (B, C, H, W), got {tuple(images.shape)}")
+    if reconstructions.shape != images.shape:
+        raise ValueError(
+            f"reconstructions: shape {tuple(reconstructions.shape)} differs from the images' "
+            f"{tuple(images.shape)}"
+        )
+    if not (images.is_floating_point() and reconstructions.is_floating_point()):
+        raise ValueError(
+            f"images, reconstructions: expected float tensors in [-1, 1], got {images.dtype} and "
+            f"{reconstructions.dtype}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images: empty batch")
+
+
+def psnr(images: Tensor, reconstructions: Tensor) -> Tensor:
+    """Per-image PSNR in dB (B,) of [-1, 1] images; +inf where an image is reproduced exactly."""
+    _check_pair(images, reconstructions)
+    mse = (images.double() - reconstructions.double()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return (10.0 * torch.log10(DATA_RANGE**2 / mse)).float()
+
+
+def ssim(images: Tensor, reconstructions: Tensor) -> Tensor:
+    """Per-image SSIM (B,) of [-1, 1] images, computed in [0, 1]; 1 for identical images."""
+    _check_pair(images, reconstructions)
+    if min(images.shape[-2:]) < SSIM_KERNEL_SIZE:
+        raise ValueError(
+            f"images: SSIM's {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} window needs H, W >= "
+            f"{SSIM_KERNEL_SIZE}, got {tuple(images.shape[-2:])}"
+        )
+    values = structural_similarity_index_measure(
+        (reconstructions.float() + 1) / 2,
+        (images.float() + 1) / 2,
+        data_range=1.0,
+        kernel_size=SSIM_KERNEL_SIZE,
+        reduction="none",
+    )
+    return values  # (B,)
+
+
+def reconstruction_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM over the batch: ``{"psnr": ..., "ssim": ...}``."""
+    return {
+        "psnr": float(psnr(images, reconstructions).mean()),
+        "ssim": float(ssim(images, reconstructions).mean()),
+    }

@@ -1,0 +1,81 @@
+"""PSNR and SSIM of [-1, 1] images: closed forms, identities, bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from imtok.metrics.recon import psnr, reconstruction_metrics, ssim
+
+
+def images(batch: int = 3, channels: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.mark.parametrize("offset", [0.01, 0.1, 0.5])
+def test_psnr_of_a_constant_offset_is_the_closed_form(offset):
+    x = images()
+    # MSE = offset^2 and the data range of [-1, 1] is 2: PSNR = 10 log10(4 / offset^2)
+    expected = 10 * math.log10(4 / offset**2)
+    values = psnr(x, x + offset)
+    assert values.shape == (3,)
+    torch.testing.assert_close(values, torch.full((3,), expected), atol=1e-4, rtol=0)
+
+
+def test_psnr_matches_the_zero_one_convention():
+    x, y = images(), images().flip(0)
+    mse01 = ((x - y) / 2).pow(2).mean(dim=(1, 2, 3))  # the same images mapped to [0, 1]
+    torch.testing.assert_close(psnr(x, y), (10 * torch.log10(1 / mse01)).float(), atol=1e-4, rtol=0)
+
+
+def test_psnr_per_image_and_identical_images():
+    x = images(batch=2)
+    y = x.clone()
+    y[1] += 0.1
+    values = psnr(x, y)
+    assert math.isinf(values[0]) and values[0] > 0
+    assert values[1] == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ssim_of_identical_images_is_one(channels):
+    x = images(channels=channels)
+    torch.testing.assert_close(ssim(x, x), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_ssim_drops_with_noise_and_is_per_image():
+    x = images(batch=2)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    y = x + noise * torch.tensor([0.05, 0.5]).view(2, 1, 1, 1)
+    values = ssim(x, y)
+    assert values.shape == (2,)
+    assert 1.0 > values[0] > values[1]
+
+
+def test_ssim_is_computed_in_the_zero_one_range():
+    x, y = images(), images().flip(0)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    expected = structural_similarity_index_measure((y + 1) / 2, (x + 1) / 2, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ssim(x, y), expected, atol=1e-5, rtol=0)
+
+
+def test_reconstruction_metrics_are_means():
+    x, y = images(), images().flip(0)
+    metrics = reconstruction_metrics(x, y)
+    assert metrics["psnr"] == pytest.approx(float(psnr(x, y).mean()))
+    assert metrics["ssim"] == pytest.approx(float(ssim(x, y).mean()))
+
+
+def test_bad_inputs_raise():
+    x = images()
+    with pytest.raises(ValueError, match="reconstructions: shape"):
+        psnr(x, x[:, :, :16])
+    with pytest.raises(ValueError, match=r"images: expected shape \(B, C, H, W\)"):
+        ssim(x[0], x[0])
+    with pytest.raises(ValueError, match="float"):
+        psnr(x, (x > 0).to(torch.uint8))
+    with pytest.raises(ValueError, match="H, W >= 11"):
+        ssim(x[..., :8, :8], x[..., :8, :8])
+    with pytest.raises(ValueError, match="empty"):
+        psnr(x[:0], x[:0])
