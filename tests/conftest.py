@@ -12,6 +12,9 @@ import pytest
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from test servers
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

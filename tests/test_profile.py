@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from demos.profile import merged, set_param_arguments
+from imtok.overrides import merged, set_param_arguments
 from imtok.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +29,15 @@ def test_overrides_become_set_param_arguments_in_yaml_flow_syntax():
         "-S",
         "tokenizer.vgg_weights=null",
     ]
+
+
+def test_every_point_of_the_cpu_study_profile_is_valid():
+    from flows.study import points
+    from imtok.overrides import validated
+
+    profile = yaml.safe_load((REPO / "profiles" / "study-cpu.yaml").read_text())
+    study = points(profile=profile)
+    assert len(study) == 12
+    for point in study:
+        params = validated(REPO / "params.yaml", point["overrides"])
+        assert params.prepare.limit == profile["prepare"]["limit"], point["name"]

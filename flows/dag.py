@@ -1,0 +1,112 @@
+"""The pipeline's stages as dvc.yaml declares them: order, upstream stages and placement.
+
+Pure functions over the parsed dvc.yaml, so the flows never keep a second copy of the DAG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]  # cached outputs (pushed to and pulled from a DVC remote)
+    params: tuple[str, ...]
+
+    @property
+    def pool(self) -> str:
+        """``gpu`` for stages with a ``<section>.device`` param (they run models), else ``cpu``."""
+        return "gpu" if any(key.endswith(".device") for key in self.params) else "cpu"
+
+
+def _paths(entries: list[Any] | None, cached_only: bool = False) -> tuple[str, ...]:
+    paths = []
+    for entry in entries or []:
+        if isinstance(entry, dict):
+            ((path, options),) = entry.items()
+            if cached_only and (options or {}).get("cache", True) is False:
+                continue
+            paths.append(path)
+        else:
+            paths.append(entry)
+    return tuple(paths)
+
+
+def _param_keys(entries: list[Any] | None) -> tuple[str, ...]:
+    keys = []
+    for entry in entries or []:
+        if isinstance(entry, dict):  # {params-file: [keys]}
+            for values in entry.values():
+                keys.extend(values or [])
+        else:
+            keys.append(entry)
+    return tuple(keys)
+
+
+def read_stages(project: Path) -> list[Stage]:
+    """The stages of ``project/dvc.yaml`` in file order, which must be a topological order."""
+    path = Path(project) / "dvc.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dvc.yaml; run the flow from the project's root")
+    declared = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    stages = []
+    for name, body in declared.items():
+        cached = _paths(body.get("outs"), cached_only=True)
+        stages.append(Stage(name, _paths(body.get("deps")), cached, _param_keys(body.get("params"))))
+    check_order(stages)
+    return stages
+
+
+def producers(stages: list[Stage]) -> dict[str, str]:
+    """Output path -> the stage that writes it."""
+    return {out: stage.name for stage in stages for out in stage.outs}
+
+
+def _covers(out: str, dep: str) -> bool:
+    return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
+
+
+def upstream(stages: list[Stage], name: str) -> list[str]:
+    """The stages whose outputs ``name`` depends on directly, in pipeline order."""
+    stage = next((s for s in stages if s.name == name), None)
+    if stage is None:
+        raise KeyError(f"stage {name!r} is not in dvc.yaml (stages: {[s.name for s in stages]})")
+    found = {
+        other.name
+        for other in stages
+        if other.name != name
+        for out in other.outs
+        for dep in stage.deps
+        if _covers(out, dep)
+    }
+    return [s.name for s in stages if s.name in found]
+
+
+def check_order(stages: list[Stage]) -> None:
+    """Each stage's inputs must come from stages declared before it."""
+    seen: set[str] = set()
+    for stage in stages:
+        late = [name for name in upstream(stages, stage.name) if name not in seen]
+        if late:
+            raise ValueError(
+                f"dvc.yaml: stage {stage.name!r} depends on {late}, declared after it; "
+                "declare stages in pipeline order"
+            )
+        seen.add(stage.name)
+
+
+def select(stages: list[Stage], names: list[str] | None) -> list[Stage]:
+    """The named stages in pipeline order (all when ``names`` is empty); unknown names fail."""
+    if not names:
+        return list(stages)
+    known = {stage.name for stage in stages}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise KeyError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted(known)}")
+    return [stage for stage in stages if stage.name in names]

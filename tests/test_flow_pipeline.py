@@ -1,0 +1,93 @@
+"""The Prefect pipeline flow, in Prefect's test harness, against `dvc repro` of the same project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from project_factory import STAGES, TINY_PARAMS, environment, make_project, run
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def lock_stages(root) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+
+
+# Files that record their run, so differ between any two runs (two `dvc repro`s as well): model
+# directories hold the MLflow run id and git commit, token shards the tokenizer file's checksum,
+# reports the wall-clock timings. Everything else must hash the same.
+RUN_RECORDS = ("models/", "reports/", "data/tokens/")
+
+
+def hashes(entry: dict) -> dict:
+    """A lock entry's command, params, dep and out paths, and the hashes of run-independent files."""
+
+    def files(kind: str) -> dict:
+        return {
+            item["path"]: None if item["path"].startswith(RUN_RECORDS) else item.get("md5")
+            for item in entry.get(kind, [])
+        }
+
+    return {"cmd": entry["cmd"], "params": entry.get("params"), "deps": files("deps"), "outs": files("outs")}
+
+
+@pytest.mark.slow
+def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(tmp_path, harness, monkeypatch):
+    from flows.pipeline import pipeline
+
+    by_dvc = make_project(tmp_path / "by-dvc", TINY_PARAMS)
+    run(["dvc", "repro"], by_dvc, environment(by_dvc))
+    by_flow = make_project(tmp_path / "by-flow", TINY_PARAMS)
+    for key, value in environment(by_flow).items():
+        monkeypatch.setenv(key, value)
+
+    result = pipeline(project=str(by_flow))
+    assert [row["stage"] for row in result["stages"]] == list(STAGES)
+    assert all(row["ran"] for row in result["stages"])
+    flow_lock, dvc_lock = lock_stages(by_flow), lock_stages(by_dvc)
+    assert set(flow_lock) == set(dvc_lock)
+    for stage in STAGES:
+        assert hashes(flow_lock[stage]) == hashes(dvc_lock[stage]), stage
+    samples = {o["path"]: o["md5"] for o in flow_lock["sample"]["outs"]}
+    assert (
+        samples["data/samples"] == {o["path"]: o["md5"] for o in dvc_lock["sample"]["outs"]}["data/samples"]
+    )  # same images: the whole chain computed the same thing
+    assert "generation.fid_fmnist" in result["metrics"]
+
+    status = run(["dvc", "status", "--json"], by_flow, environment(by_flow))
+    assert json.loads(status) == {}
+    again = pipeline(project=str(by_flow))
+    assert not any(row["ran"] for row in again["stages"])
+
+    # A sweep over two points that change only the sampler: DVC reruns sample and evaluate only,
+    # each point becomes a DVC experiment, params.yaml is restored, one table holds both rows.
+    from flows.sweep import sweep
+
+    before = (by_flow / "params.yaml").read_text()
+    rows = sweep(
+        points=[
+            {"name": "seed-1", "overrides": {"sample": {"seed": 1}}},
+            {"name": "seed-2", "overrides": {"sample": {"seed": 2}}},
+        ],
+        project=str(by_flow),
+        table="reports/sweep.csv",
+    )
+    assert [row["name"] for row in rows] == ["seed-1", "seed-2"]
+    assert [row["params.sample.seed"] for row in rows] == [1, 2]
+    assert [row["stages_ran"] for row in rows] == ["sample evaluate"] * 2
+    assert all(isinstance(row["generation.fid_fmnist"], float) for row in rows)
+    assert rows[0]["generation.fid_fmnist"] != rows[1]["generation.fid_fmnist"]
+    assert rows[0]["tokenizer.psnr"] == rows[1]["tokenizer.psnr"]  # same tokenizer, not retrained
+    assert (by_flow / "params.yaml").read_text() == before
+    table = (by_flow / "reports" / "sweep.csv").read_text().splitlines()
+    assert len(table) == 3 and "generation.fid_fmnist" in table[0]
+    experiments = run(["dvc", "exp", "list", "--name-only"], by_flow, environment(by_flow))
+    assert {"seed-1", "seed-2"} <= set(experiments.split()), experiments

@@ -1,0 +1,159 @@
+"""The flows' pure parts: the DAG read from dvc.yaml, overrides, sweep points and the study table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.dag import Stage, check_order, read_stages, select, upstream
+from flows.study import markdown, points, study_rows
+from flows.sweep import check_points, write_table
+from imtok.overrides import validated, write_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_dag_follows_dvc_yaml_and_places_model_stages_on_the_gpu_pool():
+    stages = read_stages(REPO)
+    names = [stage.name for stage in stages]
+    assert names[0] == "prepare" and names[-1] == "evaluate"
+    pools = {stage.name: stage.pool for stage in stages}
+    assert pools["prepare"] == "cpu"
+    assert all(pools[name] == "gpu" for name in names if name != "prepare")
+    assert upstream(stages, "prepare") == []
+    assert upstream(stages, "extract_tokens") == ["prepare", "train_tokenizer"]
+    assert set(upstream(stages, "evaluate")) == {
+        "prepare",
+        "train_tokenizer",
+        "train_prior",
+        "sample",
+        "train_classifier",
+    }
+    by_name = {stage.name: stage for stage in stages}
+    assert "metrics/tokenizer.json" not in by_name["evaluate"].outs  # cache: false is not pushed
+
+
+def test_a_stage_declared_before_its_input_is_an_error_naming_both():
+    late = [Stage("b", ("x",), ("y",), ()), Stage("a", (), ("x",), ())]
+    with pytest.raises(ValueError, match=r"'b' depends on \['a'\]"):
+        check_order(late)
+
+
+def test_selecting_unknown_stages_names_them():
+    stages = read_stages(REPO)
+    assert [s.name for s in select(stages, ["evaluate", "prepare"])] == ["prepare", "evaluate"]
+    with pytest.raises(KeyError, match="trian_prior"):
+        select(stages, ["trian_prior"])
+
+
+def test_overrides_are_written_into_params_yaml_keeping_its_comments(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    overrides = {"prior": {"depth": 5}, "tokenizer": {"levels": [8, 5, 5, 5], "codebook_size": None}}
+    write_overrides(path, overrides)
+    text = path.read_text()
+    assert "# transformer blocks" in text
+    values = yaml.safe_load(text)
+    assert values["prior"]["depth"] == 5 and values["tokenizer"]["levels"] == [8, 5, 5, 5]
+    assert (
+        values["prior"]["hidden_dim"]
+        == yaml.safe_load((REPO / "params.yaml").read_text())["prior"]["hidden_dim"]
+    )
+
+
+def test_a_bad_override_fails_before_anything_is_written(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_text()
+    with pytest.raises(ValueError, match="quantizer"):
+        write_overrides(path, {"tokenizer": {"quantizer": "pq"}})
+    with pytest.raises(ValueError, match="no_such_key"):
+        validated(path, {"prior": {"no_such_key": 1}})
+    assert path.read_text() == before
+
+
+def test_sweep_points_need_unique_names_and_valid_overrides():
+    params = REPO / "params.yaml"
+    check_points(params, [{"name": "a", "overrides": {"sample": {"seed": 1}}}])
+    with pytest.raises(ValueError, match="unique 'name'"):
+        check_points(params, [{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match=r"sweep point 'bad'.*levels"):
+        check_points(params, [{"name": "bad", "overrides": {"tokenizer": {"levels": [1, 5]}}}])
+    with pytest.raises(ValueError, match="no points"):
+        check_points(params, [])
+
+
+def test_study_points_cover_every_quantizer_and_size_with_valid_params():
+    profile = {"tokenizer": {"total_steps": 10, "warmup_steps": 2}}
+    study = points((256, 1024), ("fsq", "vq"), profile)
+    assert [p["name"] for p in study] == ["fsq-256", "fsq-1024", "vq-256", "vq-1024"]
+    for point in study:
+        params = validated(REPO / "params.yaml", point["overrides"])
+        assert params.tokenizer.total_steps == 10
+    fsq = validated(REPO / "params.yaml", study[1]["overrides"]).tokenizer_config(1, 32)
+    assert fsq.quantizer == "fsq" and fsq.levels is None and fsq.codebook_size == 1024
+
+
+def test_the_study_table_reads_the_domain_fid_and_formats_numbers(tmp_path):
+    sweep_rows = [
+        {
+            "name": "fsq-256",
+            "params.tokenizer.quantizer": "fsq",
+            "params.tokenizer.codebook_size": 256,
+            "tokenizer.codebook_usage_pct": 100.0,
+            "tokenizer.perplexity": 200.5,
+            "tokenizer.psnr": 22.123,
+            "tokenizer.ssim": 0.8,
+            "tokenizer.rfid_fmnist": 12.0,
+            "generation.fid_fmnist": 50.25,
+        },
+        {"name": "vq-256", "params.tokenizer.quantizer": "vq", "params.tokenizer.codebook_size": 256},
+    ]
+    rows = study_rows(sweep_rows)
+    assert rows[0]["sampling fid_fmnist"] == 50.25 and rows[0]["usage %"] == 100.0
+    assert rows[1]["PSNR"] is None
+    text = markdown(rows)
+    assert "| fsq | 256 | 100 | 200 | 22.1 | 0.8 | 50.2 | 12 |" in text
+    write_table(rows, tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("quantizer,codebook size")
+
+
+def test_every_deployment_in_prefect_yaml_points_at_a_flow_that_imports():
+    import importlib
+
+    from prefect import Flow
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {deployment["name"] for deployment in spec["deployments"]}
+    assert {"nightly", "evaluate", "sweep", "codebook-study"} <= names
+    for deployment in spec["deployments"]:
+        path, attribute = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert isinstance(getattr(module, attribute), Flow), deployment["entrypoint"]
+        assert deployment["work_pool"]["name"] in ("gpu", "cpu")
+        for stage in (deployment.get("parameters") or {}).get("stages", []):
+            assert stage in {s.name for s in read_stages(REPO)}, stage
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    assert nightly["schedules"][0]["cron"] == "0 3 * * *"
+
+
+def test_only_transfer_failures_are_retried(tmp_path):
+    import subprocess
+
+    from prefect.states import Failed
+
+    from flows.dvc import DvcCommandError, DvcTransferError, dvc
+    from flows.pipeline import _only_transfer_errors
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    with pytest.raises(DvcTransferError, match="dvc pull"):
+        dvc(tmp_path, "pull", "--remote", "absent", "no_such_stage")
+    with pytest.raises(DvcCommandError, match="dvc repro") as failed:
+        dvc(tmp_path, "repro", "no_such_stage")
+    assert not isinstance(failed.value, DvcTransferError)
+    assert _only_transfer_errors(None, None, Failed(data=DvcTransferError("remote down")))
+    assert not _only_transfer_errors(None, None, Failed(data=DvcCommandError("stage failed")))
+    assert not _only_transfer_errors(None, None, Failed(data=ValueError("bad params")))
