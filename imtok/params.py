@@ -214,7 +214,7 @@ class TokenizerParams:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4  # AdamW, on weight matrices and kernels only
     warmup_steps: int = 50
-    total_steps: int = 600
+    total_steps: int = 400
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # EMA of the weights; the exported model then uses them
@@ -292,7 +292,7 @@ class PrepareParams:
     # fashion_mnist: directory with the four IDX .gz files (null: the Debian package's directory,
     # then data/raw/, then a download); folder: the image folder (required); synthetic: unused.
     root: str | None = None
-    image_size: int = 32
+    image_size: int = 28
     channels: int = 1
     val_fraction: float = 0.1  # only for sources without an official split (folder, synthetic)
     seed: int = 0
@@ -388,7 +388,7 @@ class PriorParams:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    total_steps: int = 1200
+    total_steps: int = 800
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
@@ -492,9 +492,9 @@ class ClassifierParams:
     SECTION: ClassVar[str] = "classifier"
 
     name: str = "fmnist"  # metrics from its features are named fid_<name>, precision_<name>, ...
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (16, 32, 64)
     embed_dim: int = 128
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 3e-3
     flip: bool = True  # mirror half of each batch (right for clothing, wrong for digits or text)

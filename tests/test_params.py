@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_load_and_match_the_documented_defaults():
     params = load_params(REPO / "params.yaml")
     assert params.prepare.source == "fashion_mnist"
-    assert params.prepare.image_size == 32 and params.prepare.channels == 1
+    assert params.prepare.image_size == 28 and params.prepare.channels == 1
     assert params.prepare.image_size % params.tokenizer.downsample == 0
 
 
