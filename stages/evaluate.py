@@ -177,6 +177,15 @@ def summary_of(directory: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def check_same_shape(samples_dir: Path, samples: torch.Tensor, val_images: torch.Tensor) -> None:
+    """Samples must have the val images' (C, H, W); else a ValueError naming the directory."""
+    if tuple(samples.shape[1:]) != tuple(val_images.shape[1:]):
+        raise ValueError(
+            f"{samples_dir}: samples are {tuple(samples.shape[1:])} (C, H, W) but val images are "
+            f"{tuple(val_images.shape[1:])}; sample with a tokenizer trained on these shards"
+        )
+
+
 def chosen_prior_metric(params: Params, generation: dict[str, float]) -> str | None:
     """The metric that decides the prior's champion; ValueError when the configured one is missing."""
     wanted = params.evaluate.prior_metric
@@ -273,11 +282,7 @@ def evaluate(
     if (samples_dir / "meta.json").is_file():
         sample_meta = read_meta(samples_dir)
         samples, sample_labels = load_images(samples_dir, batch)
-        if tuple(samples.shape[1:]) != tuple(val_images.shape[1:]):
-            raise ValueError(
-                f"{samples_dir}: samples are {tuple(samples.shape[1:])} (C, H, W) but val images are "
-                f"{tuple(val_images.shape[1:])}; sample with a tokenizer trained on these shards"
-            )
+        check_same_shape(samples_dir, samples, val_images)
         results["generation"] = generation_metrics(
             real, samples, sample_labels, extractors, classifier, batch
         )
