@@ -77,14 +77,17 @@ def study_rows(sweep_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table, numbers to 3 significant decimals."""
+    """A Markdown table: numbers to 3 significant digits, or whole when 100 or more."""
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for column in columns:
             value = row[column]
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+            if isinstance(value, float):
+                cells.append(f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
+            else:
+                cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
