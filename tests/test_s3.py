@@ -46,7 +46,11 @@ def test_upload_then_read_back_through_s3_urls_gives_the_same_samples(local_spli
     remote = [{"__key__": s["__key__"], "png": s["png"], "cls": int(s["cls"])} for s in dataset]
     assert remote == local
 
-    loader = ShardLoader(prefix, batch_size=10, shuffle=True, num_workers=2, seed=1)
+    # forkserver: workers start from a clean process, not a fork of this one, which by now may
+    # hold threads and exit handlers of servers that earlier tests started (Prefect, MLflow)
+    loader = ShardLoader(
+        prefix, batch_size=10, shuffle=True, num_workers=2, seed=1, multiprocessing_context="forkserver"
+    )
     keys = [key for batch in loader for key in batch.keys]
     assert set(keys) == {sample["__key__"] for sample in local}
 
