@@ -330,9 +330,7 @@ class PrepareParams:
                 f"must be an s3://bucket/prefix URL or null, got {self.upload!r}",
             ),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -358,9 +356,7 @@ class ExtractParams:
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.maxcount >= 1, "maxcount", f"must be >= 1, got {self.maxcount}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -476,9 +472,7 @@ class SampleParams:
             (self.grid_per_class >= 1, "grid_per_class", f"must be >= 1, got {self.grid_per_class}"),
             (self.maxcount >= 1, "maxcount", f"must be >= 1, got {self.maxcount}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -509,9 +503,7 @@ class ClassifierParams:
             (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
             (0 <= self.min_accuracy <= 1, "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{self.SECTION}.{key}: {message}")
+        _raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
