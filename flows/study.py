@@ -41,6 +41,8 @@ def points(
     profile: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One sweep point per (quantizer, size): the profile plus the quantizer and its codebook."""
+    if profile is not None and not isinstance(profile, dict):
+        raise ValueError(f"study profile: expected {{section: {{key: value}}}}, got {profile!r:.200}")
     result = []
     for quantizer in quantizers:
         for size in sizes:

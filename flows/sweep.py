@@ -34,6 +34,8 @@ def check_points(params_path: Path, points: list[dict[str, Any]]) -> None:
     """Every point has a unique name and overrides that make valid params."""
     if not points:
         raise ValueError("sweep: no points given")
+    if not isinstance(points, list) or not all(isinstance(point, dict) for point in points):
+        raise ValueError(f"sweep: points must be a list of {{name, overrides}} mappings, got {points!r:.200}")
     names = [point.get("name") for point in points]
     if any(not name for name in names) or len(set(names)) != len(names):
         raise ValueError(f"sweep: every point needs a unique 'name'; got {names}")

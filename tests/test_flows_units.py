@@ -83,6 +83,10 @@ def test_sweep_points_need_unique_names_and_valid_overrides():
         check_points(params, [{"name": "bad", "overrides": {"tokenizer": {"levels": [1, 5]}}}])
     with pytest.raises(ValueError, match="no points"):
         check_points(params, [])
+    with pytest.raises(ValueError, match="list of"):
+        check_points(params, ["fsq-256"])
+    with pytest.raises(ValueError, match="study profile"):
+        points(profile=["tokenizer"])
 
 
 def test_study_points_cover_every_quantizer_and_size_with_valid_params():
