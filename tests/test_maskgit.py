@@ -200,6 +200,23 @@ def test_masked_token_loss_ignores_targets_outside_the_mask():
     assert 0.0 <= stats["accuracy"].item() <= 1.0
 
 
+def test_logits_at_positions_equal_the_full_logits_there():
+    torch.manual_seed(0)
+    model = MaskGIT(tiny_config()).eval()
+    indices, labels = synthetic_tokens(6)
+    mask = random_token_mask(6, 16, indices.device, torch.Generator().manual_seed(3)).view(6, *GRID)
+    inputs = indices.masked_fill(mask, K)
+    selected = model(inputs, labels, positions=mask)
+    assert selected.shape == (int(mask.sum()), K)
+    torch.testing.assert_close(selected, model(inputs, labels)[mask])
+    loss, _ = masked_token_loss(selected, indices, mask)
+    torch.testing.assert_close(loss, masked_token_loss(model(inputs, labels), indices, mask)[0])
+    with pytest.raises(ValueError, match="positions: expected a bool mask"):
+        model(inputs, labels, positions=mask[:, :2])
+    with pytest.raises(ValueError, match=r"logits: expected \(\.\.\., K\)"):
+        masked_token_loss(selected[:-1], indices, mask)
+
+
 class FixedLogits(nn.Module):
     """A stand-in prior whose logits ignore its input, so only the loss's target selection matters."""
 
@@ -209,9 +226,10 @@ class FixedLogits(nn.Module):
         self.logits = nn.Parameter(torch.randn(*config.grid, config.codebook_size))
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, tokens, labels=None):
+    def forward(self, tokens, labels=None, positions=None):
         self.seen.append(tokens)
-        return self.logits.expand(tokens.shape[0], -1, -1, -1)
+        logits = self.logits.expand(tokens.shape[0], -1, -1, -1)
+        return logits if positions is None else logits[positions]
 
 
 def test_maskgit_loss_masks_the_inputs_and_scores_masked_positions_only():

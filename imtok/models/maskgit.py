@@ -335,18 +335,30 @@ class MaskGIT(nn.Module):
                 f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
             )
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits (B, h, w, K) for token ids (B, h, w) holding MASK (= K) where the token is unknown."""
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Logits (B, h, w, K) for token ids (B, h, w) holding MASK (= K) where the token is unknown.
+
+        With ``positions`` (bool (B, h, w)) only those positions get logits, (M, K) in the order of
+        ``tokens[positions]``: the head over K codes, the largest layer for a big codebook, then runs
+        on the M scored positions alone, and no (B, h, w, K) tensor is built or scattered back into.
+        """
         self.check_tokens(tokens)
         batch, h, w = tokens.shape
+        if positions is not None and (positions.dtype != torch.bool or positions.shape != tokens.shape):
+            raise ValueError(
+                f"positions: expected a bool mask of the tokens' shape {tuple(tokens.shape)}, "
+                f"got {positions.dtype} of shape {tuple(positions.shape)}"
+            )
         x = self.token_embedding(tokens.flatten(1))  # (B, N, C)
         prefix = self.class_embedding(labels, batch, tokens.device)  # (B, 1, C)
         x = torch.cat([prefix, x], dim=1) + self.position_embedding  # (B, 1 + N, C)
         x = self.dropout(x)
         for block in self.blocks:
             x, _ = block(x)
-        logits = self.head(self.norm(x[:, 1:]))  # (B, N, K): the prefix predicts nothing
-        return logits.view(batch, h, w, -1)
+        hidden = x[:, 1:]  # (B, N, C): the prefix predicts nothing
+        if positions is not None:
+            return self.head(self.norm(hidden[positions.flatten(1)]))  # (M, K)
+        return self.head(self.norm(hidden)).view(batch, h, w, -1)
 
 
 def random_token_mask(
@@ -368,10 +380,19 @@ def masked_token_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy and accuracy over the positions where ``mask`` is True; the rest are ignored.
 
-    logits (..., K), targets and mask (...); the loss is the mean over all masked tokens of the batch.
+    targets and mask (...); logits (..., K) for every position, or (M, K) for the M masked ones alone
+    (in the order of ``targets[mask]``, as ``MaskGIT.forward(..., positions=mask)`` returns them).
+    The loss is the mean over all masked tokens of the batch.
     """
-    selected = logits[mask].float()  # (M, K)
     wanted = targets[mask]  # (M,)
+    if logits.shape[:-1] == mask.shape:
+        logits = logits[mask]
+    elif logits.ndim != 2 or logits.shape[0] != wanted.shape[0]:
+        raise ValueError(
+            f"logits: expected (..., K) over the mask's shape {tuple(mask.shape)} or ({wanted.shape[0]}, K) "
+            f"for its masked positions, got {tuple(logits.shape)}"
+        )
+    selected = logits.float()  # (M, K)
     loss = F.cross_entropy(selected, wanted, label_smoothing=label_smoothing)
     accuracy = (selected.detach().argmax(dim=-1) == wanted).float().mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
@@ -395,7 +416,7 @@ def maskgit_loss(
     batch, h, w = indices.shape
     mask = random_token_mask(batch, h * w, indices.device, generator).view(batch, h, w)
     inputs = indices.masked_fill(mask, config.mask_id)
-    logits = model(inputs, labels)  # (B, h, w, K)
+    logits = model(inputs, labels, positions=mask)  # (M, K): the masked positions only
     loss, stats = masked_token_loss(logits, indices, mask, config.label_smoothing)
     stats["mask_ratio"] = mask.float().mean()
     return loss, stats
