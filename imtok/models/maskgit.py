@@ -335,7 +335,9 @@ class MaskGIT(nn.Module):
                 f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
             )
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, labels: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """Logits (B, h, w, K) for token ids (B, h, w) holding MASK (= K) where the token is unknown.
 
         With ``positions`` (bool (B, h, w)) only those positions get logits, (M, K) in the order of
