@@ -108,8 +108,9 @@ def gumbel_noise(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
     """Standard Gumbel samples -log(-log(u)), u ~ U(0, 1), drawn from ``generator``."""
-    uniform = torch.rand(shape, generator=generator, device=device).clamp_min(UNIFORM_FLOOR)
-    return -torch.log(-torch.log(uniform))
+    uniform = torch.rand(shape, generator=generator, device=device)
+    # In place: one tensor for the whole chain, which matters at (rows, 16384-code) sizes.
+    return uniform.clamp_min_(UNIFORM_FLOOR).log_().neg_().log_().neg_()
 
 
 def sample_categorical(
@@ -123,7 +124,7 @@ def sample_categorical(
     if temperature == 0:
         return logits.argmax(dim=-1)
     noise = gumbel_noise(logits.shape, generator, logits.device)
-    return (logits.float() / temperature + noise).argmax(dim=-1)
+    return noise.add_(logits, alpha=1.0 / temperature).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +203,18 @@ def maskgit_decode(
                 "the MASK id must be >= the codebook size"
             )
         masked = tokens == mask_id  # (B, N)
-        sampled = torch.where(masked, sample_categorical(logits, temperature, generator), tokens)
+        # Only the M masked positions are drawn and scored: at a large codebook the (M, K) passes
+        # (noise, argmax, logsumexp) are the cost of a step, and M shrinks with every step.
+        masked_logits = logits[masked]  # (M, K), row-major order of the masked positions
+        drawn = sample_categorical(masked_logits, temperature, generator)  # (M,)
+        sampled = tokens.masked_scatter(masked, drawn)  # (B, N)
         if still_masked == 0:
             return sampled.view(batch, h, w)
-        log_probs = logits.log_softmax(dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # (B, N)
+        # log p(drawn) = logit - logsumexp(logits), without materialising the (M, K) log-softmax.
+        log_probs = masked_logits.gather(-1, drawn.unsqueeze(-1)).squeeze(-1) - masked_logits.logsumexp(-1)
         noise_scale = choice_temperature * (1 - (step + 1) / steps)
-        confidence = log_probs + noise_scale * gumbel_noise(log_probs.shape, generator, device)
-        confidence = confidence.masked_fill(~masked, math.inf)
+        scores = log_probs + noise_scale * gumbel_noise(log_probs.shape, generator, device)  # (M,)
+        confidence = torch.full(masked.shape, math.inf, device=device).masked_scatter(masked, scores)
         least_confident = confidence.argsort(dim=1, stable=True)[:, :still_masked]  # (B, still_masked)
         remask = torch.zeros_like(masked).scatter(1, least_confident, True)
         tokens = sampled.masked_fill(remask, mask_id)
