@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 
 def paired_rows(images: Tensor, reconstructions: Tensor, per_row: int = 8) -> Tensor:
@@ -27,6 +26,10 @@ def save_grid(images: Tensor, path: str | os.PathLike[str], per_row: int = 8, pa
     """Write [-1, 1] images (N, C, H, W) as one PNG grid of ``per_row`` columns, atomically."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images: expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    # Imported here: torchvision.utils loads torchvision's models and torch._dynamo (about 3 s of
+    # start-up for every stage that imports this module, most of which write a grid only at the end).
+    from torchvision.utils import make_grid, save_image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=per_row, padding=padding, pad_value=1.0)

@@ -84,9 +84,12 @@ def tokenizer_metrics(
     images: torch.Tensor,
     reconstructions: torch.Tensor,
     counter: CodeCounter,
+    real: dict[str, ExtractedFeatures],
     extractors: list[Any],
     batch_size: int,
 ) -> dict[str, float]:
+    """PSNR, SSIM, usage and perplexity of the reconstructions, and rFID against ``real`` (the images'
+    features per extractor name, computed once and shared with the generation metrics)."""
     metrics = {"psnr": float(psnr(images, reconstructions).clamp(max=100.0).mean())}
     if min(images.shape[-2:]) >= SSIM_MIN_SIZE:
         metrics["ssim"] = float(ssim(images, reconstructions).mean())
@@ -95,9 +98,8 @@ def tokenizer_metrics(
     metrics["codes_used"] = float((counter.counts > 0).sum())
     metrics["codebook_size"] = float(counter.codebook_size)
     for extractor in extractors:
-        real = extract_features(extractor, images, batch_size).features
         fake = extract_features(extractor, reconstructions, batch_size).features
-        metrics[metric_name("rfid", extractor)] = fid_from_features(real, fake)
+        metrics[metric_name("rfid", extractor)] = fid_from_features(real[extractor.name].features, fake)
     return metrics
 
 
@@ -271,14 +273,14 @@ def evaluate(
     extractors = available.extractors
     classifier = next((e.classifier for e in extractors if hasattr(e, "classifier")), None)
     reconstructions, counter = reconstruct(tokenizer, val_images, batch, device)
+    real = {extractor.name: extract_features(extractor, val_images, batch) for extractor in extractors}
     results: dict[str, Any] = {
         "features": {
             "used": [extractor.name for extractor in extractors],
             "skipped": available.skipped,
         },
-        "tokenizer": tokenizer_metrics(val_images, reconstructions, counter, extractors, batch),
+        "tokenizer": tokenizer_metrics(val_images, reconstructions, counter, real, extractors, batch),
     }
-    real = {extractor.name: extract_features(extractor, val_images, batch) for extractor in extractors}
     if (samples_dir / "meta.json").is_file():
         sample_meta = read_meta(samples_dir)
         samples, sample_labels = load_images(samples_dir, batch)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 SSIM_KERNEL_SIZE = 11  # the window of Wang et al.; images must be at least this large
@@ -54,6 +53,10 @@ def ssim(images: Tensor, reconstructions: Tensor) -> Tensor:
             f"images: SSIM's {SSIM_KERNEL_SIZE}x{SSIM_KERNEL_SIZE} window needs H, W >= "
             f"{SSIM_KERNEL_SIZE}, got {tuple(images.shape[-2:])}"
         )
+    # Imported here: torchmetrics pulls in torchvision's models, torch._dynamo and scipy.signal
+    # (about 4 s), which every training stage that only wants PSNR would otherwise pay at start-up.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     values = structural_similarity_index_measure(
         (reconstructions.float() + 1) / 2,
         (images.float() + 1) / 2,
