@@ -5,6 +5,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,17 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def write_synthetic_shards(directory: Path, count: int, image_size: int, channels: int) -> Path:
+    """About ``count`` seeded synthetic images as a train split of 8 shards in ``directory``."""
+    from imtok.data.shards import write_split
+    from imtok.data.sources import SyntheticShapes
+
+    # The source holds back a 10% val split, so ask for a little more than ``count`` in all.
+    source = SyntheticShapes(count=int(count / 0.9) + 1, image_size=image_size, channels=channels)
+    write_split(source, "train", directory, maxcount=max(1, count // 8))
+    return directory
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:

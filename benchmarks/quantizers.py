@@ -5,9 +5,10 @@
 
 Prints one markdown table per quantizer: milliseconds for forward (eval) and forward+backward
 (training mode, EMA updates included for VQ), and the peer/ours ratio (> 1 means we are faster);
-"OOM" marks a run that ran out of device memory.
+"OOM" marks a run that ran out of device memory. FSQ is timed on both of our paths, the fused
+(compiled, one kernel each way; first call compiles, outside the timing) and the eager reference.
 On CUDA the FSQ table also gives the memory floor: the time to read z and write codes and indices
-at the measured copy bandwidth.
+at the measured copy bandwidth, and how far the fused forward is from it.
 """
 
 import argparse
@@ -73,25 +74,53 @@ def time_pair(modules: dict, z: torch.Tensor, codes_of: dict, device: torch.devi
 
 
 def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> Iterator[str]:
-    """Markdown rows comparing our FSQ with the peer's at every Table-1 size."""
+    """Markdown rows: our fused and eager FSQ beside the peer's at every Table-1 size."""
     from vector_quantize_pytorch import FSQ as PeerFSQ
 
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for size in TABLE_ONE_SIZES:
         levels = FSQ.levels_for(size)
         z = latent_grid(num_vectors, len(levels), device)
-        ours = FSQ(levels).to(device)
-        peer = PeerFSQ(levels=levels, channel_first=True).to(device)
-        codes_of = {
-            "ours": lambda out: (out.codes, out.loss),
-            "peer": lambda out: (out[0], torch.zeros((), device=device)),
+        modules = {
+            "fused": FSQ(levels, fused=True).to(device),
+            "eager": FSQ(levels, fused=False).to(device),
+            "peer": PeerFSQ(levels=levels, channel_first=True).to(device),
         }
-        timings = time_pair({"ours": ours, "peer": peer}, z, codes_of, device, repeats)
-        floor = ""
+        ours = lambda out: (out.codes, out.loss)  # noqa: E731
+        peer = lambda out: (out[0], torch.zeros((), device=device))  # noqa: E731
+        codes_of = {"fused": ours, "eager": ours, "peer": peer}
+        timings = time_pair(modules, z, codes_of, device, repeats)
+        floor = None
         if bandwidth is not None:
             moved_bytes = z.numel() * 4 * 2 + z[:, 0].numel() * 8  # read z, write codes, int64 indices
-            floor = f"{moved_bytes / bandwidth * 1e3:.3f}"
-        yield _row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor)
+            floor = moved_bytes / bandwidth
+        yield _fsq_row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor)
+
+
+def _fsq_row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: float | None) -> str:
+    def ms(key: str) -> str:
+        return "OOM" if timings[key] is None else f"{timings[key] * 1e3:.3f}"
+
+    def ratio(numerator: str, denominator: str) -> str:
+        top, bottom = timings[numerator], timings[denominator]
+        return "-" if top is None or bottom is None else f"{top / bottom:.2f}x"
+
+    vectors = z.numel() // z.shape[1]
+    floor_ms = "" if floor is None else f"{floor * 1e3:.3f}"
+    fused = timings["fused_fwd"]
+    off_floor = "" if floor is None or fused is None else f"{fused / floor:.1f}x"
+    return (
+        f"| {label} | {vectors:,} | {floor_ms} | {ms('fused_fwd')} | {off_floor} | {ms('eager_fwd')} "
+        f"| {ms('peer_fwd')} | {ratio('peer_fwd', 'fused_fwd')} | {ms('fused_fb')} | {ms('eager_fb')} "
+        f"| {ms('peer_fb')} | {ratio('peer_fb', 'fused_fb')} |"
+    )
+
+
+FSQ_HEADER = (
+    "| size | vectors | floor ms | fused fwd ms | fused / floor | eager fwd ms | peer fwd ms "
+    "| peer / fused fwd | fused fwd+bwd ms | eager fwd+bwd ms | peer fwd+bwd ms | peer / fused fwd+bwd |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def vq_rows(device: torch.device, num_vectors: int, dim: int, repeats: int) -> Iterator[str]:
@@ -156,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine_description(device)}\n")
     if not args.skip_fsq:
         print(f"FSQ, Table-1 levels, {fsq_vectors:,} latent vectors (peer: vector_quantize_pytorch.FSQ)\n")
-        print(HEADER)
+        print(FSQ_HEADER)
         for row in fsq_rows(device, fsq_vectors, args.repeats):
             print(row, flush=True)
     if not args.skip_vq:

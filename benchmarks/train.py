@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import machine_description, synchronize
-from imtok.data.shards import ShardLoader, write_split
-from imtok.data.sources import SyntheticShapes
+from benchmarks.common import machine_description, synchronize, write_synthetic_shards
+from imtok.data.shards import ShardLoader
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.quantizers import QuantizerOutput
 from imtok.quantizers.common import codebook_stats
@@ -138,9 +137,8 @@ def measure_training(args: argparse.Namespace, device: torch.device, peer: bool)
 def measure_loader(args: argparse.Namespace) -> float:
     """Images/s of ``ShardLoader`` over synthetic shards at the benchmark size (decode + collate)."""
     count = max(args.loader_images, args.batch_size * 4)
-    source = SyntheticShapes(count=int(count / 0.9) + 1, image_size=args.image_size, channels=args.channels)
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
-        write_split(source, "train", Path(tmp), maxcount=max(1, count // 8))
+        write_synthetic_shards(Path(tmp), count, args.image_size, args.channels)
         loader = ShardLoader(Path(tmp), args.batch_size, num_workers=args.workers, seed=0)
         for _ in loader:  # warm-up pass: page cache and worker start
             pass

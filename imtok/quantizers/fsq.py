@@ -68,13 +68,30 @@ class FSQ(nn.Module):
 
     Quantization always runs in float32 (autocast is disabled inside) so that rounding and the
     integer index arithmetic are exact under bf16 autocast; codes are returned in the input dtype.
+
+    Fused path (``fused``): the same arithmetic as one compiled forward kernel and one backward
+    kernel (``imtok.quantizers.fsq_fused``). ``None`` (default) uses it on CUDA, where the eager
+    path's one-kernel-per-op traffic dominates; ``True`` uses it on any device (the first call
+    compiles, seconds to a minute); ``False`` never. The eager path stays the reference, and it is
+    used whatever ``fused`` says while training with ``noise_prob`` > 0 and inside a model that
+    ``torch.compile`` is tracing (which fuses the eager ops itself).
     """
 
-    def __init__(self, levels: Sequence[int], *, symmetric: bool = True, noise_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        levels: Sequence[int],
+        *,
+        symmetric: bool = True,
+        noise_prob: float = 0.0,
+        fused: bool | None = None,
+    ) -> None:
         super().__init__()
         self.levels = validate_levels(levels)
         if not 0.0 <= noise_prob <= 1.0:
             raise ValueError(f"noise_prob: expected a probability in [0, 1], got {noise_prob}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused: expected true, false or null (CUDA only), got {fused!r}")
+        self.fused = fused
         self.symmetric = symmetric
         self.noise_prob = float(noise_prob)
         self.dim = len(self.levels)
@@ -148,20 +165,38 @@ class FSQ(nn.Module):
         dithered = level_values + (torch.rand_like(level_values) - 0.5)
         return torch.where(replace, dithered, level_values)
 
+    def uses_fused(self, z: Tensor) -> bool:
+        """Whether ``forward(z)`` takes the fused path (see the class docstring)."""
+        if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling():
+            return False
+        return z.is_cuda if self.fused is None else self.fused
+
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
         check_channels(z, self.dim, "z")
         with torch.autocast(device_type=z.device.type, enabled=False):
-            bounded = self.bound(z.float())  # (B, C, H, W)
-            rounded = self._round_to_levels(bounded).detach()
-            indices = self._indices_from_level_values(rounded)  # (B, H, W)
-            if self.training and self.noise_prob > 0:
-                rounded = self._add_noise(rounded)
-            level_values = bounded + (rounded - bounded).detach()  # straight-through rounding
-            codes = level_values * self._inverse_scale
+            quantize = self._quantize_fused if self.uses_fused(z) else self._quantize_eager
+            codes, indices = quantize(z.float())
         stats = codebook_stats(indices, self.codebook_size)
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
         return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
+
+    def _quantize_eager(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference path: codes (B, C, H, W) and indices (B, H, W) of float32 latents."""
+        bounded = self.bound(z)  # (B, C, H, W)
+        rounded = self._round_to_levels(bounded).detach()
+        indices = self._indices_from_level_values(rounded)  # (B, H, W)
+        if self.training and self.noise_prob > 0:
+            rounded = self._add_noise(rounded)
+        level_values = bounded + (rounded - bounded).detach()  # straight-through rounding
+        return level_values * self._inverse_scale, indices
+
+    def _quantize_fused(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The same arithmetic as ``_quantize_eager`` (without noise) in one compiled kernel each way."""
+        from imtok.quantizers.fsq_fused import fused_fsq
+
+        constants = (self._shift, self._half_l, self._offset, self._center, self._scale, self._inverse_scale)
+        return fused_fsq(z.contiguous(), *constants, self._basis)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""
@@ -184,4 +219,7 @@ class FSQ(nn.Module):
         return self.indices_to_codes(indices)[0, :, :, 0].T  # (K, C)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, symmetric={self.symmetric}, noise_prob={self.noise_prob}"
+        return (
+            f"levels={self.levels}, symmetric={self.symmetric}, noise_prob={self.noise_prob}, "
+            f"fused={self.fused}"
+        )

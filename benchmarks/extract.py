@@ -1,0 +1,177 @@
+"""Token extraction throughput: the shard reader alone, the encoder alone and the stage end to end.
+
+    python -m benchmarks.extract                                 # CPU, the demo size (28x28 gray)
+    python -m benchmarks.extract --device cuda --image-size 256 --channels 3 --base-channels 128 \
+        --multipliers 1 1 2 2 4 --batch-size 128 --precision bf16 --channels-last --compile
+
+One run measures, on the same synthetic shards and the same (randomly initialised) tokenizer:
+- **reader**: ``iter_batches``, every image once in stored order (tar parsing, PNG decoding, collation),
+  the way the extraction and evaluation stages read a split;
+- **encode**: ``Tokenizer.encode`` on batches already on the device, with the chosen precision,
+  memory format and compilation: the rate the model allows;
+- **stage**: ``stages.extract_tokens.encode_split``, the extraction stage's loop (read, move, encode,
+  copy the indices back) over the same shards.
+
+``reader / encode`` must be well above 1 for the data never to be the bottleneck; ``stage / encode``
+is the share of the model's rate the stage reaches (it reads and encodes one after the other, so on a
+CPU it approaches 1 / (1 + encode / reader)). On CUDA the encoder's model FLOPs utilisation (FLOPs
+counted by ``torch.utils.flop_counter`` over ``--peak-tflops``) and the GPU utilisation from NVML
+are reported too. A randomly initialised tokenizer costs the same FLOPs as a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_description, synchronize, write_synthetic_shards
+from imtok.data.shards import iter_batches
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+
+
+def build_tokenizer(args: argparse.Namespace, device: torch.device) -> Tokenizer:
+    config = TokenizerConfig(
+        in_channels=args.channels,
+        image_size=args.image_size,
+        base_channels=args.base_channels,
+        channel_multipliers=tuple(args.multipliers),
+        num_res_blocks=args.res_blocks,
+        mid_attention=args.mid_attention,
+        quantizer=args.quantizer,
+        codebook_size=args.codebook_size,
+    )
+    torch.manual_seed(0)
+    model = Tokenizer(config).to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def measure_reader(shards: Path, batch_size: int) -> float:
+    """Images/s of ``iter_batches`` over the shards (a warm pass first: page cache)."""
+    for _ in iter_batches(shards, batch_size):
+        pass
+    started, seen = time.perf_counter(), 0
+    for batch in iter_batches(shards, batch_size):
+        seen += batch.images.shape[0]
+    return seen / (time.perf_counter() - started)
+
+
+def measure_encode(
+    model: Tokenizer, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, float]:
+    """Images/s of ``encode`` on device-resident batches; MFU and GPU utilisation on CUDA."""
+    shape = (args.batch_size, args.channels, args.image_size, args.image_size)
+    images = torch.rand(shape, device=device) * 2 - 1
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    encode = torch.compile(model.encode) if args.compile else model.encode
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def run() -> None:
+        with torch.no_grad(), autocast:
+            encode(images)
+
+    for _ in range(args.warmup):
+        run()
+    synchronize(device)
+    utilisation = []
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        run()
+        if device.type == "cuda":
+            with contextlib.suppress(Exception):  # NVML (pynvml) is optional
+                utilisation.append(torch.cuda.utilization(device))
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / args.steps
+    result = {"images_per_s": args.batch_size / seconds}
+    if device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), autocast:
+            model.encode(images)
+        result["mfu_pct"] = 100 * counter.get_total_flops() / seconds / (args.peak_tflops * 1e12)
+        if utilisation:
+            result["gpu_util_pct"] = sum(utilisation) / len(utilisation)
+    return result
+
+
+def measure_stage(
+    model: Tokenizer, shards: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+) -> float:
+    """Images/s of the extraction stage's loop over the shards (one warm pass first)."""
+    from stages.extract_tokens import encode_split
+
+    def run() -> int:
+        samples = encode_split(
+            model, shards, batch_size=args.batch_size, device=device, autocast_dtype=dtype, flip=False
+        )
+        return sum(1 for _ in samples)
+
+    run()
+    synchronize(device)
+    started = time.perf_counter()
+    count = run()
+    synchronize(device)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 2])
+    parser.add_argument("--res-blocks", type=int, default=1)
+    parser.add_argument("--mid-attention", action="store_true")
+    parser.add_argument("--quantizer", default="fsq", choices=["fsq", "vq", "regvq"])
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=4096, help="synthetic images in the shards")
+    parser.add_argument("--steps", type=int, default=10, help="timed encode batches")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    model = build_tokenizer(args, device)
+    with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
+        shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels)
+        reader = measure_reader(shards, args.batch_size)
+        encode = measure_encode(model, args, device, dtype)
+        stage = measure_stage(model, shards, args, device, dtype)
+    print(f"- machine: {machine_description(device)}")
+    print(
+        f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "
+        f"base {args.base_channels}, multipliers {args.multipliers}, {args.quantizer} {args.codebook_size}, "
+        f"batch {args.batch_size}, "
+        f"{args.precision}{', channels_last' if args.channels_last else ''}"
+        f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in 8 shards"
+    )
+    print()
+    print("| part | images/s | MFU % | GPU util % |")
+    print("|---|---:|---:|---:|")
+    mfu = f"{encode['mfu_pct']:.1f}" if "mfu_pct" in encode else "-"
+    util = f"{encode['gpu_util_pct']:.0f}" if "gpu_util_pct" in encode else "-"
+    print(f"| reader (`iter_batches`) | {reader:,.0f} | - | - |")
+    print(f"| encode (`Tokenizer.encode`) | {encode['images_per_s']:,.0f} | {mfu} | {util} |")
+    print(f"| stage (`encode_split`) | {stage:,.0f} | - | - |")
+    print()
+    print(
+        f"reader / encode: **{reader / encode['images_per_s']:.2f}**; "
+        f"stage / encode: **{stage / encode['images_per_s']:.2f}**"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The fused (compiled) FSQ path against the eager reference: same indices, codes and gradients."""
+
+import pytest
+import torch
+
+from imtok.quantizers.fsq import FSQ
+
+CASES = [
+    ([8, 5, 5, 5], True),  # even and odd levels, symmetric bound (half-integer grid for the 8)
+    ([7, 5, 5, 5, 5], True),  # odd levels only: integer grid
+    ([8, 6, 5], False),  # the paper's exact bound for even levels: shift and offset in play
+]
+
+
+def latents(channels: int, seed: int) -> torch.Tensor:
+    """N(0, 2) latents plus saturated values and exact zeros, (3, C, 5, 7)."""
+    z = torch.randn(3, channels, 5, 7, generator=torch.Generator().manual_seed(seed)) * 2
+    z[0, :, 0, 0] = 0.0
+    z[1, :, 1, 1] = 30.0
+    z[2, :, 2, 2] = -30.0
+    return z
+
+
+@pytest.mark.parametrize(("levels", "symmetric"), CASES)
+def test_fused_path_matches_the_eager_reference(levels, symmetric):
+    eager = FSQ(levels, symmetric=symmetric, fused=False).train()
+    fused = FSQ(levels, symmetric=symmetric, fused=True).train()
+    assert fused.uses_fused(torch.zeros(1)) and not eager.uses_fused(torch.zeros(1))
+    for seed, shape_scale in ((0, 1), (1, 2)):  # a second batch size: dynamic shapes, no wrong reuse
+        z = latents(len(levels), seed).repeat(shape_scale, 1, 1, 1)
+        z_eager, z_fused = z.clone().requires_grad_(), z.clone().requires_grad_()
+        out_eager, out_fused = eager(z_eager), fused(z_fused)
+        assert torch.equal(out_fused.indices, out_eager.indices)
+        torch.testing.assert_close(out_fused.codes, out_eager.codes, rtol=0, atol=1e-6)
+        weights = torch.randn_like(z)
+        (out_eager.codes * weights).sum().backward()
+        (out_fused.codes * weights).sum().backward()
+        torch.testing.assert_close(z_fused.grad, z_eager.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused.indices_to_codes(out_fused.indices), out_fused.codes.detach())
+
+
+def test_fused_path_keeps_the_input_dtype_and_stats():
+    quantizer = FSQ([8, 5, 5, 5], fused=True)
+    z = latents(4, 2).to(torch.bfloat16)
+    out = quantizer(z)
+    assert out.codes.dtype == torch.bfloat16
+    assert out.indices.dtype == torch.int64 and out.indices.shape == (3, 5, 7)
+    assert set(out.stats) >= {"usage", "perplexity"}
+    assert out.loss.item() == 0.0
+
+
+def test_noise_and_the_default_choose_the_eager_path():
+    assert not FSQ([8, 5, 5, 5]).uses_fused(torch.zeros(1))  # default: fused on CUDA only
+    noisy = FSQ([8, 5, 5, 5], noise_prob=0.5, fused=True)
+    assert not noisy.train().uses_fused(torch.zeros(1))
+    assert noisy.eval().uses_fused(torch.zeros(1))
+    with pytest.raises(ValueError, match="fused: expected true, false or null"):
+        FSQ([8, 5, 5, 5], fused="yes")
