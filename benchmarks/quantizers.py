@@ -123,13 +123,18 @@ FSQ_HEADER = (
 )
 
 
-def vq_rows(device: torch.device, num_vectors: int, dim: int, repeats: int) -> Iterator[str]:
+SEARCH_PATHS = {"auto": None, "fused": True, "chunked": False}
+
+
+def vq_rows(
+    device: torch.device, num_vectors: int, dim: int, repeats: int, search: str = "auto"
+) -> Iterator[str]:
     """Markdown rows comparing our EMA VQ with the peer's VectorQuantize at every Table-1 size."""
     from vector_quantize_pytorch import VectorQuantize
 
     for size in TABLE_ONE_SIZES:
         z = latent_grid(num_vectors, dim, device)
-        ours = VectorQuantizer(size, dim, kmeans_init=False).to(device)
+        ours = VectorQuantizer(size, dim, kmeans_init=False, search_fused=SEARCH_PATHS[search]).to(device)
         peer = VectorQuantize(dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99).to(device)
         with torch.no_grad():
             peer._codebook.embed.copy_(ours.codebook.unsqueeze(0))
@@ -174,6 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-fsq", action="store_true")
     parser.add_argument("--skip-vq", action="store_true")
+    parser.add_argument(
+        "--vq-search",
+        choices=sorted(SEARCH_PATHS),
+        default="auto",
+        help="our VQ's nearest-code search: auto (fused on CUDA for dim <= 64), fused or chunked",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -190,10 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
     if not args.skip_vq:
         print(
-            f"\nVQ (EMA codebook), {vq_vectors:,} latent vectors, dim {args.vq_dim} (peer: VectorQuantize)\n"
+            f"\nVQ (EMA codebook), {vq_vectors:,} latent vectors, dim {args.vq_dim}, our search: "
+            f"{args.vq_search} (peer: VectorQuantize)\n"
         )
         print(HEADER)
-        for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats):
+        for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats, args.vq_search):
             print(row, flush=True)
 
 

@@ -1,7 +1,11 @@
 """Exact nearest-code search that never builds the full (N, K) distance matrix."""
 
+import logging
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 # 2^22 float32 distances = 16 MiB per block: large enough that each block is one efficient matmul,
 # small enough that even 65,536 codes leave room for 64 rows and memory stays O(N + K).
@@ -25,23 +29,53 @@ def squared_distances(x: Tensor, codebook: Tensor) -> Tensor:
     return distance_block(x, codebook.t(), codebook.pow(2).sum(dim=1))
 
 
+# Set when the fused kernel failed to build or launch on this machine: the chunked path takes over.
+_fused_broken: list[str] = []
+
+
+def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> bool:
+    """Whether ``nearest_code`` runs the fused Triton kernel: ``fused``, or by default (None) on CUDA
+    for code dimensions the kernel keeps in registers, unless it failed here before."""
+    if fused is not None:
+        return fused
+    if not (x.is_cuda and codebook.is_cuda) or _fused_broken:
+        return False
+    from imtok.quantizers.search_triton import MAX_FUSED_DIM
+
+    return x.shape[1] <= MAX_FUSED_DIM
+
+
 def nearest_code(
     x: Tensor,
     codebook: Tensor,
     chunk_size: int | None = None,
     max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Index (int64, (N,)) of and squared distance ((N,), clamped at 0) to the nearest code for each row.
 
-    Rows of ``x`` (N, D) are processed ``chunk_size`` at a time against the whole ``codebook`` (K, D);
-    by default ``chunk_size`` is chosen so a chunk's (chunk, K) block holds at most
-    ``max_block_elements`` distances. Ties go to the lowest code index, as with ``argmin``.
+    Two exact paths, both with memory O(N + K) and ties going to the lowest code index, as with
+    ``argmin``. Fused (``imtok.quantizers.search_triton``): one Triton kernel that never writes a
+    distance; the default on CUDA for D <= 64 (``fused=None``), forced with ``fused=True``. Chunked
+    (``fused=False``, and everywhere else): rows of ``x`` (N, D) are processed ``chunk_size`` at a
+    time against the whole ``codebook`` (K, D); by default ``chunk_size`` is chosen so a chunk's
+    (chunk, K) block holds at most ``max_block_elements`` distances.
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         shapes = f"{tuple(x.shape)} and {tuple(codebook.shape)}"
         raise ValueError(f"x, codebook: expected shapes (N, D) and (K, D) with equal D, got {shapes}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1 or None, got {chunk_size}")
+    if fused_search_applies(x, codebook, fused):
+        from imtok.quantizers.search_triton import fused_nearest_code
+
+        if fused:
+            return fused_nearest_code(x, codebook)
+        try:
+            return fused_nearest_code(x, codebook)
+        except Exception as error:  # a Triton that cannot build the kernel here: say so, then go on
+            _fused_broken.append(repr(error))
+            log.warning("fused nearest-code search unavailable (%r); using the chunked search", error)
     rows = chunk_size if chunk_size is not None else rows_per_chunk(codebook.shape[0], max_block_elements)
     codebook_t = codebook.t()  # (D, K)
     codebook_sq_norms = codebook.pow(2).sum(dim=1)  # (K,)

@@ -57,7 +57,7 @@ def all_reduced_cluster_sums(x: Tensor, indices: Tensor, num_codes: int) -> tupl
 
 
 def kmeans(
-    x: Tensor, num_codes: int, iters: int, cosine: bool, chunk_size: int | None
+    x: Tensor, num_codes: int, iters: int, cosine: bool, chunk_size: int | None, fused: bool | None = None
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means on x (N, D) seeded from its rows: centres (K, D) and final cluster counts (K,).
 
@@ -67,7 +67,7 @@ def kmeans(
     centres = broadcast_from_first(sample_rows(x, num_codes))  # (K, D)
     counts = x.new_zeros(num_codes)
     for _ in range(iters):
-        indices, _ = nearest_code(x, centres, chunk_size)  # (N,)
+        indices, _ = nearest_code(x, centres, chunk_size, fused=fused)  # (N,)
         counts, sums = all_reduced_cluster_sums(x, indices, num_codes)
         means = sums / counts.clamp_min(1.0)[:, None]  # (K, D)
         if cosine:
@@ -110,6 +110,8 @@ class VectorQuantizer(nn.Module):
         cosine: l2-normalise latents and codes, so the search is by cosine similarity.
         search_chunk_size: rows per chunk in the nearest-code search; None sizes chunks to a fixed
             memory budget (see ``imtok.quantizers.search``).
+        search_fused: the fused Triton search (True), the chunked one (False), or None: fused on
+            CUDA for code dimensions up to 64, chunked elsewhere (see ``nearest_code``).
 
     Training mode updates the codebook (EMA), runs the k-means initialisation once and restarts dead
     codes; eval mode does none of these. Under ``torch.distributed`` the EMA statistics, the k-means
@@ -133,6 +135,7 @@ class VectorQuantizer(nn.Module):
         restart_after_steps: int | None = 100,
         cosine: bool = False,
         search_chunk_size: int | None = None,
+        search_fused: bool | None = None,
     ) -> None:
         super().__init__()
         require(codebook_size >= 2, "codebook_size", "an integer >= 2", codebook_size)
@@ -167,6 +170,8 @@ class VectorQuantizer(nn.Module):
         self.restart_after_steps = restart_after_steps
         self.cosine = cosine
         self.search_chunk_size = search_chunk_size
+        require(search_fused in (None, True, False), "search_fused", "true, false or null", search_fused)
+        self.search_fused = search_fused
 
         projected = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if projected else nn.Identity()
@@ -211,7 +216,12 @@ class VectorQuantizer(nn.Module):
     def _kmeans_init(self, latents: Tensor) -> None:
         """Set the codebook by k-means on this batch's vectors (N, Dc) and mark it initialised."""
         centres, counts = kmeans(
-            latents, self.codebook_size, self.kmeans_iters, self.cosine, self.search_chunk_size
+            latents,
+            self.codebook_size,
+            self.kmeans_iters,
+            self.cosine,
+            self.search_chunk_size,
+            fused=self.search_fused,
         )
         all_codes = torch.ones(self.codebook_size, dtype=torch.bool, device=latents.device)
         self._set_codes(all_codes, centres)
@@ -265,7 +275,9 @@ class VectorQuantizer(nn.Module):
             if self.training and not bool(self.initialized):
                 self._kmeans_init(latents.detach())
             codebook = self.codebook  # (K, Dc)
-            indices, _ = nearest_code(latents.detach(), codebook.detach(), self.search_chunk_size)  # (N,)
+            indices, _ = nearest_code(
+                latents.detach(), codebook.detach(), self.search_chunk_size, fused=self.search_fused
+            )  # (N,)
             quantized = F.embedding(indices, codebook)  # (N, Dc)
             commitment = F.mse_loss(latents, quantized.detach())
             loss = self.beta * commitment
