@@ -31,13 +31,15 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
 
 
 def write_synthetic_shards(directory: Path, count: int, image_size: int, channels: int) -> Path:
-    """About ``count`` seeded synthetic images as a train split of 8 shards in ``directory``."""
+    """``count`` seeded synthetic images as a train split of 8 equal shards (the last may be short)."""
+    import math
+
     from imtok.data.shards import write_split
     from imtok.data.sources import SyntheticShapes
 
-    # The source holds back a 10% val split, so ask for a little more than ``count`` in all.
-    source = SyntheticShapes(count=int(count / 0.9) + 1, image_size=image_size, channels=channels)
-    write_split(source, "train", directory, maxcount=max(1, count // 8))
+    # The source holds back a 10% val split, so it gets a little more than ``count`` in all.
+    source = SyntheticShapes(count=math.ceil(count / 0.9) + 1, image_size=image_size, channels=channels)
+    write_split(source, "train", directory, maxcount=math.ceil(count / 8), limit=count)
     return directory
 
 

@@ -6,11 +6,12 @@
 
 One run measures, on the same synthetic shards and the same (randomly initialised) tokenizer:
 - **reader**: ``iter_batches``, every image once in stored order (tar parsing, PNG decoding, collation),
-  the way the extraction and evaluation stages read a split;
+  as the evaluation stage reads a split (extraction decodes the same samples one by one);
 - **encode**: ``Tokenizer.encode`` on batches already on the device, with the chosen precision,
   memory format and compilation: the rate the model allows;
 - **stage**: ``stages.extract_tokens.encode_split``, the extraction stage's loop (read, move, encode,
-  copy the indices back) over the same shards.
+  copy the indices back) over the same shards, with the same encoder as the encode row (compiled and
+  channels_last when asked for).
 
 ``reader / encode`` must be well above 1 for the data never to be the bottleneck; ``stage / encode``
 is the share of the model's rate the stage reaches (it reads and encodes one after the other, so on a
@@ -62,20 +63,37 @@ def measure_reader(shards: Path, batch_size: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
+class Encoder:
+    """The tokenizer's ``encode`` as the benchmark runs it: compiled and channels_last when asked for.
+
+    ``encode_split`` calls ``.encode`` only, so the stage row runs this very encoder too.
+    """
+
+    def __init__(self, model: Tokenizer, compile_: bool, channels_last: bool) -> None:
+        self.run = torch.compile(model.encode) if compile_ else model.encode
+        self.channels_last = channels_last
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.run(images)
+
+
 def measure_encode(
-    model: Tokenizer, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+    model: Tokenizer,
+    encoder: Encoder,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> dict[str, float]:
     """Images/s of ``encode`` on device-resident batches; MFU and GPU utilisation on CUDA."""
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     images = torch.rand(shape, device=device) * 2 - 1
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    encode = torch.compile(model.encode) if args.compile else model.encode
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def run() -> None:
         with torch.no_grad(), autocast:
-            encode(images)
+            encoder.encode(images)
 
     for _ in range(args.warmup):
         run()
@@ -103,14 +121,14 @@ def measure_encode(
 
 
 def measure_stage(
-    model: Tokenizer, shards: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+    encoder: Encoder, shards: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
 ) -> float:
     """Images/s of the extraction stage's loop over the shards (one warm pass first)."""
     from stages.extract_tokens import encode_split
 
     def run() -> int:
         samples = encode_split(
-            model, shards, batch_size=args.batch_size, device=device, autocast_dtype=dtype, flip=False
+            encoder, shards, batch_size=args.batch_size, device=device, autocast_dtype=dtype, flip=False
         )
         return sum(1 for _ in samples)
 
@@ -147,9 +165,10 @@ def main() -> None:
     model = build_tokenizer(args, device)
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
         shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels)
+        encoder = Encoder(model, args.compile, args.channels_last)
         reader = measure_reader(shards, args.batch_size)
-        encode = measure_encode(model, args, device, dtype)
-        stage = measure_stage(model, shards, args, device, dtype)
+        encode = measure_encode(model, encoder, args, device, dtype)
+        stage = measure_stage(encoder, shards, args, device, dtype)
     print(f"- machine: {machine_description(device)}")
     print(
         f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "

@@ -8,7 +8,8 @@ Prints one markdown table per quantizer: milliseconds for forward (eval) and for
 "OOM" marks a run that ran out of device memory. FSQ is timed on both of our paths, the fused
 (compiled, one kernel each way; first call compiles, outside the timing) and the eager reference.
 On CUDA the FSQ table also gives the memory floor: the time to read z and write codes and indices
-at the measured copy bandwidth, and how far the fused forward is from it.
+at the measured copy bandwidth, and how far the fused forward is from it. Every "fwd" is the whole
+module call, so it includes the usage statistics (a bincount over the indices) beside the kernel.
 """
 
 import argparse

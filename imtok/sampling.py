@@ -30,9 +30,6 @@ from imtok.models.maskgit import mask_ratio
 
 TokensToLogits = Callable[[Tensor, Tensor | None], Tensor]
 
-# Smallest uniform draw turned into Gumbel noise: keeps -log(-log(u)) finite when u is exactly 0.
-UNIFORM_FLOOR = torch.finfo(torch.float32).tiny
-
 
 class NextTokenLogits(Protocol):
     """``(tokens, labels, cache) -> (logits (B, K) for the next token, cache)``.
@@ -105,12 +102,16 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def gumbel_noise(
-    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    shape: torch.Size | tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Standard Gumbel samples -log(-log(u)), u ~ U(0, 1), drawn from ``generator``."""
-    uniform = torch.rand(shape, generator=generator, device=device)
-    # In place: one tensor for the whole chain, which matters at (rows, 16384-code) sizes.
-    return uniform.clamp_min_(UNIFORM_FLOOR).log_().neg_().log_().neg_()
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    # In place: one tensor for the whole chain, which matters at (rows, 16384-code) sizes. The floor
+    # (the dtype's smallest normal number) keeps -log(-log(u)) finite when u is exactly 0.
+    return uniform.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_().neg_()
 
 
 def sample_categorical(
@@ -123,7 +124,9 @@ def sample_categorical(
     _require(temperature >= 0, "temperature", "a number >= 0 (0: greedy)", temperature)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    noise = gumbel_noise(logits.shape, generator, logits.device)
+    # float32 noise (float64 for float64 logits), so the sum is never rounded below float32.
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    noise = gumbel_noise(logits.shape, generator, logits.device, dtype)
     return noise.add_(logits, alpha=1.0 / temperature).argmax(dim=-1)
 
 

@@ -1,9 +1,18 @@
 """The fused (compiled) FSQ path against the eager reference: same indices, codes and gradients."""
 
+import shutil
+
 import pytest
 import torch
 
+from imtok.quantizers import fsq as fsq_module
 from imtok.quantizers.fsq import FSQ
+
+# On CPU, torch.compile builds C++ kernels: without a compiler the fused path cannot run here.
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)",
+)
 
 CASES = [
     ([8, 5, 5, 5], True),  # even and odd levels, symmetric bound (half-integer grid for the 8)
@@ -21,6 +30,7 @@ def latents(channels: int, seed: int) -> torch.Tensor:
     return z
 
 
+@needs_compiler
 @pytest.mark.parametrize(("levels", "symmetric"), CASES)
 def test_fused_path_matches_the_eager_reference(levels, symmetric):
     eager = FSQ(levels, symmetric=symmetric, fused=False).train()
@@ -39,6 +49,7 @@ def test_fused_path_matches_the_eager_reference(levels, symmetric):
         assert torch.equal(fused.indices_to_codes(out_fused.indices), out_fused.codes.detach())
 
 
+@needs_compiler
 def test_fused_path_keeps_the_input_dtype_and_stats():
     quantizer = FSQ([8, 5, 5, 5], fused=True)
     z = latents(4, 2).to(torch.bfloat16)
@@ -56,3 +67,22 @@ def test_noise_and_the_default_choose_the_eager_path():
     assert noisy.eval().uses_fused(torch.zeros(1))
     with pytest.raises(ValueError, match="fused: expected true, false or null"):
         FSQ([8, 5, 5, 5], fused="yes")
+
+
+def test_a_fused_path_that_cannot_compile_hands_over_to_eager_unless_asked_for(monkeypatch, caplog):
+    from imtok.quantizers import fsq_fused
+
+    def broken(*args):
+        raise RuntimeError("no Triton for this GPU")
+
+    monkeypatch.setattr(fsq_fused, "fused_fsq", broken)
+    monkeypatch.setattr(fsq_module, "_fused_broken", [])
+    z = latents(4, 3)
+    default = FSQ([8, 5, 5, 5]).eval()  # fused=None: would take the fused path on CUDA
+    with caplog.at_level("WARNING", logger=fsq_module.__name__):
+        codes, indices = default._quantize_fused(z)
+    expected = FSQ([8, 5, 5, 5], fused=False).eval()(z)
+    assert torch.equal(indices, expected.indices) and torch.equal(codes, expected.codes)
+    assert "using the eager path" in caplog.text and "no Triton" in fsq_module._fused_broken[0]
+    with pytest.raises(RuntimeError, match="no Triton"):
+        FSQ([8, 5, 5, 5], fused=True).eval()(z)

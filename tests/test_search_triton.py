@@ -82,3 +82,22 @@ def test_the_default_takes_the_fused_kernel_only_on_cuda():
     assert not fused_search_applies(x, codebook, None)  # CPU tensors: the chunked path
     assert fused_search_applies(x, codebook, True)
     assert not fused_search_applies(x, codebook, False)
+
+
+def test_a_kernel_that_fails_to_build_hands_over_to_the_chunked_search(monkeypatch, caplog):
+    from imtok.quantizers import search, search_triton
+
+    def broken(x, codebook):
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(search, "_fused_broken", [])
+    monkeypatch.setattr(search_triton, "fused_nearest_code", broken)
+    monkeypatch.setattr(search, "fused_search_applies", lambda x, codebook, fused: not search._fused_broken)
+    x, codebook = torch.randn(6, 8), torch.randn(16, 8)
+    expected = search.nearest_code(x, codebook, fused=False)
+    with caplog.at_level("WARNING", logger=search.__name__):
+        indices, distances = search.nearest_code(x, codebook)
+    assert torch.equal(indices, expected[0]) and torch.equal(distances, expected[1])
+    assert "using the chunked search" in caplog.text and "no compiler" in search._fused_broken[0]
+    with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: the error stands
+        search.nearest_code(x, codebook, fused=True)

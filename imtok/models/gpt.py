@@ -37,6 +37,7 @@ from imtok.models.maskgit import (
     positional_embedding,
 )
 from imtok.quantizers.common import check_indices
+from imtok.training import unwrap_model
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def gpt_loss(
     Returns the scalar loss (mean over all B * N tokens, with the config's label smoothing) and stats:
     ``loss`` and ``accuracy`` (of the argmax prediction).
     """
-    config = model.config
+    config = unwrap_model(model).config  # the module inside DDP or torch.compile
     check_indices(indices, config.codebook_size)
     check_labels(labels, config.num_classes)
     targets = indices.flatten(1)  # (B, N)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imtok.quantizers.common import check_indices
+from imtok.training import unwrap_model
 
 # Standard deviation of the truncated-normal init of every linear, embedding and positional weight
 # (BERT, GPT-2 and the MaskGIT reference code all use 0.02); truncated at two standard deviations.
@@ -412,7 +413,7 @@ def maskgit_loss(
     (fraction of tokens masked in the batch). ``generator`` (on the indices' device) draws the masks;
     label dropout inside the model uses the global RNG, as dropout does.
     """
-    config = model.config
+    config = unwrap_model(model).config  # the module inside DDP or torch.compile
     check_indices(indices, config.codebook_size)
     check_labels(labels, config.num_classes)
     batch, h, w = indices.shape

@@ -1,5 +1,6 @@
 """Finite Scalar Quantization (Mentzer, Minnen, Agustsson, Tschannen, ICLR 2024)."""
 
+import logging
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -7,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats
+
+log = logging.getLogger(__name__)
 
 # The paper's Table 1: recommended levels per target codebook size.
 RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
@@ -16,6 +19,9 @@ RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
     2**14: (8, 8, 8, 6, 5),
     2**16: (8, 8, 8, 5, 5, 5),
 }
+
+# Set when the fused path failed to compile or run here: the eager path takes over (fused=None).
+_fused_broken: list[str] = []
 
 # Widens the tanh range by a hair so the outermost levels are reached before tanh saturates;
 # the same value as the paper's reference code, so odd-level indices agree with it.
@@ -71,10 +77,12 @@ class FSQ(nn.Module):
 
     Fused path (``fused``): the same arithmetic as one compiled forward kernel and one backward
     kernel (``imtok.quantizers.fsq_fused``). ``None`` (default) uses it on CUDA, where the eager
-    path's one-kernel-per-op traffic dominates; ``True`` uses it on any device (the first call
-    compiles, seconds to a minute); ``False`` never. The eager path stays the reference, and it is
-    used whatever ``fused`` says while training with ``noise_prob`` > 0 and inside a model that
-    ``torch.compile`` is tracing (which fuses the eager ops itself).
+    path's one-kernel-per-op traffic dominates, and falls back to eager with a warning when it
+    cannot compile; ``True`` uses it on any device (the first call of a process compiles, seconds
+    to a minute); ``False`` never (``tokenizer.quantizer_options: {fused: false}`` in params).
+    The eager path stays the reference, and it is used whatever ``fused`` says while training with
+    ``noise_prob`` > 0 and inside a model that ``torch.compile`` is tracing (which fuses the eager
+    ops itself).
     """
 
     def __init__(
@@ -169,7 +177,9 @@ class FSQ(nn.Module):
         """Whether ``forward(z)`` takes the fused path (see the class docstring)."""
         if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling():
             return False
-        return z.is_cuda if self.fused is None else self.fused
+        if self.fused is None:
+            return z.is_cuda and not _fused_broken
+        return self.fused
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
@@ -192,11 +202,25 @@ class FSQ(nn.Module):
         return level_values * self._inverse_scale, indices
 
     def _quantize_fused(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The same arithmetic as ``_quantize_eager`` (without noise) in one compiled kernel each way."""
-        from imtok.quantizers.fsq_fused import fused_fsq
+        """The same arithmetic as ``_quantize_eager`` (without noise) in one compiled kernel each way.
 
+        By default (``fused=None``) a compiler that fails here (no Triton, an unsupported GPU) is
+        reported once and the eager path takes over for the rest of the process; asked for
+        explicitly (``fused=True``), its error stands.
+        """
         constants = (self._shift, self._half_l, self._offset, self._center, self._scale, self._inverse_scale)
-        return fused_fsq(z.contiguous(), *constants, self._basis)
+        try:
+            from imtok.quantizers.fsq_fused import fused_fsq
+
+            return fused_fsq(z, *constants, self._basis)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if self.fused:
+                raise
+            _fused_broken.append(repr(error))
+            log.warning("fused FSQ unavailable (%r); using the eager path", error)
+            return self._quantize_eager(z)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""

@@ -29,20 +29,22 @@ def squared_distances(x: Tensor, codebook: Tensor) -> Tensor:
     return distance_block(x, codebook.t(), codebook.pow(2).sum(dim=1))
 
 
-# Set when the fused kernel failed to build or launch on this machine: the chunked path takes over.
+# The fused kernel keeps a tile of latents in registers: code dimensions up to this one.
+MAX_FUSED_DIM = 64
+
+# Set when the fused kernel failed to import, build or launch here: the chunked path takes over.
 _fused_broken: list[str] = []
 
 
 def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> bool:
-    """Whether ``nearest_code`` runs the fused Triton kernel: ``fused``, or by default (None) on CUDA
-    for code dimensions the kernel keeps in registers, unless it failed here before."""
+    """Whether ``nearest_code`` runs the fused Triton kernel: ``fused``, or by default (None) for
+    float32 CUDA tensors whose code dimension the kernel keeps in registers, unless it failed here
+    before."""
     if fused is not None:
         return fused
-    if not (x.is_cuda and codebook.is_cuda) or _fused_broken:
-        return False
-    from imtok.quantizers.search_triton import MAX_FUSED_DIM
-
-    return x.shape[1] <= MAX_FUSED_DIM
+    on_cuda = x.is_cuda and codebook.is_cuda
+    float32 = x.dtype == codebook.dtype == torch.float32
+    return on_cuda and float32 and x.shape[1] <= MAX_FUSED_DIM and not _fused_broken
 
 
 def nearest_code(
@@ -54,10 +56,11 @@ def nearest_code(
 ) -> tuple[Tensor, Tensor]:
     """Index (int64, (N,)) of and squared distance ((N,), clamped at 0) to the nearest code for each row.
 
-    Two exact paths, both with memory O(N + K) and ties going to the lowest code index, as with
-    ``argmin``. Fused (``imtok.quantizers.search_triton``): one Triton kernel that never writes a
-    distance; the default on CUDA for D <= 64 (``fused=None``), forced with ``fused=True``. Chunked
-    (``fused=False``, and everywhere else): rows of ``x`` (N, D) are processed ``chunk_size`` at a
+    Two exact paths (up to float32 rounding, which can decide near-ties differently between them),
+    both with memory O(N + K) and ties going to the lowest code index, as with ``argmin``. Fused
+    (``imtok.quantizers.search_triton``): one Triton kernel that never writes a distance, in float32;
+    the default for float32 CUDA tensors with D <= 64 (``fused=None``), forced with ``fused=True``.
+    Chunked (``fused=False``, and everywhere else): rows of ``x`` (N, D) are processed ``chunk_size`` at a
     time against the whole ``codebook`` (K, D); by default ``chunk_size`` is chosen so a chunk's
     (chunk, K) block holds at most ``max_block_elements`` distances.
     """
@@ -66,14 +69,18 @@ def nearest_code(
         raise ValueError(f"x, codebook: expected shapes (N, D) and (K, D) with equal D, got {shapes}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1 or None, got {chunk_size}")
-    if fused_search_applies(x, codebook, fused):
+    if fused:
         from imtok.quantizers.search_triton import fused_nearest_code
 
-        if fused:
-            return fused_nearest_code(x, codebook)
+        return fused_nearest_code(x, codebook)
+    if fused is None and fused_search_applies(x, codebook, None):
         try:
+            from imtok.quantizers.search_triton import fused_nearest_code
+
             return fused_nearest_code(x, codebook)
-        except Exception as error:  # a Triton that cannot build the kernel here: say so, then go on
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # no Triton, or one that cannot build the kernel here: say so, go on
             _fused_broken.append(repr(error))
             log.warning("fused nearest-code search unavailable (%r); using the chunked search", error)
     rows = chunk_size if chunk_size is not None else rows_per_chunk(codebook.shape[0], max_block_elements)

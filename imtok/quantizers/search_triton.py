@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_FUSED_DIM = 64
+from imtok.quantizers.search import MAX_FUSED_DIM
+
 BLOCK_ROWS = 64  # latents per program
 BLOCK_CODES = 128  # codes per tile of the inner loop
 
@@ -42,7 +43,8 @@ def _nearest_code_kernel(
     BLOCK_CODES: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    # int64 row offsets: rows * dim passes 2^31 at 33.5 M rows of 64 dims.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     dims = tl.arange(0, BLOCK_DIM)
     row_ok = rows < num_rows
     dim_ok = dims < dim

@@ -39,6 +39,7 @@ from imtok.training import (
     make_scheduler,
     prune_checkpoints,
     save_checkpoint,
+    unwrap_model,
 )
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def validation_metrics(
     batch, h, w = tokens.shape
     if kind == "maskgit":
         mask = random_token_mask(batch, h * w, tokens.device, generator).view(batch, h, w)
-        logits = model(tokens.masked_fill(mask, model.config.mask_id), labels, positions=mask).float()
+        inputs = tokens.masked_fill(mask, unwrap_model(model).config.mask_id)
+        logits = model(inputs, labels, positions=mask).float()
         loss, stats = masked_token_loss(logits, tokens, mask, 0.0)
         predicted = int(mask.sum())
         return loss * predicted, stats["accuracy"] * predicted, predicted
