@@ -1,11 +1,13 @@
 """Timing and machine-description helpers shared by the benchmarks."""
 
+import argparse
 import datetime
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,41 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
         synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def add_tokenizer_arguments(
+    parser: argparse.ArgumentParser, *, image_size: int, base_channels: int, batch_size: int
+) -> None:
+    """The options the tokenizer benchmarks share: model shape, batch, numerics, device, MFU peak."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--base-channels", type=int, default=base_channels)
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 2])
+    parser.add_argument("--res-blocks", type=int, default=1)
+    parser.add_argument("--mid-attention", action="store_true")
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+
+
+def tokenizer_config(args: argparse.Namespace, quantizer: str = "fsq") -> Any:
+    """The ``TokenizerConfig`` the options of ``add_tokenizer_arguments`` describe."""
+    from imtok.models.autoencoder import TokenizerConfig
+
+    return TokenizerConfig(
+        in_channels=args.channels,
+        image_size=args.image_size,
+        base_channels=args.base_channels,
+        channel_multipliers=tuple(args.multipliers),
+        num_res_blocks=args.res_blocks,
+        mid_attention=args.mid_attention,
+        quantizer=quantizer,
+        codebook_size=args.codebook_size,
+    )
 
 
 def write_synthetic_shards(directory: Path, count: int, image_size: int, channels: int) -> Path:

@@ -30,24 +30,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_description, synchronize, write_synthetic_shards
+from benchmarks.common import (
+    add_tokenizer_arguments,
+    machine_description,
+    synchronize,
+    tokenizer_config,
+    write_synthetic_shards,
+)
 from imtok.data.shards import iter_batches
-from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+from imtok.models.autoencoder import Tokenizer
 
 
 def build_tokenizer(args: argparse.Namespace, device: torch.device) -> Tokenizer:
-    config = TokenizerConfig(
-        in_channels=args.channels,
-        image_size=args.image_size,
-        base_channels=args.base_channels,
-        channel_multipliers=tuple(args.multipliers),
-        num_res_blocks=args.res_blocks,
-        mid_attention=args.mid_attention,
-        quantizer=args.quantizer,
-        codebook_size=args.codebook_size,
-    )
     torch.manual_seed(0)
-    model = Tokenizer(config).to(device).eval()
+    model = Tokenizer(tokenizer_config(args, args.quantizer)).to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -142,23 +138,11 @@ def measure_stage(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 2])
-    parser.add_argument("--res-blocks", type=int, default=1)
-    parser.add_argument("--mid-attention", action="store_true")
+    add_tokenizer_arguments(parser, image_size=28, base_channels=16, batch_size=256)
     parser.add_argument("--quantizer", default="fsq", choices=["fsq", "vq", "regvq"])
-    parser.add_argument("--codebook-size", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--images", type=int, default=4096, help="synthetic images in the shards")
     parser.add_argument("--steps", type=int, default=10, help="timed encode batches")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None

@@ -27,9 +27,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import machine_description, synchronize, write_synthetic_shards
+from benchmarks.common import (
+    add_tokenizer_arguments,
+    machine_description,
+    synchronize,
+    tokenizer_config,
+    write_synthetic_shards,
+)
 from imtok.data.shards import ShardLoader
-from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+from imtok.models.autoencoder import Tokenizer
 from imtok.quantizers import QuantizerOutput
 from imtok.quantizers.common import codebook_stats
 from imtok.training import ModelEma
@@ -52,17 +58,8 @@ class PeerFSQ(nn.Module):
 
 
 def build(args: argparse.Namespace, device: torch.device, peer: bool) -> Tokenizer:
-    config = TokenizerConfig(
-        in_channels=args.channels,
-        image_size=args.image_size,
-        base_channels=args.base_channels,
-        channel_multipliers=tuple(args.multipliers),
-        num_res_blocks=args.res_blocks,
-        mid_attention=args.mid_attention,
-        codebook_size=args.codebook_size,
-    )
     torch.manual_seed(0)
-    model = Tokenizer(config)
+    model = Tokenizer(tokenizer_config(args))
     if peer:
         model.quantizer = PeerFSQ(model.quantizer.levels)
     model = model.to(device)
@@ -150,23 +147,11 @@ def measure_loader(args: argparse.Namespace) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--base-channels", type=int, default=32)
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 2])
-    parser.add_argument("--res-blocks", type=int, default=1)
-    parser.add_argument("--mid-attention", action="store_true")
-    parser.add_argument("--codebook-size", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64)
+    add_tokenizer_arguments(parser, image_size=32, base_channels=32, batch_size=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument("--loader-images", type=int, default=4096)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
     ours = measure_training(args, device, peer=False)

@@ -74,15 +74,6 @@ class FusedFSQ(torch.autograd.Function):
         return (grad_z, None, None, None, None, None, None, None)
 
 
-def fused_fsq(
-    z: Tensor,
-    shift: Tensor,
-    half_l: Tensor,
-    offset: Tensor,
-    center: Tensor,
-    scale: Tensor,
-    inverse_scale: Tensor,
-    basis: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``fsq_forward_math`` as one compiled kernel, with a one-kernel straight-through backward."""
-    return FusedFSQ.apply(z, shift, half_l, offset, center, scale, inverse_scale, basis)
+# ``fused_fsq(z, shift, half_l, offset, center, scale, inverse_scale, basis) -> (codes, indices)``:
+# ``fsq_forward_math`` as one compiled kernel, with a one-kernel straight-through backward.
+fused_fsq = FusedFSQ.apply
