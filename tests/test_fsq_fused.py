@@ -71,18 +71,23 @@ def test_noise_and_the_default_choose_the_eager_path():
 
 def test_a_fused_path_that_cannot_compile_hands_over_to_eager_unless_asked_for(monkeypatch, caplog):
     from imtok.quantizers import fsq_fused
+    from imtok.quantizers.common import FAST_PATH_FAILURES
 
     def broken(*args):
         raise RuntimeError("no Triton for this GPU")
 
     monkeypatch.setattr(fsq_fused, "fused_fsq", broken)
-    monkeypatch.setattr(fsq_module, "_fused_broken", [])
     z = latents(4, 3)
     default = FSQ([8, 5, 5, 5]).eval()  # fused=None: would take the fused path on CUDA
-    with caplog.at_level("WARNING", logger=fsq_module.__name__):
-        codes, indices = default._quantize_fused(z)
-    expected = FSQ([8, 5, 5, 5], fused=False).eval()(z)
-    assert torch.equal(indices, expected.indices) and torch.equal(codes, expected.codes)
-    assert "using the eager path" in caplog.text and "no Triton" in fsq_module._fused_broken[0]
-    with pytest.raises(RuntimeError, match="no Triton"):
-        FSQ([8, 5, 5, 5], fused=True).eval()(z)
+    try:
+        with caplog.at_level("WARNING", logger="imtok.quantizers.common"):
+            codes, indices = default._quantize_fused(z)
+        expected = FSQ([8, 5, 5, 5], fused=False).eval()(z)
+        assert torch.equal(indices, expected.indices) and torch.equal(codes, expected.codes)
+        assert "using the reference path" in caplog.text
+        assert "no Triton" in FAST_PATH_FAILURES[fsq_module.FUSED_PATH]
+        assert not default.uses_fused(z.cuda() if torch.cuda.is_available() else z)  # not tried again
+        with pytest.raises(RuntimeError, match="no Triton"):
+            FSQ([8, 5, 5, 5], fused=True).eval()(z)
+    finally:
+        FAST_PATH_FAILURES.pop(fsq_module.FUSED_PATH, None)

@@ -86,18 +86,29 @@ def test_the_default_takes_the_fused_kernel_only_on_cuda():
 
 def test_a_kernel_that_fails_to_build_hands_over_to_the_chunked_search(monkeypatch, caplog):
     from imtok.quantizers import search, search_triton
+    from imtok.quantizers.common import FAST_PATH_FAILURES
 
     def broken(x, codebook):
         raise RuntimeError("no compiler for this GPU")
 
-    monkeypatch.setattr(search, "_fused_broken", [])
     monkeypatch.setattr(search_triton, "fused_nearest_code", broken)
-    monkeypatch.setattr(search, "fused_search_applies", lambda x, codebook, fused: not search._fused_broken)
+
+    # As on a CUDA machine: the default takes the kernel until it has failed once.
+    def applies(x, codebook, fused):
+        return fused if fused is not None else search.FUSED_PATH not in FAST_PATH_FAILURES
+
+    monkeypatch.setattr(search, "fused_search_applies", applies)
     x, codebook = torch.randn(6, 8), torch.randn(16, 8)
     expected = search.nearest_code(x, codebook, fused=False)
-    with caplog.at_level("WARNING", logger=search.__name__):
-        indices, distances = search.nearest_code(x, codebook)
-    assert torch.equal(indices, expected[0]) and torch.equal(distances, expected[1])
-    assert "using the chunked search" in caplog.text and "no compiler" in search._fused_broken[0]
-    with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: the error stands
-        search.nearest_code(x, codebook, fused=True)
+    try:
+        with caplog.at_level("WARNING", logger="imtok.quantizers.common"):
+            indices, distances = search.nearest_code(x, codebook)
+        assert torch.equal(indices, expected[0]) and torch.equal(distances, expected[1])
+        assert (
+            "using the reference path" in caplog.text
+            and "no compiler" in FAST_PATH_FAILURES[search.FUSED_PATH]
+        )
+        with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: the error stands
+            search.nearest_code(x, codebook, fused=True)
+    finally:
+        FAST_PATH_FAILURES.pop(search.FUSED_PATH, None)

@@ -1,9 +1,36 @@
-"""Pieces every quantizer shares: the output tuple and codebook statistics."""
+"""Pieces every quantizer shares: the output tuple, codebook statistics, the fast-path fallback."""
 
-from typing import NamedTuple
+import logging
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Fast paths (compiled or Triton kernels) that failed in this process, by name, with the error: a
+# default (not explicitly requested) fast path is not tried again after its first failure.
+FAST_PATH_FAILURES: dict[str, str] = {}
+
+
+def run_fast_path(name: str, fast: Callable[[], T], fallback: Callable[[], T], *, requested: bool) -> T:
+    """``fast()``; when it fails and was not ``requested`` explicitly: record, warn, ``fallback()``.
+
+    Out-of-memory is never a reason to fall back (the reference path needs at least as much memory),
+    and an explicitly requested fast path keeps its error, so the caller sees why it cannot run.
+    """
+    if requested:
+        return fast()
+    try:
+        return fast()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # no Triton, no compiler, an unsupported GPU: say so once, go on
+        FAST_PATH_FAILURES[name] = repr(error)
+        log.warning("%s unavailable (%r); using the reference path for the rest of this process", name, error)
+        return fallback()
 
 
 class QuantizerOutput(NamedTuple):

@@ -1,15 +1,21 @@
 """Finite Scalar Quantization (Mentzer, Minnen, Agustsson, Tschannen, ICLR 2024)."""
 
-import logging
 from collections.abc import Sequence
 from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats
+from imtok.quantizers.common import (
+    FAST_PATH_FAILURES,
+    QuantizerOutput,
+    check_channels,
+    check_indices,
+    codebook_stats,
+    run_fast_path,
+)
 
-log = logging.getLogger(__name__)
+FUSED_PATH = "fused FSQ"
 
 # The paper's Table 1: recommended levels per target codebook size.
 RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
@@ -19,9 +25,6 @@ RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
     2**14: (8, 8, 8, 6, 5),
     2**16: (8, 8, 8, 5, 5, 5),
 }
-
-# Set when the fused path failed to compile or run here: the eager path takes over (fused=None).
-_fused_broken: list[str] = []
 
 # Widens the tanh range by a hair so the outermost levels are reached before tanh saturates;
 # the same value as the paper's reference code, so odd-level indices agree with it.
@@ -178,7 +181,7 @@ class FSQ(nn.Module):
         if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling():
             return False
         if self.fused is None:
-            return z.is_cuda and not _fused_broken
+            return z.is_cuda and FUSED_PATH not in FAST_PATH_FAILURES
         return self.fused
 
     def forward(self, z: Tensor) -> QuantizerOutput:
@@ -209,18 +212,13 @@ class FSQ(nn.Module):
         explicitly (``fused=True``), its error stands.
         """
         constants = (self._shift, self._half_l, self._offset, self._center, self._scale, self._inverse_scale)
-        try:
+
+        def fused() -> tuple[Tensor, Tensor]:
             from imtok.quantizers.fsq_fused import fused_fsq
 
             return fused_fsq(z, *constants, self._basis)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:
-            if self.fused:
-                raise
-            _fused_broken.append(repr(error))
-            log.warning("fused FSQ unavailable (%r); using the eager path", error)
-            return self._quantize_eager(z)
+
+        return run_fast_path(FUSED_PATH, fused, lambda: self._quantize_eager(z), requested=bool(self.fused))
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""

@@ -1,11 +1,11 @@
 """Exact nearest-code search that never builds the full (N, K) distance matrix."""
 
-import logging
-
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from imtok.quantizers.common import FAST_PATH_FAILURES, run_fast_path
+
+FUSED_PATH = "fused nearest-code search"
 
 # 2^22 float32 distances = 16 MiB per block: large enough that each block is one efficient matmul,
 # small enough that even 65,536 codes leave room for 64 rows and memory stays O(N + K).
@@ -32,9 +32,6 @@ def squared_distances(x: Tensor, codebook: Tensor) -> Tensor:
 # The fused kernel keeps a tile of latents in registers: code dimensions up to this one.
 MAX_FUSED_DIM = 64
 
-# Set when the fused kernel failed to import, build or launch here: the chunked path takes over.
-_fused_broken: list[str] = []
-
 
 def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> bool:
     """Whether ``nearest_code`` runs the fused Triton kernel: ``fused``, or by default (None) for
@@ -44,7 +41,7 @@ def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> boo
         return fused
     on_cuda = x.is_cuda and codebook.is_cuda
     float32 = x.dtype == codebook.dtype == torch.float32
-    return on_cuda and float32 and x.shape[1] <= MAX_FUSED_DIM and not _fused_broken
+    return on_cuda and float32 and x.shape[1] <= MAX_FUSED_DIM and FUSED_PATH not in FAST_PATH_FAILURES
 
 
 def nearest_code(
@@ -69,20 +66,24 @@ def nearest_code(
         raise ValueError(f"x, codebook: expected shapes (N, D) and (K, D) with equal D, got {shapes}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1 or None, got {chunk_size}")
-    if fused:
-        from imtok.quantizers.search_triton import fused_nearest_code
+    if fused_search_applies(x, codebook, fused):
 
-        return fused_nearest_code(x, codebook)
-    if fused is None and fused_search_applies(x, codebook, None):
-        try:
+        def fast() -> tuple[Tensor, Tensor]:
             from imtok.quantizers.search_triton import fused_nearest_code
 
             return fused_nearest_code(x, codebook)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:  # no Triton, or one that cannot build the kernel here: say so, go on
-            _fused_broken.append(repr(error))
-            log.warning("fused nearest-code search unavailable (%r); using the chunked search", error)
+
+        def chunked() -> tuple[Tensor, Tensor]:
+            return chunked_nearest_code(x, codebook, chunk_size, max_block_elements)
+
+        return run_fast_path(FUSED_PATH, fast, chunked, requested=bool(fused))
+    return chunked_nearest_code(x, codebook, chunk_size, max_block_elements)
+
+
+def chunked_nearest_code(
+    x: Tensor, codebook: Tensor, chunk_size: int | None, max_block_elements: int
+) -> tuple[Tensor, Tensor]:
+    """The chunked path of ``nearest_code`` (arguments already checked)."""
     rows = chunk_size if chunk_size is not None else rows_per_chunk(codebook.shape[0], max_block_elements)
     codebook_t = codebook.t()  # (D, K)
     codebook_sq_norms = codebook.pow(2).sum(dim=1)  # (K,)
