@@ -2,10 +2,13 @@
 
 Encodes every image of each split with the tokenizer named by ``extract.tokenizer`` (the
 ``models/tokenizer`` directory the previous stage wrote, or an MLflow model URI such as
-``models:/imtok-tokenizer@champion``) in stored order, batched, without gradients, and writes token
-shards whose meta.json records the tokenizer's location, registry URI and SHA-256. With
-``extract.flip`` the train split also gets the tokens of each image flipped left-right (key suffix
-``_hflip``). reports/extract_tokens.json holds count, codebook usage and perplexity per split.
+``models:/imtok-tokenizer@champion``), batched, without gradients, and writes one token shard per
+image shard (same name, same samples in stored order) plus a meta.json recording the tokenizer's
+location, registry URI and SHA-256. ``extract.workers`` loader processes decode shards while the model
+encodes; under ``torchrun`` each process encodes its share of the shards (``imtok.extraction``), and
+the output is byte-identical whatever the process and worker counts. With ``extract.flip`` the train
+split also gets the tokens of each image flipped left-right (key suffix ``_hflip``).
+reports/extract_tokens.json holds count, codebook usage, perplexity and seconds per split.
 """
 
 from __future__ import annotations
@@ -13,17 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from imtok.data.shards import decode_png, iter_samples, read_meta
+from imtok.data.shards import META_NAME, clear_split_dir, read_meta, shard_urls, write_json_atomic
 from imtok.data.sources import SPLITS
-from imtok.data.tokens import TokenSample, write_token_split
+from imtok.data.tokens import token_split_meta
+from imtok.extraction import FLIP_SUFFIX, extract_shards, gather_results, rank_shards
 from imtok.params import ExtractParams
-from imtok.runtime import resolve_device, resolve_precision
+from imtok.runtime import Runtime, broadcast_object, setup_runtime, shutdown_runtime
 from stages.common import stage_main
 
 log = logging.getLogger("stages.extract_tokens")
@@ -31,18 +32,7 @@ log = logging.getLogger("stages.extract_tokens")
 SHARDS_DIR = Path("data/shards")
 TOKENS_DIR = Path("data/tokens")
 REPORT_PATH = Path("reports/extract_tokens.json")
-FLIP_SUFFIX = "_hflip"
-
-
-def batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+__all__ = ["FLIP_SUFFIX", "extract", "main"]
 
 
 def tokenizer_provenance(location: str, model_file: Path) -> dict[str, Any]:
@@ -73,89 +63,149 @@ def check_images_fit(meta: dict[str, Any], config: Any, split_dir: Path, locatio
         )
 
 
-@torch.no_grad()
-def encode_split(
-    tokenizer: Any,
-    split_dir: Path,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    flip: bool,
-) -> Iterator[TokenSample]:
-    """Token samples of a split in stored order (each flipped twin right after its original)."""
-    for batch in batches(iter_samples(split_dir), batch_size):
-        images = torch.stack([decode_png(sample["png"]) for sample in batch]).to(device)
-        views = [images, images.flip(-1)] if flip else [images]
-        encoded = []
-        for view in views:
-            with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
-            ):
-                encoded.append(tokenizer.encode(view).cpu().numpy())
-        for index, sample in enumerate(batch):
-            yield TokenSample(sample["__key__"], encoded[0][index], sample["cls"])
-            if flip:
-                yield TokenSample(sample["__key__"] + FLIP_SUFFIX, encoded[1][index], sample["cls"])
+def split_shards(meta: dict[str, Any], split_dir: Path) -> list[tuple[int, str, int]]:
+    """``(position, url, count)`` of every image shard of a split, in meta.json order."""
+    urls = shard_urls(split_dir, meta)
+    counts = [int(shard["count"]) for shard in meta["shards"]]
+    return [(index, url, count) for index, (url, count) in enumerate(zip(urls, counts, strict=True))]
 
 
-def extract(
-    params: ExtractParams, *, shards_dir: Path = SHARDS_DIR, tokens_dir: Path = TOKENS_DIR
-) -> dict[str, Any]:
-    """Write token shards of both splits; returns the stage report."""
-    from imtok.tracking import load_tokenizer, resolve_model_file
-
-    started = time.perf_counter()
-    model_file = resolve_model_file(params.tokenizer, "tokenizer.pt")
-    tokenizer, payload = load_tokenizer(model_file)
-    device = resolve_device(params.device, key="extract.device")
-    autocast_dtype = resolve_precision(params.precision, device, key="extract.precision")
-    tokenizer = tokenizer.to(device)
-    provenance = tokenizer_provenance(params.tokenizer, model_file)
-    report: dict[str, Any] = {"tokenizer": provenance, "codebook_size": tokenizer.codebook_size}
-    for split in SPLITS:
-        split_dir = shards_dir / split
-        image_meta = read_meta(split_dir)
-        check_images_fit(image_meta, tokenizer.config, split_dir, params.tokenizer)
-        side = int(image_meta["image_size"]) // tokenizer.downsample
-        samples = encode_split(
-            tokenizer,
-            split_dir,
-            batch_size=params.batch_size,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            flip=params.flip and split == "train",
+def check_same_tokenizer(checksum: str, runtime: Runtime) -> None:
+    """Every rank must encode with the same weights (an alias can move between two downloads)."""
+    reference = broadcast_object(checksum, runtime)
+    if reference != checksum:
+        raise ValueError(
+            f"extract.tokenizer: rank {runtime.rank} loaded a tokenizer with SHA-256 {checksum[:12]}, "
+            f"rank 0 one with {reference[:12]}; the registry alias moved while the ranks started, "
+            "run the stage again"
         )
-        meta = write_token_split(
-            samples,
-            tokens_dir / split,
-            codebook_size=tokenizer.codebook_size,
+
+
+def extract_split(
+    tokenizer: Any,
+    params: ExtractParams,
+    split: str,
+    *,
+    shards_dir: Path,
+    tokens_dir: Path,
+    runtime: Runtime,
+    meta: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Write the token shards of this rank's share of ``split``; rank 0 also writes meta.json, returns it."""
+    split_dir = shards_dir / split
+    image_meta = read_meta(split_dir)
+    check_images_fit(image_meta, tokenizer.config, split_dir, params.tokenizer)
+    side = int(image_meta["image_size"]) // tokenizer.downsample
+    out_dir = tokens_dir / split
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clear_split_dir(out_dir)
+    runtime.barrier()  # nobody writes before the old split is gone
+    shards = split_shards(image_meta, split_dir)
+    if len(shards) < runtime.world_size and runtime.is_main:
+        log.warning(
+            "%s: %d shard(s) for %d processes; some stay idle (lower prepare.maxcount for more shards)",
+            split_dir,
+            len(shards),
+            runtime.world_size,
+        )
+    flip = params.flip and split == "train"
+    results = extract_shards(
+        tokenizer.encode,
+        [shards[i] for i in rank_shards(len(shards), runtime.rank, runtime.world_size)],
+        out_dir,
+        batch_size=params.batch_size,
+        device=runtime.device,
+        autocast_dtype=runtime.autocast_dtype,
+        flip=flip,
+        num_workers=params.workers,
+        codebook_size=tokenizer.codebook_size,
+        grid=(side, side),
+    )
+    listed, counts = gather_results(results, tokenizer.codebook_size)
+    content = None
+    if runtime.is_main:
+        content = token_split_meta(
+            listed,
+            counts,
             grid=(side, side),
-            maxcount=params.maxcount,
+            codebook_size=tokenizer.codebook_size,
             meta={
                 "split": split,
-                **provenance,
+                **meta,
                 "image_shards": str(split_dir),
                 "image_size": int(image_meta["image_size"]),
                 "channels": int(image_meta["channels"]),
                 "class_names": image_meta.get("class_names", []),
-                "flipped": params.flip and split == "train",
-                "tokenizer_step": payload["meta"].get("step"),
+                "flipped": flip,
             },
         )
-        report[split] = {
-            "count": meta["count"],
-            "codebook_usage_pct": round(meta["codebook_usage_pct"], 3),
-            "perplexity": round(meta["perplexity"], 3),
+        write_json_atomic(out_dir / META_NAME, content)
+    runtime.barrier()  # the split is complete for every rank before the next one starts
+    return content
+
+
+def extract(
+    params: ExtractParams,
+    *,
+    shards_dir: Path = SHARDS_DIR,
+    tokens_dir: Path = TOKENS_DIR,
+    runtime: Runtime | None = None,
+) -> dict[str, Any] | None:
+    """Write token shards of both splits; returns the stage report (None on ranks other than 0).
+
+    Under ``torchrun`` every process encodes its share of the shards on its own device.
+    """
+    from imtok.tracking import load_tokenizer, resolve_model_file
+
+    started = time.perf_counter()
+    owned = runtime is None
+    runtime = runtime or setup_runtime(params.device, params.precision, prefix="extract")
+    try:
+        model_file = resolve_model_file(params.tokenizer, "tokenizer.pt")
+        tokenizer, payload = load_tokenizer(model_file)
+        tokenizer = tokenizer.to(runtime.device)
+        provenance = tokenizer_provenance(params.tokenizer, model_file)
+        check_same_tokenizer(provenance["tokenizer_sha256"], runtime)
+        report: dict[str, Any] = {
+            "tokenizer": provenance,
+            "codebook_size": tokenizer.codebook_size,
+            "processes": runtime.world_size,
+            "loader_workers": params.workers,
         }
-        log.info(
-            "%s: %d token grids %dx%d, usage %.1f%%",
-            split,
-            meta["count"],
-            side,
-            side,
-            meta["codebook_usage_pct"],
-        )
+        for split in SPLITS:
+            split_started = time.perf_counter()
+            meta = extract_split(
+                tokenizer,
+                params,
+                split,
+                shards_dir=shards_dir,
+                tokens_dir=tokens_dir,
+                runtime=runtime,
+                meta={**provenance, "tokenizer_step": payload["meta"].get("step")},
+            )
+            if meta is None:
+                continue
+            seconds = time.perf_counter() - split_started
+            report[split] = {
+                "count": meta["count"],
+                "codebook_usage_pct": round(meta["codebook_usage_pct"], 3),
+                "perplexity": round(meta["perplexity"], 3),
+                "seconds": round(seconds, 2),
+            }
+            log.info(
+                "%s: %d token grids %s in %.1f s, usage %.1f%%",
+                split,
+                meta["count"],
+                "x".join(map(str, meta["grid"])),
+                seconds,
+                meta["codebook_usage_pct"],
+            )
+    finally:
+        if owned:
+            shutdown_runtime(runtime)
+    if not runtime.is_main:
+        return None
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 

@@ -79,7 +79,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _sync_and_rename(partial: str) -> str:
+def sync_and_rename(partial: str) -> str:
     final = partial[: -len(PARTIAL_SUFFIX)]
     with open(partial, "rb") as stream:
         os.fsync(stream.fileno())  # the data is on disk before the final name appears
@@ -126,7 +126,7 @@ def write_shards(
         if failed or in_shard == 0:
             Path(partial).unlink(missing_ok=True)
         else:
-            shards.append({"name": Path(_sync_and_rename(partial)).name, "count": in_shard})
+            shards.append({"name": Path(sync_and_rename(partial)).name, "count": in_shard})
         in_shard = 0
 
     writer = wds.ShardWriter(

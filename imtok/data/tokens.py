@@ -19,14 +19,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from imtok.data.shards import (
     META_NAME,
+    PARTIAL_SUFFIX,
     ShardError,
     _read_shards,
     clear_split_dir,
     read_meta,
     shard_urls,
+    sync_and_rename,
     write_json_atomic,
     write_shards,
 )
@@ -62,6 +65,82 @@ class TokenSample(NamedTuple):
     label: int
 
 
+def token_record(sample: TokenSample, *, codebook_size: int, grid: tuple[int, int], dtype: np.dtype) -> dict:
+    """The shard record of one token sample, checked against the grid and codebook."""
+    tokens = np.asarray(sample.tokens)
+    if tokens.shape != tuple(grid):
+        raise ValueError(f"{sample.key}: tokens of shape {tokens.shape}, expected the grid {grid}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= codebook_size):
+        raise ValueError(
+            f"{sample.key}: token ids from {tokens.min()} to {tokens.max()} fall outside [0, {codebook_size})"
+        )
+    cls = str(int(sample.label)).encode()
+    return {"__key__": sample.key, "tokens.npy": encode_tokens(tokens.astype(dtype)), "cls": cls}
+
+
+def count_codes(samples: Iterable[TokenSample], codebook_size: int) -> np.ndarray:
+    """How often each code occurs in ``samples``: int64 (codebook_size,)."""
+    counts = np.zeros(codebook_size, dtype=np.int64)
+    for sample in samples:
+        counts += np.bincount(np.asarray(sample.tokens).reshape(-1).astype(np.int64), minlength=codebook_size)
+    return counts
+
+
+def write_token_shard(
+    samples: list[TokenSample], path: Path, *, codebook_size: int, grid: tuple[int, int]
+) -> dict[str, Any]:
+    """Write ``samples`` as the one shard ``path`` (``.partial``, synced, renamed); ``{"name", "count"}``.
+
+    Used by the parallel extraction, which writes one token shard per image shard, so the split's
+    layout does not depend on how many processes or loader workers wrote it.
+    """
+    if not samples:
+        raise ValueError(f"{path}: no token samples to write")
+    dtype = token_dtype(codebook_size)
+    records = [token_record(s, codebook_size=codebook_size, grid=grid, dtype=dtype) for s in samples]
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        # encoder=False: the fields are bytes already; mtime=0: the same tokens give the same bytes
+        with wds.TarWriter(str(partial), encoder=False, mtime=0) as writer:
+            for record in records:
+                writer.write(record)
+        sync_and_rename(str(partial))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return {"name": path.name, "count": len(records)}
+
+
+def token_split_meta(
+    shards: list[dict[str, Any]],
+    counts: np.ndarray,
+    *,
+    grid: tuple[int, int],
+    codebook_size: int,
+    meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """meta.json of a token split from its shard list and code counts (``meta`` adds provenance)."""
+    count = sum(shard["count"] for shard in shards)
+    if count == 0:
+        raise ValueError("no token samples to write")
+    dtype = token_dtype(codebook_size)
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    return {
+        "version": TOKEN_META_VERSION,
+        "kind": "tokens",
+        "count": count,
+        "grid": list(grid),
+        "codebook_size": int(codebook_size),
+        "dtype": dtype.name,
+        "codebook_usage_pct": float(100.0 * (counts > 0).mean()),
+        "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+        **dict(meta),
+        "shards": shards,
+        "sample": {"tokens.npy": f"{dtype.name} (H, W) code ids, .npy format", "cls": "class index, ASCII"},
+    }
+
+
 def write_token_split(
     samples: Iterable[TokenSample],
     out_dir: str | Path,
@@ -80,37 +159,14 @@ def write_token_split(
 
     def encoded() -> Iterator[dict[str, Any]]:
         for sample in samples:
-            tokens = np.asarray(sample.tokens)
-            if tokens.shape != tuple(grid):
-                raise ValueError(f"{sample.key}: tokens of shape {tokens.shape}, expected the grid {grid}")
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= codebook_size):
-                raise ValueError(
-                    f"{sample.key}: token ids from {tokens.min()} to {tokens.max()} fall outside "
-                    f"[0, {codebook_size})"
-                )
-            counts[:] += np.bincount(tokens.reshape(-1).astype(np.int64), minlength=codebook_size)
-            cls = str(int(sample.label)).encode()
-            yield {"__key__": sample.key, "tokens.npy": encode_tokens(tokens.astype(dtype)), "cls": cls}
+            record = token_record(sample, codebook_size=codebook_size, grid=grid, dtype=dtype)
+            counts[:] += count_codes([sample], codebook_size)
+            yield record
 
     shards = write_shards(encoded(), out_dir, maxcount=maxcount, maxsize=1 << 40)
-    count = sum(shard["count"] for shard in shards)
-    if count == 0:
+    if not shards:
         raise ValueError(f"{out_dir}: no token samples to write")
-    probs = counts / counts.sum()
-    nonzero = probs[probs > 0]
-    content = {
-        "version": TOKEN_META_VERSION,
-        "kind": "tokens",
-        "count": count,
-        "grid": list(grid),
-        "codebook_size": int(codebook_size),
-        "dtype": dtype.name,
-        "codebook_usage_pct": float(100.0 * (counts > 0).mean()),
-        "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
-        **dict(meta),
-        "shards": shards,
-        "sample": {"tokens.npy": f"{dtype.name} (H, W) code ids, .npy format", "cls": "class index, ASCII"},
-    }
+    content = token_split_meta(shards, counts, grid=grid, codebook_size=codebook_size, meta=meta)
     write_json_atomic(out_dir / META_NAME, content)
     return content
 

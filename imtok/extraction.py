@@ -1,0 +1,217 @@
+"""Token extraction parallel over shards: every image shard becomes one token shard of the same name.
+
+The unit of work is the image shard. Under ``torchrun`` rank r encodes the shards ``r::world_size``
+(in meta.json order); inside a rank, ``num_workers`` DataLoader processes read and decode whole
+shards (worker w takes the rank's shards ``w::num_workers``) while the main process encodes, so
+decoding overlaps the model instead of taking turns with it. The encoder sees uint8 batches moved to
+the device (pinned, non-blocking on CUDA; a quarter of the float bytes) and scaled there, and the
+indices of one batch are copied back while the next one is encoded.
+
+Because a token shard holds exactly the samples of its image shard, in stored order (each flipped
+twin right after its original), the output is the same bytes whatever the world size and worker
+count: only meta.json, written last by rank 0 from the shard lists and code counts of all ranks,
+says where the split ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imtok.data.shards import IMAGE_FIELDS, ShardError, _read_shards, decode_png_uint8, to_float
+from imtok.data.tokens import TokenSample, count_codes, write_token_shard
+
+FLIP_SUFFIX = "_hflip"
+
+
+class ShardPiece(NamedTuple):
+    """Up to ``batch_size`` consecutive images of one shard; ``last`` marks the shard's final piece."""
+
+    shard: int  # position of the shard in the split's meta.json
+    images: torch.Tensor  # (B, C, H, W) uint8
+    labels: list[int]
+    keys: list[str]
+    last: bool
+
+
+class ShardImages(IterableDataset):
+    """Decoded pieces of whole image shards; each DataLoader worker reads its own shards.
+
+    ``shards`` are ``(position, url, expected count)``; a piece never spans two shards.
+    """
+
+    def __init__(self, shards: list[tuple[int, str, int]], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.shards = shards
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[ShardPiece]:
+        worker = get_worker_info()
+        first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for position, url, expected in self.shards[first::step]:
+            yield from self.read_shard(position, url, expected)
+
+    def read_shard(self, position: int, url: str, expected: int) -> Iterator[ShardPiece]:
+        if expected < 1:
+            raise ShardError(f"{url}: meta.json lists {expected} samples; write the split again")
+        pending: list[tuple[torch.Tensor, int, str]] = []
+        samples = _read_shards(iter([{"url": url}]), {url: expected}, IMAGE_FIELDS)
+        for seen, sample in enumerate(samples, start=1):
+            pending.append((decode_png_uint8(sample["png"]), int(sample["cls"]), sample["__key__"]))
+            if len(pending) == self.batch_size and seen < expected:
+                yield piece(position, pending, last=False)
+                pending = []
+        # _read_shards has checked the count by now, so the final piece is the shard's last
+        yield piece(position, pending, last=True)
+
+
+def piece(position: int, samples: list[tuple[torch.Tensor, int, str]], last: bool) -> ShardPiece:
+    images, labels, keys = zip(*samples, strict=True)
+    return ShardPiece(position, torch.stack(images), list(labels), list(keys), last)
+
+
+def rank_shards(count: int, rank: int, world_size: int) -> list[int]:
+    """Positions of the shards ``rank`` encodes: every ``world_size``-th, from ``rank``."""
+    return list(range(count))[rank::world_size]
+
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Pending(NamedTuple):
+    piece: ShardPiece
+    indices: list[torch.Tensor]  # one (B, h, w) per view, on the CPU once ``ready`` has completed
+    ready: Any  # a CUDA event, or None on the CPU
+
+
+@torch.no_grad()
+def encode_pieces(
+    encode: Encode,
+    pieces: Iterator[ShardPiece],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    flip: bool,
+) -> Iterator[tuple[int, list[TokenSample]]]:
+    """``(shard position, token samples)`` for each shard once its last piece is encoded.
+
+    Samples keep the shard's stored order, each flipped twin right after its original. On CUDA the
+    indices of a piece come back while the next piece is being encoded (one piece in flight).
+    """
+    collected: dict[int, list[TokenSample]] = {}
+    in_flight: deque[Pending] = deque()
+    cuda = device.type == "cuda"
+
+    def finish(done: Pending) -> Iterator[tuple[int, list[TokenSample]]]:
+        if done.ready is not None:
+            done.ready.synchronize()
+        arrays = [indices.numpy() for indices in done.indices]
+        samples = collected.setdefault(done.piece.shard, [])
+        for index, (key, label) in enumerate(zip(done.piece.keys, done.piece.labels, strict=True)):
+            samples.append(TokenSample(key, arrays[0][index], label))
+            if flip:
+                samples.append(TokenSample(key + FLIP_SUFFIX, arrays[1][index], label))
+        if done.piece.last:
+            yield done.piece.shard, collected.pop(done.piece.shard)
+
+    for current in pieces:
+        images = to_float(current.images.to(device, non_blocking=cuda))
+        views = [images, images.flip(-1)] if flip else [images]
+        indices = []
+        for view in views:
+            dtype = autocast_dtype or torch.float32
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None):
+                codes = encode(view)
+            indices.append(codes.to("cpu", non_blocking=cuda))
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        in_flight.append(Pending(current, indices, ready))
+        if len(in_flight) > 1:
+            yield from finish(in_flight.popleft())
+    while in_flight:
+        yield from finish(in_flight.popleft())
+    if collected:
+        raise ShardError(f"shards at positions {sorted(collected)} ended without their last piece")
+
+
+def shard_loader(
+    shards: list[tuple[int, str, int]], batch_size: int, *, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """The DataLoader over ``ShardImages``: pieces already batched, so ``batch_size=None``."""
+    return DataLoader(
+        ShardImages(shards, batch_size),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+class ShardResult(NamedTuple):
+    position: int
+    shard: dict[str, Any]  # {"name", "count"} for meta.json
+    counts: np.ndarray  # (codebook_size,) int64 code counts of the shard
+
+
+def extract_shards(
+    encode: Encode,
+    shards: list[tuple[int, str, int]],
+    out_dir: Path,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    flip: bool,
+    num_workers: int,
+    codebook_size: int,
+    grid: tuple[int, int],
+) -> list[ShardResult]:
+    """Encode ``shards`` (this rank's share) and write one token shard per image shard into ``out_dir``."""
+    # a worker beyond one per shard would start for nothing
+    workers = min(num_workers, len(shards))
+    loader = shard_loader(shards, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    names = {position: Path(url).name for position, url, _ in shards}
+    results = []
+    for position, samples in encode_pieces(
+        encode, iter(loader), device=device, autocast_dtype=autocast_dtype, flip=flip
+    ):
+        path = out_dir / names[position]
+        written = write_token_shard(samples, path, codebook_size=codebook_size, grid=grid)
+        results.append(ShardResult(position, written, count_codes(samples, codebook_size)))
+    missing = sorted(set(names) - {result.position for result in results})
+    if missing:
+        unwritten = [names[i] for i in missing]
+        raise ShardError(f"{out_dir}: no tokens were written for the image shards {unwritten}")
+    return results
+
+
+def gather_results(results: list[ShardResult], codebook_size: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Every rank's shards in split order and the summed code counts (on every rank).
+
+    Without a process group, this rank's results alone.
+    """
+    counts = np.zeros(codebook_size, dtype=np.int64)
+    for result in results:
+        counts += result.counts
+    listed = [(result.position, result.shard) for result in results]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, listed)
+        listed = [entry for part in gathered for entry in part]
+        # int64 on the CPU: gloo and NCCL both reduce it exactly; counts are small enough to move
+        total = torch.from_numpy(counts)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        counts = total.cpu().numpy()
+    listed.sort(key=lambda entry: entry[0])
+    return [shard for _, shard in listed], counts

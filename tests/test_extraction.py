@@ -1,0 +1,201 @@
+"""Extraction parallel over shards: the same token bytes for any worker count and process count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import free_port
+from test_extract_tokens import save_tokenizer
+
+from imtok.data.shards import ShardError, read_meta, shard_urls
+from imtok.data.tokens import load_token_split
+from imtok.extraction import ShardImages, encode_pieces, gather_results, rank_shards
+from imtok.params import ExtractParams
+from stages.extract_tokens import extract, split_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digests(split_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a token split, meta.json included."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(split_dir.iterdir())}
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    save_tokenizer(tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def test_pieces_stay_inside_their_shard_and_mark_its_end(tiny_shards):
+    meta = read_meta(tiny_shards / "train")
+    shards = split_shards(meta, tiny_shards / "train")
+    pieces = list(ShardImages(shards, batch_size=25))
+    assert len(shards) > 1 and all(count % 25 for _, _, count in shards)
+    for position, _, count in shards:
+        mine = [piece for piece in pieces if piece.shard == position]
+        assert [len(piece.keys) for piece in mine] == [25] * (count // 25) + [count % 25]
+        assert [piece.last for piece in mine] == [False] * (count // 25) + [True]
+        assert mine[0].images.dtype == torch.uint8 and mine[0].images.shape[1:] == (1, 16, 16)
+
+
+def test_a_shard_that_fills_its_last_batch_exactly_ends_with_a_full_piece(tiny_shards):
+    shards = split_shards(read_meta(tiny_shards / "train"), tiny_shards / "train")[:1]
+    pieces = list(ShardImages(shards, batch_size=shards[0][2]))
+    assert len(pieces) == 1 and pieces[0].last and len(pieces[0].keys) == shards[0][2]
+
+
+def test_ranks_take_every_shard_once():
+    shares = [rank_shards(10, rank, 3) for rank in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert rank_shards(2, 3, 4) == []
+
+
+def test_token_shards_mirror_the_image_shards(tiny_shards, tokenizer_dir, tmp_path, one_thread):
+    extract(
+        ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16, device="cpu", workers=0),
+        shards_dir=tiny_shards,
+        tokens_dir=tmp_path / "t",
+    )
+    for split in ("train", "val"):
+        images, tokens = read_meta(tiny_shards / split), read_meta(tmp_path / "t" / split)
+        assert [(s["name"], s["count"]) for s in tokens["shards"]] == [
+            (s["name"], s["count"]) for s in images["shards"]
+        ]
+        assert not list((tmp_path / "t" / split).glob("*.partial"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_workers_write_the_same_bytes_as_one_process(
+    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers
+):
+    for name, count in (("serial", 0), ("parallel", workers)):
+        extract(
+            ExtractParams(
+                tokenizer=str(tokenizer_dir), batch_size=16, flip=True, device="cpu", workers=count
+            ),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / name,
+        )
+    for split in ("train", "val"):
+        assert digests(tmp_path / "serial" / split) == digests(tmp_path / "parallel" / split)
+    train = load_token_split(tmp_path / "parallel" / "train")
+    assert train.keys[1::2] == [key + "_hflip" for key in train.keys[0::2]]
+
+
+def test_encoded_pieces_equal_the_tokenizers_own_encoding(tiny_shards, tmp_path, one_thread):
+    tokenizer = save_tokenizer(tmp_path / "tok")
+    shards = split_shards(read_meta(tiny_shards / "val"), tiny_shards / "val")
+    out = list(
+        encode_pieces(
+            tokenizer.encode,
+            iter(ShardImages(shards, batch_size=7)),
+            device=torch.device("cpu"),
+            autocast_dtype=None,
+            flip=False,
+        )
+    )
+    pieces = list(ShardImages(shards, batch_size=1000))
+    images = torch.cat([piece.images for piece in pieces]).float().div(127.5).sub(1)
+    expected = tokenizer.encode(images).numpy()
+    got = np.stack([sample.tokens for _, samples in out for sample in samples])
+    assert [position for position, _ in out] == [position for position, _, _ in shards]
+    assert np.array_equal(got, expected)
+
+
+def test_gather_without_a_process_group_orders_this_ranks_shards():
+    from imtok.extraction import ShardResult
+
+    results = [
+        ShardResult(2, {"name": "c", "count": 1}, np.array([0, 1])),
+        ShardResult(0, {"name": "a", "count": 2}, np.array([2, 0])),
+    ]
+    listed, counts = gather_results(results, 2)
+    assert [shard["name"] for shard in listed] == ["a", "c"] and counts.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_image_shard_names_the_file_and_leaves_no_meta(
+    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers
+):
+    broken = tmp_path / "shards"
+    shutil.copytree(tiny_shards, broken)
+    victim = Path(shard_urls(broken / "train")[2])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ShardError, match=victim.name):
+        extract(
+            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", workers=workers),
+            shards_dir=broken,
+            tokens_dir=tmp_path / "t",
+        )
+    assert not (tmp_path / "t" / "train" / "meta.json").exists()
+    assert not list((tmp_path / "t" / "train").glob("*.partial"))
+
+
+def test_negative_workers_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"extract\.workers: must be >= 0"):
+        ExtractParams.from_dict({"workers": -1})
+
+
+def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(tiny_shards, tmp_path):
+    """The real stage under torchrun: each rank encodes half of the shards, rank 0 writes meta.json."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(tiny_shards, project / "data" / "shards")
+    save_tokenizer(project / "models" / "tokenizer")
+    (project / "params.yaml").write_text(
+        yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "workers": 1, "flip": True}})
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "stages.extract_tokens",
+    ]
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((project / "reports" / "extract_tokens.json").read_text())
+    train_images = read_meta(project / "data" / "shards" / "train")["count"]
+    assert report["processes"] == 2 and report["train"]["count"] == 2 * train_images
+
+    torch.set_num_threads(1)
+    extract(
+        ExtractParams(
+            tokenizer=str(project / "models" / "tokenizer"), batch_size=16, flip=True, device="cpu"
+        ),
+        shards_dir=project / "data" / "shards",
+        tokens_dir=tmp_path / "single",
+    )
+    for split in ("train", "val"):
+        two = json.loads((project / "data" / "tokens" / split / "meta.json").read_text())
+        one = json.loads((tmp_path / "single" / split / "meta.json").read_text())
+        assert two.pop("tokenizer") == "models/tokenizer"
+        assert one.pop("tokenizer").endswith("models/tokenizer")
+        for meta in (one, two):
+            meta.pop("image_shards")
+        assert two == one
+        shard_digests = [
+            {name: digest for name, digest in digests(root / split).items() if name != "meta.json"}
+            for root in (project / "data" / "tokens", tmp_path / "single")
+        ]
+        assert shard_digests[0] == shard_digests[1] and len(shard_digests[0]) == len(two["shards"])
