@@ -67,8 +67,10 @@ def tokenizer_config(args: argparse.Namespace, quantizer: str = "fsq") -> Any:
     )
 
 
-def write_synthetic_shards(directory: Path, count: int, image_size: int, channels: int) -> Path:
-    """``count`` seeded synthetic images as a train split of 8 equal shards (the last may be short)."""
+def write_synthetic_shards(
+    directory: Path, count: int, image_size: int, channels: int, shards: int = 8
+) -> Path:
+    """``count`` seeded synthetic images as a train split of ``shards`` shards (the last may be short)."""
     import math
 
     from imtok.data.shards import write_split
@@ -76,7 +78,7 @@ def write_synthetic_shards(directory: Path, count: int, image_size: int, channel
 
     # The source holds back a 10% val split, so it gets a little more than ``count`` in all.
     source = SyntheticShapes(count=math.ceil(count / 0.9) + 1, image_size=image_size, channels=channels)
-    write_split(source, "train", directory, maxcount=math.ceil(count / 8), limit=count)
+    write_split(source, "train", directory, maxcount=math.ceil(count / shards), limit=count)
     return directory
 
 

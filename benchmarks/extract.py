@@ -9,15 +9,19 @@ One run measures, on the same synthetic shards and the same (randomly initialise
   as the evaluation stage reads a split (extraction decodes the same samples one by one);
 - **encode**: ``Tokenizer.encode`` on batches already on the device, with the chosen precision,
   memory format and compilation: the rate the model allows;
-- **stage**: ``stages.extract_tokens.encode_split``, the extraction stage's loop (read, move, encode,
-  copy the indices back) over the same shards, with the same encoder as the encode row (compiled and
-  channels_last when asked for).
+- **stage**: ``imtok.extraction.extract_shards``, what the extraction stage runs in each process
+  (read and decode, move uint8 to the device, encode, copy the indices back, write one token shard
+  per image shard) over the same shards with the same encoder as the encode row (compiled and
+  channels_last when asked for), twice side by side: with no loader worker (reading and encoding
+  take turns, as the stage did before it was parallel) and with ``--workers`` loader processes
+  decoding while the model encodes.
 
 ``reader / encode`` must be well above 1 for the data never to be the bottleneck; ``stage / encode``
-is the share of the model's rate the stage reaches (it reads and encodes one after the other, so on a
-CPU it approaches 1 / (1 + encode / reader)). On CUDA the encoder's model FLOPs utilisation (FLOPs
-counted by ``torch.utils.flop_counter`` over ``--peak-tflops``) and the GPU utilisation from NVML
-are reported too. A randomly initialised tokenizer costs the same FLOPs as a trained one.
+is the share of the model's rate the stage reaches (taking turns, it approaches
+1 / (1 + encode / reader); with workers, min(1, workers x reader / encode) where cores allow). On
+CUDA the encoder's model FLOPs utilisation (FLOPs counted by ``torch.utils.flop_counter`` over
+``--peak-tflops``) and the GPU utilisation from NVML are reported too. A randomly initialised
+tokenizer costs the same FLOPs as a trained one.
 """
 
 from __future__ import annotations
@@ -62,12 +66,14 @@ def measure_reader(shards: Path, batch_size: int) -> float:
 class Encoder:
     """The tokenizer's ``encode`` as the benchmark runs it: compiled and channels_last when asked for.
 
-    ``encode_split`` calls ``.encode`` only, so the stage row runs this very encoder too.
+    ``extract_shards`` calls ``.encode`` only, so the stage rows run this very encoder too.
     """
 
     def __init__(self, model: Tokenizer, compile_: bool, channels_last: bool) -> None:
         self.run = torch.compile(model.encode) if compile_ else model.encode
         self.channels_last = channels_last
+        self.downsample = model.downsample
+        self.codebook_size = model.codebook_size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -117,16 +123,36 @@ def measure_encode(
 
 
 def measure_stage(
-    encoder: Encoder, shards: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+    encoder: Encoder,
+    shards: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    workers: int,
 ) -> float:
-    """Images/s of the extraction stage's loop over the shards (one warm pass first)."""
-    from stages.extract_tokens import encode_split
+    """Images/s of one process of the extraction stage over the shards (one warm pass first)."""
+    from imtok.data.shards import read_meta
+    from imtok.extraction import extract_shards
+    from stages.extract_tokens import split_shards
+
+    listed = split_shards(read_meta(shards), shards)
+    side = args.image_size // encoder.downsample
 
     def run() -> int:
-        samples = encode_split(
-            encoder, shards, batch_size=args.batch_size, device=device, autocast_dtype=dtype, flip=False
-        )
-        return sum(1 for _ in samples)
+        with tempfile.TemporaryDirectory(prefix="imtok-bench-tokens-") as out:
+            results = extract_shards(
+                encoder.encode,
+                listed,
+                Path(out),
+                batch_size=args.batch_size,
+                device=device,
+                autocast_dtype=dtype,
+                flip=False,
+                num_workers=workers,
+                codebook_size=encoder.codebook_size,
+                grid=(side, side),
+            )
+        return sum(result.shard["count"] for result in results)
 
     run()
     synchronize(device)
@@ -143,23 +169,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096, help="synthetic images in the shards")
     parser.add_argument("--steps", type=int, default=10, help="timed encode batches")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=16, help="image shards the synthetic images fill")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes of the parallel stage row")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     model = build_tokenizer(args, device)
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
-        shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels)
+        shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels, args.shards)
         encoder = Encoder(model, args.compile, args.channels_last)
         reader = measure_reader(shards, args.batch_size)
         encode = measure_encode(model, encoder, args, device, dtype)
-        stage = measure_stage(encoder, shards, args, device, dtype)
+        in_turn = measure_stage(encoder, shards, args, device, dtype, workers=0)
+        parallel = measure_stage(encoder, shards, args, device, dtype, workers=args.workers)
     print(f"- machine: {machine_description(device)}")
     print(
         f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "
         f"base {args.base_channels}, multipliers {args.multipliers}, {args.quantizer} {args.codebook_size}, "
         f"batch {args.batch_size}, "
         f"{args.precision}{', channels_last' if args.channels_last else ''}"
-        f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in 8 shards"
+        f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in {args.shards} shards"
     )
     print()
     print("| part | images/s | MFU % | GPU util % |")
@@ -168,11 +197,14 @@ def main() -> None:
     util = f"{encode['gpu_util_pct']:.0f}" if "gpu_util_pct" in encode else "-"
     print(f"| reader (`iter_batches`) | {reader:,.0f} | - | - |")
     print(f"| encode (`Tokenizer.encode`) | {encode['images_per_s']:,.0f} | {mfu} | {util} |")
-    print(f"| stage (`encode_split`) | {stage:,.0f} | - | - |")
+    print(f"| stage (`extract_shards`), no loader worker | {in_turn:,.0f} | - | - |")
+    print(f"| stage (`extract_shards`), {args.workers} loader workers | {parallel:,.0f} | - | - |")
     print()
+    rate = encode["images_per_s"]
     print(
-        f"reader / encode: **{reader / encode['images_per_s']:.2f}**; "
-        f"stage / encode: **{stage / encode['images_per_s']:.2f}**"
+        f"reader / encode: **{reader / rate:.2f}**; stage / encode: **{in_turn / rate:.2f}** without "
+        f"workers, **{parallel / rate:.2f}** with {args.workers}; "
+        f"workers / in turn: **{parallel / in_turn:.2f}x**"
     )
 
 

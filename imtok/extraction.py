@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -180,18 +181,30 @@ def extract_shards(
     workers = min(num_workers, len(shards))
     loader = shard_loader(shards, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     names = {position: Path(url).name for position, url, _ in shards}
-    results = []
-    for position, samples in encode_pieces(
-        encode, iter(loader), device=device, autocast_dtype=autocast_dtype, flip=flip
-    ):
-        path = out_dir / names[position]
-        written = write_token_shard(samples, path, codebook_size=codebook_size, grid=grid)
-        results.append(ShardResult(position, written, count_codes(samples, codebook_size)))
+    # one writer thread: tar writing (tens of microseconds a sample) runs while the next shard encodes
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtok-token-writer") as writer:
+        writes = []
+        for position, samples in encode_pieces(
+            encode, iter(loader), device=device, autocast_dtype=autocast_dtype, flip=flip
+        ):
+            path = out_dir / names[position]
+            writes.append(writer.submit(write_one, position, samples, path, codebook_size, grid))
+            for write in writes:
+                if write.done():
+                    write.result()  # a failed write stops the loop now, not after the last shard
+        results = [write.result() for write in writes]
     missing = sorted(set(names) - {result.position for result in results})
     if missing:
         unwritten = [names[i] for i in missing]
         raise ShardError(f"{out_dir}: no tokens were written for the image shards {unwritten}")
     return results
+
+
+def write_one(
+    position: int, samples: list[TokenSample], path: Path, codebook_size: int, grid: tuple[int, int]
+) -> ShardResult:
+    written = write_token_shard(samples, path, codebook_size=codebook_size, grid=grid)
+    return ShardResult(position, written, count_codes(samples, codebook_size))
 
 
 def gather_results(results: list[ShardResult], codebook_size: int) -> tuple[list[dict[str, Any]], np.ndarray]:

@@ -199,3 +199,28 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
             for root in (project / "data" / "tokens", tmp_path / "single")
         ]
         assert shard_digests[0] == shard_digests[1] and len(shard_digests[0]) == len(two["shards"])
+
+
+def test_a_token_shard_refuses_ids_outside_the_codebook_naming_the_sample(tmp_path):
+    from imtok.data.tokens import TokenSample, decode_tokens, write_token_shard
+
+    good = [TokenSample(f"k{i}", np.full((2, 3), i), i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"k9: token ids from 0 to 8 fall outside \[0, 8\)"):
+        write_token_shard(
+            [*good, TokenSample("k9", np.array([[0, 8, 1]] * 2), 0)],
+            tmp_path / "a.tar",
+            codebook_size=8,
+            grid=(2, 3),
+        )
+    with pytest.raises(ValueError, match=r"k7: tokens of shape \(3, 2\), expected the grid \(2, 3\)"):
+        write_token_shard(
+            [*good, TokenSample("k7", np.zeros((3, 2)), 0)], tmp_path / "a.tar", codebook_size=8, grid=(2, 3)
+        )
+    assert not list(tmp_path.iterdir())
+    written = write_token_shard(good, tmp_path / "a.tar", codebook_size=8, grid=(2, 3))
+    assert written == {"name": "a.tar", "count": 3}
+    from webdataset.tariterators import tarfile_samples
+
+    stored = list(tarfile_samples([{"url": str(tmp_path / "a.tar")}]))
+    assert [decode_tokens(s["tokens.npy"]).tolist() for s in stored] == [g.tokens.tolist() for g in good]
+    assert decode_tokens(stored[0]["tokens.npy"]).dtype == np.uint16
