@@ -346,7 +346,7 @@ class ExtractParams:
     tokenizer: str = "models/tokenizer"  # a directory with tokenizer.pt, or models:/imtok-tokenizer@champion
     batch_size: int = 256
     flip: bool = False  # also store the tokens of horizontally flipped train images (keys ending _hflip)
-    workers: int = 2  # DataLoader processes decoding image shards while the model encodes; 0: in turn
+    num_workers: int = 0  # DataLoader processes decoding image shards while the model encodes; 0: in turn
     device: str = "auto"
     precision: Precision = "fp32"  # bf16 autocast is faster on GPUs but may flip near-tie codes
 
@@ -354,7 +354,7 @@ class ExtractParams:
         checks = [
             (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
-            (self.workers >= 0, "workers", f"must be >= 0 (0: decode in turn), got {self.workers}"),
+            (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
         ]
         _raise_first_failed(self.SECTION, checks)
 

@@ -4,7 +4,7 @@ Encodes every image of each split with the tokenizer named by ``extract.tokenize
 ``models/tokenizer`` directory the previous stage wrote, or an MLflow model URI such as
 ``models:/imtok-tokenizer@champion``), batched, without gradients, and writes one token shard per
 image shard (same name, same samples in stored order) plus a meta.json recording the tokenizer's
-location, registry URI and SHA-256. ``extract.workers`` loader processes decode shards while the model
+location, registry URI and SHA-256. ``extract.num_workers`` loader processes decode shards while the model
 encodes; under ``torchrun`` each process encodes its share of the shards (``imtok.extraction``), and
 the output is byte-identical whatever the process and worker counts. With ``extract.flip`` the train
 split also gets the tokens of each image flipped left-right (key suffix ``_hflip``).
@@ -118,7 +118,7 @@ def extract_split(
         device=runtime.device,
         autocast_dtype=runtime.autocast_dtype,
         flip=flip,
-        num_workers=params.workers,
+        num_workers=params.num_workers,
         codebook_size=tokenizer.codebook_size,
         grid=(side, side),
     )
@@ -171,7 +171,7 @@ def extract(
             "tokenizer": provenance,
             "codebook_size": tokenizer.codebook_size,
             "processes": runtime.world_size,
-            "loader_workers": params.workers,
+            "loader_workers": params.num_workers,
         }
         for split in SPLITS:
             split_started = time.perf_counter()

@@ -63,7 +63,7 @@ def test_ranks_take_every_shard_once():
 
 def test_token_shards_mirror_the_image_shards(tiny_shards, tokenizer_dir, tmp_path, one_thread):
     extract(
-        ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16, device="cpu", workers=0),
+        ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16, device="cpu", num_workers=0),
         shards_dir=tiny_shards,
         tokens_dir=tmp_path / "t",
     )
@@ -82,7 +82,7 @@ def test_loader_workers_write_the_same_bytes_as_one_process(
     for name, count in (("serial", 0), ("parallel", workers)):
         extract(
             ExtractParams(
-                tokenizer=str(tokenizer_dir), batch_size=16, flip=True, device="cpu", workers=count
+                tokenizer=str(tokenizer_dir), batch_size=16, flip=True, device="cpu", num_workers=count
             ),
             shards_dir=tiny_shards,
             tokens_dir=tmp_path / name,
@@ -134,7 +134,7 @@ def test_a_truncated_image_shard_names_the_file_and_leaves_no_meta(
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(ShardError, match=victim.name):
         extract(
-            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", workers=workers),
+            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", num_workers=workers),
             shards_dir=broken,
             tokens_dir=tmp_path / "t",
         )
@@ -143,8 +143,8 @@ def test_a_truncated_image_shard_names_the_file_and_leaves_no_meta(
 
 
 def test_negative_workers_are_refused_naming_the_key():
-    with pytest.raises(ValueError, match=r"extract\.workers: must be >= 0"):
-        ExtractParams.from_dict({"workers": -1})
+    with pytest.raises(ValueError, match=r"extract\.num_workers: must be >= 0"):
+        ExtractParams.from_dict({"num_workers": -1})
 
 
 def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(tiny_shards, tmp_path):
@@ -154,7 +154,7 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
     shutil.copytree(tiny_shards, project / "data" / "shards")
     save_tokenizer(project / "models" / "tokenizer")
     (project / "params.yaml").write_text(
-        yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "workers": 1, "flip": True}})
+        yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "num_workers": 1, "flip": True}})
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
