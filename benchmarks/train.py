@@ -6,7 +6,8 @@
 
 One run measures, on the same machine and inputs:
 - the full training step (forward, L1 + quantizer loss, backward, AdamW, weight EMA) of the imtok
-  tokenizer with our FSQ, images/s and peak memory;
+  tokenizer with our FSQ, images/s and peak memory (the two models are timed in alternating rounds,
+  the median round reported, so warm-up and drift of a shared machine hit both alike);
 - the very same step with vector-quantize-pytorch's FSQ (same levels) in place of ours: the ratio
   says what the quantizer choice costs inside a real model;
 - the shard loader alone over synthetic shards of the same size (``ShardLoader``, the loader the stage
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -94,41 +96,63 @@ def step_flops(model: nn.Module, images: Tensor, dtype) -> float:
     return float(counter.get_total_flops())
 
 
-def measure_training(args: argparse.Namespace, device: torch.device, peer: bool) -> dict[str, float]:
-    model = build(args, device, peer)
-    if args.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ema = ModelEma(model, 0.999)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
-    images = (
-        torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
-    )
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    for _ in range(args.warmup):
-        training_step(model, optimizer, ema, images, dtype)
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    utilisation = []
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        training_step(model, optimizer, ema, images, dtype)
+class TrainingRun:
+    """One model's training step on a fixed device-resident batch, ready to be timed."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, peer: bool) -> None:
+        self.model = build(args, device, peer)
+        self.step_model = torch.compile(self.model) if args.compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ema = ModelEma(self.model, 0.999)
+        self.dtype = torch.bfloat16 if args.precision == "bf16" else None
+        shape = (args.batch_size, args.channels, args.image_size, args.image_size)
+        self.images = torch.rand(shape, device=device) * 2 - 1
+        if args.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.device = device
+
+    def step(self) -> None:
+        training_step(self.step_model, self.optimizer, self.ema, self.images, self.dtype)
+
+
+def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """Ours and the peer's step, timed in alternating rounds so drift and warm-up hit both alike."""
+    runs = {"ours": TrainingRun(args, device, peer=False), "peer": TrainingRun(args, device, peer=True)}
+    results: dict[str, dict[str, float]] = {}
+    for name, run in runs.items():
+        for _ in range(args.warmup):  # compilation, cuDNN autotuning, allocator growth
+            run.step()
+        synchronize(device)
         if device.type == "cuda":
-            with contextlib.suppress(Exception):  # NVML (pynvml) is optional
-                utilisation.append(torch.cuda.utilization(device))
-    synchronize(device)
-    seconds = (time.perf_counter() - started) / args.steps
-    result = {"images_per_s": args.batch_size / seconds, "step_ms": 1000 * seconds}
-    if device.type == "cuda":
-        result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["mfu_pct"] = 100 * step_flops(model, images, dtype) / seconds / (args.peak_tflops * 1e12)
-        if utilisation:
-            result["gpu_util_pct"] = sum(utilisation) / len(utilisation)
-    else:
-        result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide RSS
-    return result
+            torch.cuda.reset_peak_memory_stats(device)
+            run.step()
+            synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide RSS
+        results[name] = {"peak_mib": peak}
+    per_round = max(1, args.steps // args.rounds)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    utilisation: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for _ in range(per_round):
+                run.step()
+                if device.type == "cuda":
+                    with contextlib.suppress(Exception):  # NVML (pynvml) is optional
+                        utilisation[name].append(torch.cuda.utilization(device))
+            synchronize(device)
+            samples[name].append((time.perf_counter() - started) / per_round)
+    for name, run in runs.items():
+        seconds = statistics.median(samples[name])
+        results[name].update(images_per_s=args.batch_size / seconds, step_ms=1000 * seconds)
+        if device.type == "cuda":
+            flops = step_flops(run.model, run.images, run.dtype)
+            results[name]["mfu_pct"] = 100 * flops / seconds / (args.peak_tflops * 1e12)
+            if utilisation[name]:
+                results[name]["gpu_util_pct"] = sum(utilisation[name]) / len(utilisation[name])
+    return results
 
 
 def measure_loader(args: argparse.Namespace) -> float:
@@ -148,21 +172,23 @@ def measure_loader(args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tokenizer_arguments(parser, image_size=32, base_channels=32, batch_size=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each model")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the steps are split into")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument("--loader-images", type=int, default=4096)
     args = parser.parse_args()
     device = torch.device(args.device)
-    ours = measure_training(args, device, peer=False)
-    peer = measure_training(args, device, peer=True)
+    measured = measure_training(args, device)
+    ours, peer = measured["ours"], measured["peer"]
     loader = measure_loader(args)
     print(f"- machine: {machine_description(device)}")
     print(
         f"- tokenizer: {args.image_size}x{args.image_size}x{args.channels}, base {args.base_channels}, "
         f"multipliers {args.multipliers}, FSQ {args.codebook_size}, batch {args.batch_size}, {args.precision}"
         f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
-        f"{args.steps} timed steps after {args.warmup}; loader workers {args.workers}"
+        f"{args.steps} timed steps after {args.warmup} in {args.rounds} alternating rounds (median); "
+        f"loader workers {args.workers}"
     )
     print()
     print("| step with | images/s | ms/step | peak MiB | MFU % | GPU util % |")

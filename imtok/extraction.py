@@ -87,6 +87,16 @@ def rank_shards(count: int, rank: int, world_size: int) -> list[int]:
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
+def channels_last_encode(tokenizer: Any) -> Encode:
+    """``tokenizer.encode`` on NHWC weights and inputs (the tokenizer is converted in place)."""
+    tokenizer.to(memory_format=torch.channels_last)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return tokenizer.encode(images.contiguous(memory_format=torch.channels_last))
+
+    return encode
+
+
 class Pending(NamedTuple):
     piece: ShardPiece
     indices: list[torch.Tensor]  # one (B, h, w) per view, on the CPU once ``ready`` has completed

@@ -22,7 +22,7 @@ from typing import Any
 from imtok.data.shards import META_NAME, clear_split_dir, read_meta, shard_urls, write_json_atomic
 from imtok.data.sources import SPLITS
 from imtok.data.tokens import token_split_meta
-from imtok.extraction import FLIP_SUFFIX, extract_shards, gather_results, rank_shards
+from imtok.extraction import FLIP_SUFFIX, channels_last_encode, extract_shards, gather_results, rank_shards
 from imtok.params import ExtractParams
 from imtok.runtime import Runtime, broadcast_object, setup_runtime, shutdown_runtime
 from stages.common import stage_main
@@ -111,7 +111,7 @@ def extract_split(
         )
     flip = params.flip and split == "train"
     results = extract_shards(
-        tokenizer.encode,
+        channels_last_encode(tokenizer) if params.channels_last else tokenizer.encode,
         [shards[i] for i in rank_shards(len(shards), runtime.rank, runtime.world_size)],
         out_dir,
         batch_size=params.batch_size,

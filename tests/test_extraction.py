@@ -93,6 +93,17 @@ def test_loader_workers_write_the_same_bytes_as_one_process(
     assert train.keys[1::2] == [key + "_hflip" for key in train.keys[0::2]]
 
 
+def test_channels_last_extraction_gives_the_nchw_tokens(tiny_shards, tokenizer_dir, tmp_path, one_thread):
+    for name, channels_last in (("nchw", False), ("nhwc", True)):
+        extract(
+            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", channels_last=channels_last),
+            shards_dir=tiny_shards,
+            tokens_dir=tmp_path / name,
+        )
+    nchw, nhwc = (load_token_split(tmp_path / name / "val").tokens for name in ("nchw", "nhwc"))
+    assert torch.equal(nchw, nhwc)
+
+
 def test_encoded_pieces_equal_the_tokenizers_own_encoding(tiny_shards, tmp_path, one_thread):
     tokenizer = save_tokenizer(tmp_path / "tok")
     shards = split_shards(read_meta(tiny_shards / "val"), tiny_shards / "val")

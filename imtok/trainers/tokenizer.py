@@ -274,6 +274,8 @@ def train_tokenizer(
     if p.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = TokenizerObjective(p, config.in_channels).to(device)
+    if p.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)  # the discriminator's convolutions
     discriminator = objective.discriminator
     optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
     scheduler = make_scheduler(
