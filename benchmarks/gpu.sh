@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every GPU figure of benchmarks/RESULTS.md, part by part, each part's table saved as OUT_DIR/<part>.md.
+#
+#   benchmarks/gpu.sh [OUT_DIR] [PART ...]      parts: machine fsq vq8 vq256 vqoom vqchunked train extract
+#                                              (default: all, about 15 min on one H100/H200)
+#
+# Run from the repository root on a CUDA host whose Python has torch, triton, webdataset and
+# vector-quantize-pytorch (PYTHON=... picks the interpreter). Parts are independent, so a run split
+# over several shorter jobs gives the same files. Each part is stopped after PART_TIMEOUT seconds
+# (default 600) and the script goes on with the next one.
+set -uo pipefail
+
+out=${1:-benchmarks/gpu-results}
+shift || true
+parts=("$@")
+if [ ${#parts[@]} -eq 0 ]; then
+	parts=(machine fsq vq8 vq256 vqoom vqchunked train extract)
+fi
+python=${PYTHON:-python3}
+limit=${PART_TIMEOUT:-600}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+# The model shape the tokenizer figures use: 256x256 RGB, the GPU profile's width, f = 16.
+model=(--device cuda --image-size 256 --channels 3 --base-channels 128 --multipliers 1 1 2 2 4
+	--precision bf16 --channels-last)
+
+run() {
+	local name=$1
+	shift
+	echo "== $name: $python -m $*"
+	local started=$SECONDS
+	timeout "$limit" "$python" -m "$@" 2>&1 | tee "$out/$name.md"
+	local status=${PIPESTATUS[0]}
+	echo "== $name: exit $status after $((SECONDS - started)) s" | tee -a "$out/$name.md"
+}
+
+for part in "${parts[@]}"; do
+	case $part in
+	machine)
+		{
+			nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+			"$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+			"$python" -c "import vector_quantize_pytorch, importlib.metadata as m; print('vector-quantize-pytorch', m.version('vector-quantize-pytorch'))"
+			nproc
+			date -u +%F
+		} 2>&1 | tee "$out/machine.md"
+		;;
+	fsq) run fsq benchmarks.quantizers --device cuda --repeats 20 --skip-vq ;;
+	vq8) run vq8 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 8 ;;
+	vq256) run vq256 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 256 ;;
+	vqoom) run vqoom benchmarks.quantizers --device cuda --repeats 5 --skip-fsq --vq-vectors 262144 ;;
+	vqchunked) run vqchunked benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-search chunked ;;
+	train)
+		run train benchmarks.train "${model[@]}" --batch-size 32 --compile --steps 30 --rounds 3 \
+			--workers 8 --loader-images 2048
+		;;
+	extract)
+		run extract benchmarks.extract "${model[@]}" --batch-size 128 --compile --images 8192 --shards 32 \
+			--workers 8 --steps 20
+		;;
+	*)
+		echo "unknown part '$part'; use: machine fsq vq8 vq256 vqoom vqchunked train extract" >&2
+		exit 2
+		;;
+	esac
+done
