@@ -7,14 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import torchrun_command
 from test_extract_tokens import save_tokenizer
 
 from imtok.data.shards import ShardError, read_meta, shard_urls
@@ -168,21 +167,7 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
         yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "num_workers": 1, "flip": True}})
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "stages.extract_tokens",
-    ]
+    command = torchrun_command("-m", "stages.extract_tokens")
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((project / "reports" / "extract_tokens.json").read_text())

@@ -53,7 +53,7 @@ def project(tmp_path: Path, fashion_mnist_dir) -> tuple[Path, dict[str, str]]:
         )
         warnings.warn(message, stacklevel=1)
         print(message)
-        params["prepare"].update(source="synthetic", synthetic_count=500)
+        params["prepare"].update(source="synthetic", synthetic_count=2000)  # 10% val: 200 images
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_"))}
     env.update(

@@ -2,12 +2,11 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,9 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("kind", ["maskgit", "gpt"])
 def test_two_gloo_processes_train_a_prior_and_hold_identical_weights(tmp_path, kind):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
-    command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    command += [str(REPO / "tests" / "ddp_prior_worker.py"), str(tmp_path), kind]
+    command = torchrun_command(str(REPO / "tests" / "ddp_prior_worker.py"), str(tmp_path), kind)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

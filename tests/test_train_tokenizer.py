@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import torchrun_command
 
 from imtok.params import Params
 from imtok.runtime import Runtime
@@ -194,23 +194,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
 @pytest.mark.parametrize("quantizer", ["vq"])
 def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_path, quantizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(REPO / "tests" / "ddp_tokenizer_worker.py"),
-        str(tiny_shards),
-        str(tmp_path),
-        quantizer,
-    ]
+    command = torchrun_command(
+        str(REPO / "tests" / "ddp_tokenizer_worker.py"), str(tiny_shards), str(tmp_path), quantizer
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
