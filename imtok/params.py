@@ -489,7 +489,7 @@ class ClassifierParams:
     name: str = "fmnist"  # metrics from its features are named fid_<name>, precision_<name>, ...
     widths: tuple[int, ...] = (16, 32, 64)
     embed_dim: int = 128
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 3e-3
     flip: bool = True  # mirror half of each batch (right for clothing, wrong for digits or text)
