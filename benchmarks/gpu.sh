@@ -10,13 +10,25 @@
 # (default 600) and the script goes on with the next one.
 set -uo pipefail
 
+all_parts=(machine fsq vq8 vq256 vqoom vqchunked train extract)
 out=${1:-benchmarks/gpu-results}
 shift || true
 parts=("$@")
 if [ ${#parts[@]} -eq 0 ]; then
-	parts=(machine fsq vq8 vq256 vqoom vqchunked train extract)
+	parts=("${all_parts[@]}")
 fi
-python=${PYTHON:-python3}
+for name in "$out" "${parts[@]}"; do
+	known=0
+	for part in "${all_parts[@]}"; do [ "$name" = "$part" ] && known=1; done
+	if [ "$name" = "$out" ] && [ $known = 1 ]; then
+		echo "'$out' is a part name, not an output directory: benchmarks/gpu.sh OUT_DIR [PART ...]" >&2
+		exit 2
+	elif [ "$name" != "$out" ] && [ $known = 0 ]; then
+		echo "unknown part '$name'; use: ${all_parts[*]}" >&2
+		exit 2
+	fi
+done
+read -ra python <<<"${PYTHON:-python3}" # e.g. PYTHON="uv run python"
 limit=${PART_TIMEOUT:-600}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -28,9 +40,9 @@ model=(--device cuda --image-size 256 --channels 3 --base-channels 128 --multipl
 run() {
 	local name=$1
 	shift
-	echo "== $name: $python -m $*"
+	echo "== $name: ${python[*]} -m $*"
 	local started=$SECONDS
-	timeout "$limit" "$python" -m "$@" 2>&1 | tee "$out/$name.md"
+	timeout -k 30 "$limit" "${python[@]}" -m "$@" 2>&1 | tee "$out/$name.md"
 	local status=${PIPESTATUS[0]}
 	echo "== $name: exit $status after $((SECONDS - started)) s" | tee -a "$out/$name.md"
 }
@@ -40,8 +52,8 @@ for part in "${parts[@]}"; do
 	machine)
 		{
 			nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-			"$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-			"$python" -c "import vector_quantize_pytorch, importlib.metadata as m; print('vector-quantize-pytorch', m.version('vector-quantize-pytorch'))"
+			"${python[@]}" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+			"${python[@]}" -c "import vector_quantize_pytorch, importlib.metadata as m; print('vector-quantize-pytorch', m.version('vector-quantize-pytorch'))"
 			nproc
 			date -u +%F
 		} 2>&1 | tee "$out/machine.md"
@@ -58,10 +70,6 @@ for part in "${parts[@]}"; do
 	extract)
 		run extract benchmarks.extract "${model[@]}" --batch-size 128 --compile --images 8192 --shards 32 \
 			--workers 8 --steps 20
-		;;
-	*)
-		echo "unknown part '$part'; use: machine fsq vq8 vq256 vqoom vqchunked train extract" >&2
-		exit 2
 		;;
 	esac
 done

@@ -6,7 +6,7 @@
 
 One run measures, on the same machine and inputs:
 - the full training step (forward, L1 + quantizer loss, backward, AdamW, weight EMA) of the imtok
-  tokenizer with our FSQ, images/s and peak memory (the two models are timed in alternating rounds,
+  tokenizer with our FSQ, images/s and peak GPU memory (the two models are timed in alternating rounds,
   the median round reported, so warm-up and drift of a shared machine hit both alike);
 - the very same step with vector-quantize-pytorch's FSQ (same levels) in place of ours: the ratio
   says what the quantizer choice costs inside a real model;
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import statistics
 import tempfile
 import time
@@ -123,14 +122,12 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
         for _ in range(args.warmup):  # compilation, cuDNN autotuning, allocator growth
             run.step()
         synchronize(device)
-        if device.type == "cuda":
+        results[name] = {}
+        if device.type == "cuda":  # on a CPU the only peak is the process's, shared by both models
             torch.cuda.reset_peak_memory_stats(device)
             run.step()
             synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide RSS
-        results[name] = {"peak_mib": peak}
+            results[name]["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     per_round = max(1, args.steps // args.rounds)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     utilisation: dict[str, list[float]] = {name: [] for name in runs}
@@ -196,9 +193,9 @@ def main() -> None:
     for name, result in (("imtok FSQ", ours), ("vector-quantize-pytorch FSQ", peer)):
         mfu = f"{result['mfu_pct']:.1f}" if "mfu_pct" in result else "-"
         util = f"{result['gpu_util_pct']:.0f}" if "gpu_util_pct" in result else "-"
+        peak = f"{result['peak_mib']:,.0f}" if "peak_mib" in result else "-"
         print(
-            f"| {name} | {result['images_per_s']:,.0f} | {result['step_ms']:.1f} | {result['peak_mib']:,.0f} "
-            f"| {mfu} | {util} |"
+            f"| {name} | {result['images_per_s']:,.0f} | {result['step_ms']:.1f} | {peak} | {mfu} | {util} |"
         )
     print()
     print(f"ours/peer throughput ratio: **{ours['images_per_s'] / peer['images_per_s']:.2f}**; ", end="")

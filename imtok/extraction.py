@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,6 +30,7 @@ from imtok.data.shards import IMAGE_FIELDS, ShardError, _read_shards, decode_png
 from imtok.data.tokens import TokenSample, count_codes, write_token_shard
 
 FLIP_SUFFIX = "_hflip"
+MAX_PENDING_WRITES = 2  # encoded shards waiting for the writer thread before the loop waits for it
 
 
 class ShardPiece(NamedTuple):
@@ -143,9 +144,9 @@ def encode_pieces(
                 codes = encode(view)
             indices.append(codes.to("cpu", non_blocking=cuda))
         ready = None
-        if cuda:
+        if cuda:  # on the device's own stream: a bare record() would use the current device's
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(device))
         in_flight.append(Pending(current, indices, ready))
         if len(in_flight) > 1:
             yield from finish(in_flight.popleft())
@@ -191,18 +192,22 @@ def extract_shards(
     workers = min(num_workers, len(shards))
     loader = shard_loader(shards, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     names = {position: Path(url).name for position, url, _ in shards}
-    # one writer thread: tar writing (tens of microseconds a sample) runs while the next shard encodes
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtok-token-writer") as writer:
-        writes = []
+    # one writer thread: tar writing (tens of microseconds a sample) runs while the next shard encodes;
+    # at most MAX_PENDING_WRITES shards wait for it, so a fast encoder cannot pile up samples
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtok-token-writer")
+    writes: deque[Future[ShardResult]] = deque()
+    results: list[ShardResult] = []
+    try:
         for position, samples in encode_pieces(
             encode, iter(loader), device=device, autocast_dtype=autocast_dtype, flip=flip
         ):
             path = out_dir / names[position]
             writes.append(writer.submit(write_one, position, samples, path, codebook_size, grid))
-            for write in writes:
-                if write.done():
-                    write.result()  # a failed write stops the loop now, not after the last shard
-        results = [write.result() for write in writes]
+            while writes and (writes[0].done() or len(writes) > MAX_PENDING_WRITES):
+                results.append(writes.popleft().result())  # a failed write stops the loop here
+        results.extend(write.result() for write in writes)
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)  # after an error: no queued shard is written
     missing = sorted(set(names) - {result.position for result in results})
     if missing:
         unwritten = [names[i] for i in missing]

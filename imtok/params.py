@@ -220,7 +220,7 @@ class TokenizerParams:
     ema_decay: float | None = None  # EMA of the weights; the exported model then uses them
     seed: int = 0
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    channels_last: bool = True  # NHWC convolutions: faster on CPU and on GPU tensor cores
+    channels_last: bool = True  # NHWC convolutions: 1.13-1.28x faster steps on 2 CPU cores (benchmarks.train)
     # run settings (RUNTIME_KEYS)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
     num_workers: int = 0

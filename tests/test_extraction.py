@@ -220,3 +220,24 @@ def test_a_token_shard_refuses_ids_outside_the_codebook_naming_the_sample(tmp_pa
     stored = list(tarfile_samples([{"url": str(tmp_path / "a.tar")}]))
     assert [decode_tokens(s["tokens.npy"]).tolist() for s in stored] == [g.tokens.tolist() for g in good]
     assert decode_tokens(stored[0]["tokens.npy"]).dtype == np.uint16
+
+
+def test_a_failed_token_shard_write_stops_extraction_with_its_error(tiny_shards, tmp_path, one_thread):
+    from imtok.extraction import extract_shards
+
+    tokenizer = save_tokenizer(tmp_path / "tok")
+    shards = split_shards(read_meta(tiny_shards / "train"), tiny_shards / "train")
+    with pytest.raises(FileNotFoundError):
+        extract_shards(
+            tokenizer.encode,
+            shards,
+            tmp_path / "absent" / "train",  # never created: the first write fails
+            batch_size=32,
+            device=torch.device("cpu"),
+            autocast_dtype=None,
+            flip=False,
+            num_workers=0,
+            codebook_size=tokenizer.codebook_size,
+            grid=(4, 4),
+        )
+    assert not (tmp_path / "absent").exists()
