@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imtok.data.shards import IMAGE_FIELDS, ShardError, _read_shards, decode_png_uint8, to_float
+from imtok.data.shards import IMAGE_FIELDS, ShardError, _read_shards, decode_sample, to_float
 from imtok.data.tokens import TokenSample, count_codes, write_token_shard
 
 FLIP_SUFFIX = "_hflip"
@@ -67,7 +67,7 @@ class ShardImages(IterableDataset):
         pending: list[tuple[torch.Tensor, int, str]] = []
         samples = _read_shards(iter([{"url": url}]), {url: expected}, IMAGE_FIELDS)
         for seen, sample in enumerate(samples, start=1):
-            pending.append((decode_png_uint8(sample["png"]), int(sample["cls"]), sample["__key__"]))
+            pending.append(decode_sample(sample))
             if len(pending) == self.batch_size and seen < expected:
                 yield piece(position, pending, last=False)
                 pending = []

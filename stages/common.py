@@ -59,9 +59,10 @@ def stage_main(
     """The command line every stage shares: ``--params``, ``--report``, logging, exit codes.
 
     ``work(params, args)`` does the stage's job and returns its report (written to ``--report``
-    atomically) or None. Bad params or input (ValueError, FileNotFoundError) end with exit code 1 and
-    one log line saying what to fix; SIGTERM unwinds like Ctrl-C.
+    atomically) or None. Bad params or input (ValueError, FileNotFoundError, a damaged shard) end with
+    exit code 1 and one log line saying what to fix; SIGTERM unwinds like Ctrl-C.
     """
+    from imtok.data.shards import ShardError
     from imtok.params import load_params
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -76,7 +77,7 @@ def stage_main(
     log = logging.getLogger("stages")
     try:
         report = work(load_params(args.params), args)
-    except (ValueError, FileNotFoundError) as exc:  # bad params or input: the message says what to fix
+    except (ValueError, FileNotFoundError, ShardError) as exc:  # bad params or input: the message says why
         log.error("%s", exc)
         return 1
     if report is not None and report_path is not None:

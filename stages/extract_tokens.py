@@ -22,7 +22,7 @@ from typing import Any
 from imtok.data.shards import META_NAME, clear_split_dir, read_meta, shard_urls, write_json_atomic
 from imtok.data.sources import SPLITS
 from imtok.data.tokens import token_split_meta
-from imtok.extraction import FLIP_SUFFIX, channels_last_encode, extract_shards, gather_results, rank_shards
+from imtok.extraction import Encode, channels_last_encode, extract_shards, gather_results, rank_shards
 from imtok.params import ExtractParams
 from imtok.runtime import Runtime, broadcast_object, setup_runtime, shutdown_runtime
 from stages.common import stage_main
@@ -32,7 +32,6 @@ log = logging.getLogger("stages.extract_tokens")
 SHARDS_DIR = Path("data/shards")
 TOKENS_DIR = Path("data/tokens")
 REPORT_PATH = Path("reports/extract_tokens.json")
-__all__ = ["FLIP_SUFFIX", "extract", "main"]
 
 
 def tokenizer_provenance(location: str, model_file: Path) -> dict[str, Any]:
@@ -83,6 +82,7 @@ def check_same_tokenizer(checksum: str, runtime: Runtime) -> None:
 
 def extract_split(
     tokenizer: Any,
+    encode: Encode,
     params: ExtractParams,
     split: str,
     *,
@@ -111,7 +111,7 @@ def extract_split(
         )
     flip = params.flip and split == "train"
     results = extract_shards(
-        channels_last_encode(tokenizer) if params.channels_last else tokenizer.encode,
+        encode,
         [shards[i] for i in rank_shards(len(shards), runtime.rank, runtime.world_size)],
         out_dir,
         batch_size=params.batch_size,
@@ -128,6 +128,7 @@ def extract_split(
         content = token_split_meta(
             listed,
             counts,
+            location=out_dir,
             grid=(side, side),
             codebook_size=tokenizer.codebook_size,
             meta={
@@ -167,6 +168,7 @@ def extract(
         tokenizer = tokenizer.to(runtime.device)
         provenance = tokenizer_provenance(params.tokenizer, model_file)
         check_same_tokenizer(provenance["tokenizer_sha256"], runtime)
+        encode = channels_last_encode(tokenizer) if params.channels_last else tokenizer.encode
         report: dict[str, Any] = {
             "tokenizer": provenance,
             "codebook_size": tokenizer.codebook_size,
@@ -177,6 +179,7 @@ def extract(
             split_started = time.perf_counter()
             meta = extract_split(
                 tokenizer,
+                encode,
                 params,
                 split,
                 shards_dir=shards_dir,

@@ -43,6 +43,20 @@ def torchrun_command(*args: str, processes: int = 2) -> list[str]:
     ]
 
 
+def damage_png(shard: Path, index: int) -> str:
+    """Garble the PNG bytes of sample ``index`` of an image shard, keeping the tar valid; its key."""
+    import webdataset as wds
+    from webdataset.tariterators import tarfile_samples
+
+    fields = ("__key__", "png", "cls")
+    samples = [{name: s[name] for name in fields} for s in tarfile_samples([{"url": str(shard)}])]
+    samples[index]["png"] = samples[index]["png"][:20] + b"\x00" * 40
+    with wds.TarWriter(str(shard), encoder=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return samples[index]["__key__"]
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """One moto server (S3 and the other AWS APIs) for the whole session: its http:// endpoint."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import torchrun_command
+from conftest import damage_png, torchrun_command
 from test_extract_tokens import save_tokenizer
 
 from imtok.data.shards import ShardError, read_meta, shard_urls
@@ -241,3 +241,37 @@ def test_a_failed_token_shard_write_stops_extraction_with_its_error(tiny_shards,
             grid=(4, 4),
         )
     assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_png_in_a_shard_names_the_shard_and_the_sample(
+    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers
+):
+    broken = tmp_path / "shards"
+    shutil.copytree(tiny_shards, broken)
+    victim = Path(shard_urls(broken / "train")[1])
+    key = damage_png(victim, 2)
+    with pytest.raises(ShardError, match=rf"{victim.name}: sample '{key}' holds a PNG that does not decode"):
+        extract(
+            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", num_workers=workers),
+            shards_dir=broken,
+            tokens_dir=tmp_path / "t",
+        )
+    assert not (tmp_path / "t" / "train" / "meta.json").exists()
+
+
+def test_the_stage_ends_on_a_damaged_shard_with_one_line_and_exit_code_1(
+    tiny_shards, tmp_path, monkeypatch, caplog, one_thread
+):
+    from stages.extract_tokens import main
+
+    shutil.copytree(tiny_shards, tmp_path / "data" / "shards")
+    save_tokenizer(tmp_path / "models" / "tokenizer")
+    victim = Path(shard_urls(tmp_path / "data" / "shards" / "val")[0])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu"}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", "params.yaml"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and victim.name in errors[0] and "write the split again" in errors[0]
+    assert not (tmp_path / "reports" / "extract_tokens.json").exists()

@@ -17,10 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from conftest import damage_png, free_port
 from PIL import Image
 
-from imtok.data.shards import ShardError, ShardLoader, iter_samples, read_meta, to_uint8, write_split
+from imtok.data.shards import (
+    ShardError,
+    ShardLoader,
+    iter_batches,
+    iter_samples,
+    read_meta,
+    to_uint8,
+    write_split,
+)
 from imtok.data.sources import FashionMNIST, ImageFolder, SyntheticShapes
 
 
@@ -323,3 +331,14 @@ def test_ddp_ranks_read_disjoint_parts_that_cover_the_split_in_equal_batches(tmp
     assert ranks[0]["all_counts"] == ranks[1]["all_counts"] == [ranks[0]["len"]] * 2
     assert all(r["sizes"] == [8] * r["len"] for r in ranks)
     assert len(ranks[0]["sizes"]) == len(ranks[1]["sizes"])
+
+
+def test_a_damaged_png_inside_a_shard_names_the_shard_and_the_sample_for_every_reader(tmp_path):
+    write_split(SyntheticShapes(count=40, image_size=8, seed=0), "train", tmp_path, maxcount=10)
+    shard = tmp_path / "shard-000001.tar"
+    key = damage_png(shard, 0)
+    message = rf"^{shard}: sample '{key}' holds a PNG that does not decode"
+    with pytest.raises(ShardError, match=message):
+        list(iter_batches(tmp_path, 8))
+    with pytest.raises(ShardError, match=message):
+        list(ShardLoader(tmp_path, 8, shuffle=False))

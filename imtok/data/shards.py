@@ -258,7 +258,7 @@ def _read_shards(
                 if missing:
                     raise ShardError(
                         f"{url}: sample {sample.get('__key__')!r} lacks {', '.join(missing)}; the shard is "
-                        "truncated or not an image shard"
+                        "truncated or not an image shard; write the split again"
                     )
                 count += 1
                 yield sample
@@ -277,12 +277,17 @@ def _read_shards(
 read_shards = wds.pipelinefilter(_read_shards)
 
 
-def iter_samples(location: str | Path) -> Iterator[dict[str, Any]]:
-    """Every raw sample of a split in stored order: ``{"__key__", "png" (bytes), "cls" (int)}``."""
+def _split_samples(location: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples of a split in stored order, each count checked against meta.json (with ``__url__``)."""
     meta = read_meta(location)
     urls = shard_urls(location, meta)
     expected = {url: shard["count"] for url, shard in zip(urls, meta["shards"], strict=True)}
-    for sample in _read_shards(iter({"url": url} for url in urls), expected):
+    yield from _read_shards(iter({"url": url} for url in urls), expected)
+
+
+def iter_samples(location: str | Path) -> Iterator[dict[str, Any]]:
+    """Every raw sample of a split in stored order: ``{"__key__", "png" (bytes), "cls" (int)}``."""
+    for sample in _split_samples(location):
         yield {"__key__": sample["__key__"], "png": sample["png"], "cls": int(sample["cls"])}
 
 
@@ -318,13 +323,13 @@ class Batch(NamedTuple):
 def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
     """Every sample of a split exactly once, in stored order, as batches (the last may be smaller).
 
-    For evaluation and extraction, where ``ShardLoader``'s equal-length padding would count images twice.
+    For evaluation, where ``ShardLoader``'s equal-length padding would count images twice.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pending: list[tuple[torch.Tensor, int, str]] = []
-    for sample in iter_samples(location):
-        pending.append((decode_png_uint8(sample["png"]), sample["cls"], sample["__key__"]))
+    for sample in _split_samples(location):
+        pending.append(decode_sample(sample))
         if len(pending) == batch_size:
             yield collate_images(pending)
             pending = []
@@ -332,8 +337,16 @@ def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
         yield collate_images(pending)
 
 
-def _decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
-    return decode_png_uint8(sample["png"]), int(sample["cls"]), sample["__key__"]
+def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
+    """(uint8 image, label, key) of a raw shard sample; a PNG that does not decode names its shard."""
+    try:
+        image = decode_png_uint8(sample["png"])
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for damaged image data
+        raise ShardError(
+            f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r} holds a PNG that does not "
+            f"decode ({type(exc).__name__}: {exc}); the shard is damaged, write the split again"
+        ) from None
+    return image, int(sample["cls"]), sample["__key__"]
 
 
 def collate_images(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:
@@ -357,7 +370,7 @@ def batch_pipeline(
     stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_worker, read_shards(expected_counts)]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-    stages += [wds.map(_decode_sample), wds.batched(batch_size, collation_fn=collate_images, partial=True)]
+    stages += [wds.map(decode_sample), wds.batched(batch_size, collation_fn=collate_images, partial=True)]
     return wds.DataPipeline(*stages)
 
 

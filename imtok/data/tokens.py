@@ -127,14 +127,16 @@ def token_split_meta(
     shards: list[dict[str, Any]],
     counts: np.ndarray,
     *,
+    location: str | Path,
     grid: tuple[int, int],
     codebook_size: int,
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """meta.json of a token split from its shard list and code counts (``meta`` adds provenance)."""
+    """meta.json of the token split at ``location`` from its shard list and code counts (``meta`` adds
+    provenance)."""
     count = sum(shard["count"] for shard in shards)
     if count == 0:
-        raise ValueError("no token samples to write")
+        raise ValueError(f"{location}: no token samples to write (its image split holds no shards)")
     dtype = token_dtype(codebook_size)
     probs = counts / counts.sum()
     nonzero = probs[probs > 0]
@@ -178,7 +180,9 @@ def write_token_split(
     shards = write_shards(encoded(), out_dir, maxcount=maxcount, maxsize=1 << 40)
     if not shards:
         raise ValueError(f"{out_dir}: no token samples to write")
-    content = token_split_meta(shards, counts, grid=grid, codebook_size=codebook_size, meta=meta)
+    content = token_split_meta(
+        shards, counts, location=out_dir, grid=grid, codebook_size=codebook_size, meta=meta
+    )
     write_json_atomic(out_dir / META_NAME, content)
     return content
 
