@@ -134,15 +134,24 @@ def test_gather_without_a_process_group_orders_this_ranks_shards():
     assert [shard["name"] for shard in listed] == ["a", "c"] and counts.tolist() == [2, 1]
 
 
+def truncate(shard: Path) -> str:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return rf"{shard.name}: "
+
+
+def garble_png(shard: Path) -> str:
+    return rf"{shard.name}: sample '{damage_png(shard, 2)}' holds a PNG that does not decode"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_truncated_image_shard_names_the_file_and_leaves_no_meta(
-    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers
+@pytest.mark.parametrize("damage", [truncate, garble_png])
+def test_a_damaged_image_shard_names_the_file_and_leaves_no_meta(
+    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers, damage
 ):
     broken = tmp_path / "shards"
     shutil.copytree(tiny_shards, broken)
-    victim = Path(shard_urls(broken / "train")[2])
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    with pytest.raises(ShardError, match=victim.name):
+    message = damage(Path(shard_urls(broken / "train")[2]))
+    with pytest.raises(ShardError, match=message):
         extract(
             ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", num_workers=workers),
             shards_dir=broken,
@@ -241,23 +250,6 @@ def test_a_failed_token_shard_write_stops_extraction_with_its_error(tiny_shards,
             grid=(4, 4),
         )
     assert not (tmp_path / "absent").exists()
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_damaged_png_in_a_shard_names_the_shard_and_the_sample(
-    tiny_shards, tokenizer_dir, tmp_path, one_thread, workers
-):
-    broken = tmp_path / "shards"
-    shutil.copytree(tiny_shards, broken)
-    victim = Path(shard_urls(broken / "train")[1])
-    key = damage_png(victim, 2)
-    with pytest.raises(ShardError, match=rf"{victim.name}: sample '{key}' holds a PNG that does not decode"):
-        extract(
-            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", num_workers=workers),
-            shards_dir=broken,
-            tokens_dir=tmp_path / "t",
-        )
-    assert not (tmp_path / "t" / "train" / "meta.json").exists()
 
 
 def test_the_stage_ends_on_a_damaged_shard_with_one_line_and_exit_code_1(
