@@ -2,8 +2,12 @@
 
 import argparse
 import datetime
+import os
 import platform
+import shutil
 import statistics
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +92,106 @@ def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
     target = torch.empty_like(source)
     seconds = time_call(lambda: target.copy_(source), device, warmup=3, repeats=10)
     return 2 * source.numel() * 4 / seconds
+
+
+def fast_path_report() -> str:
+    """One line saying whether any default fast path (fused FSQ, fused search) fell back in this run.
+
+    A default fast path that fails is replaced by the reference path for the rest of the process
+    with one warning; printed under each table, this keeps a fallback from passing for the fast path.
+    """
+    from imtok.quantizers.common import FAST_PATH_FAILURES
+
+    if not FAST_PATH_FAILURES:
+        return "- fast paths: none fell back to the reference path in this run"
+    failures = "; ".join(f"{name}: {error}" for name, error in sorted(FAST_PATH_FAILURES.items()))
+    return f"- fast paths that FELL BACK to the reference path in this run: {failures}"
+
+
+def parse_nvidia_smi_utilisation(text: str) -> float:
+    """The percentage in ``nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits`` output."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"nvidia-smi: expected one utilisation line for one GPU, got {lines!r}")
+    value = float(lines[0])
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"nvidia-smi: expected a percentage in [0, 100], got {value}")
+    return value
+
+
+def utilisation_reader(device: torch.device) -> tuple[Callable[[], float], str] | None:
+    """A function returning the GPU's current utilisation in percent, and the source it reads, or None.
+
+    NVML through torch (needs the ``nvidia-ml-py`` package) where it answers, else the ``nvidia-smi``
+    command line; None on a CPU or when neither is there. NVML's figure is the share of the last
+    sample period (1/6 s to 1 s) in which at least one kernel ran on the GPU.
+    """
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch.cuda.utilization(index)
+        return (lambda: float(torch.cuda.utilization(index))), "NVML"
+    except Exception:  # no pynvml: fall back to the command line tool
+        pass
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # nvidia-smi numbers GPUs physically; torch counts only the visible ones (indices or UUIDs).
+    physical = visible.split(",")[index].strip() if visible else str(index)
+    command = [executable, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", physical]
+
+    def read() -> float:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return parse_nvidia_smi_utilisation(done.stdout)
+
+    try:
+        read()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return read, "nvidia-smi"
+
+
+class UtilisationSampler:
+    """Samples GPU utilisation in a background thread while inside ``with sampler:`` (re-enterable).
+
+    Sampling off the timed thread keeps the query (an NVML call or an ``nvidia-smi`` process) out of
+    the loop being timed. ``mean`` is the average over every sample of every window, None without
+    samples (a CPU device, no NVML and no ``nvidia-smi``, or windows shorter than one interval).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.2) -> None:
+        found = utilisation_reader(device)
+        self.read, self.source = found if found is not None else (None, None)
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append(self.read())
+            except Exception:  # a query that failed once is a missing sample, not a failed benchmark
+                continue
+
+    def __enter__(self) -> "UtilisationSampler":
+        if self.read is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, name="gpu-utilisation", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 def machine_description(device: torch.device) -> str:

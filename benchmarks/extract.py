@@ -19,9 +19,10 @@ One run measures, on the same synthetic shards and the same (randomly initialise
 ``reader / encode`` must be well above 1 for the data never to be the bottleneck; ``stage / encode``
 is the share of the model's rate the stage reaches (taking turns, it approaches
 1 / (1 + encode / reader); with workers, min(1, workers x reader / encode) where cores allow). On
-CUDA the encoder's model FLOPs utilisation (FLOPs counted by ``torch.utils.flop_counter`` over
-``--peak-tflops``) and the GPU utilisation from NVML are reported too. A randomly initialised
-tokenizer costs the same FLOPs as a trained one.
+CUDA every model row also gives the model FLOPs utilisation (the encoder's FLOPs per image, counted
+by ``torch.utils.flop_counter``, times the row's images/s, over ``--peak-tflops``) and the GPU
+utilisation, sampled from NVML or ``nvidia-smi`` in a background thread while the row runs. A
+randomly initialised tokenizer costs the same FLOPs as a trained one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    UtilisationSampler,
     add_tokenizer_arguments,
+    fast_path_report,
     machine_description,
     synchronize,
     tokenizer_config,
@@ -82,13 +85,12 @@ class Encoder:
 
 
 def measure_encode(
-    model: Tokenizer,
     encoder: Encoder,
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    """Images/s of ``encode`` on device-resident batches; MFU and GPU utilisation on CUDA."""
+    """Images/s of ``encode`` on device-resident batches, with the GPU utilisation on CUDA."""
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     images = torch.rand(shape, device=device) * 2 - 1
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -100,25 +102,30 @@ def measure_encode(
     for _ in range(args.warmup):
         run()
     synchronize(device)
-    utilisation = []
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        run()
-        if device.type == "cuda":
-            with contextlib.suppress(Exception):  # NVML (pynvml) is optional
-                utilisation.append(torch.cuda.utilization(device))
-    synchronize(device)
-    seconds = (time.perf_counter() - started) / args.steps
-    result = {"images_per_s": args.batch_size / seconds}
-    if device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
+    with UtilisationSampler(device) as utilisation:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            run()
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / args.steps
+    return with_utilisation({"images_per_s": args.batch_size / seconds}, utilisation)
 
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad(), autocast:
-            model.encode(images)
-        result["mfu_pct"] = 100 * counter.get_total_flops() / seconds / (args.peak_tflops * 1e12)
-        if utilisation:
-            result["gpu_util_pct"] = sum(utilisation) / len(utilisation)
+
+def encode_flops_per_image(model: Tokenizer, args: argparse.Namespace, device: torch.device, dtype) -> float:
+    """FLOPs of encoding one image, counted by ``torch.utils.flop_counter`` on the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.rand((args.batch_size, args.channels, args.image_size, args.image_size), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), autocast:
+        model.encode(images * 2 - 1)
+    return counter.get_total_flops() / args.batch_size
+
+
+def with_utilisation(result: dict[str, float], sampler: UtilisationSampler) -> dict[str, float]:
+    if sampler.mean is not None:
+        result["gpu_util_pct"] = sampler.mean
     return result
 
 
@@ -129,8 +136,9 @@ def measure_stage(
     device: torch.device,
     dtype: torch.dtype | None,
     workers: int,
-) -> float:
-    """Images/s of one process of the extraction stage over the shards (one warm pass first)."""
+) -> dict[str, float]:
+    """Images/s of one process of the extraction stage over the shards (one warm pass first), with the
+    GPU utilisation on CUDA."""
     from imtok.data.shards import read_meta
     from imtok.extraction import extract_shards
     from stages.extract_tokens import split_shards
@@ -156,13 +164,15 @@ def measure_stage(
 
     run()
     synchronize(device)
-    started = time.perf_counter()
-    count = run()
-    synchronize(device)
-    return count / (time.perf_counter() - started)
+    with UtilisationSampler(device) as utilisation:
+        started = time.perf_counter()
+        count = run()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    return with_utilisation({"images_per_s": count / seconds}, utilisation)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tokenizer_arguments(parser, image_size=28, base_channels=16, batch_size=256)
     parser.add_argument("--quantizer", default="fsq", choices=["fsq", "vq", "regvq"])
@@ -171,7 +181,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shards", type=int, default=16, help="image shards the synthetic images fill")
     parser.add_argument("--workers", type=int, default=2, help="loader processes of the parallel stage row")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     model = build_tokenizer(args, device)
@@ -179,9 +193,10 @@ def main() -> None:
         shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels, args.shards)
         encoder = Encoder(model, args.compile, args.channels_last)
         reader = measure_reader(shards, args.batch_size)
-        encode = measure_encode(model, encoder, args, device, dtype)
+        encode = measure_encode(encoder, args, device, dtype)
         in_turn = measure_stage(encoder, shards, args, device, dtype, workers=0)
         parallel = measure_stage(encoder, shards, args, device, dtype, workers=args.workers)
+    flops = encode_flops_per_image(model, args, device, dtype) if device.type == "cuda" else None
     print(f"- machine: {machine_description(device)}")
     print(
         f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "
@@ -190,22 +205,35 @@ def main() -> None:
         f"{args.precision}{', channels_last' if args.channels_last else ''}"
         f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in {args.shards} shards"
     )
+    if flops is not None:
+        source = UtilisationSampler(device).source or "not available (no NVML, no nvidia-smi)"
+        print(
+            f"- encoder {flops / 1e9:.1f} GFLOP per image; MFU against {args.peak_tflops:g} TFLOP/s; "
+            f"GPU utilisation sampled from {source}"
+        )
     print()
     print("| part | images/s | MFU % | GPU util % |")
     print("|---|---:|---:|---:|")
-    mfu = f"{encode['mfu_pct']:.1f}" if "mfu_pct" in encode else "-"
-    util = f"{encode['gpu_util_pct']:.0f}" if "gpu_util_pct" in encode else "-"
+
+    def cells(result: dict[str, float]) -> str:
+        achieved = None if flops is None else result["images_per_s"] * flops
+        mfu = "-" if achieved is None else f"{100 * achieved / (args.peak_tflops * 1e12):.1f}"
+        util = f"{result['gpu_util_pct']:.0f}" if "gpu_util_pct" in result else "-"
+        return f"{result['images_per_s']:,.0f} | {mfu} | {util}"
+
     print(f"| reader (`iter_batches`) | {reader:,.0f} | - | - |")
-    print(f"| encode (`Tokenizer.encode`) | {encode['images_per_s']:,.0f} | {mfu} | {util} |")
-    print(f"| stage (`extract_shards`), no loader worker | {in_turn:,.0f} | - | - |")
-    print(f"| stage (`extract_shards`), {args.workers} loader workers | {parallel:,.0f} | - | - |")
+    print(f"| encode (`Tokenizer.encode`) | {cells(encode)} |")
+    print(f"| stage (`extract_shards`), no loader worker | {cells(in_turn)} |")
+    print(f"| stage (`extract_shards`), {args.workers} loader workers | {cells(parallel)} |")
     print()
     rate = encode["images_per_s"]
+    in_turn_rate, parallel_rate = in_turn["images_per_s"], parallel["images_per_s"]
     print(
-        f"reader / encode: **{reader / rate:.2f}**; stage / encode: **{in_turn / rate:.2f}** without "
-        f"workers, **{parallel / rate:.2f}** with {args.workers}; "
-        f"workers / in turn: **{parallel / in_turn:.2f}x**"
+        f"reader / encode: **{reader / rate:.2f}**; stage / encode: **{in_turn_rate / rate:.2f}** without "
+        f"workers, **{parallel_rate / rate:.2f}** with {args.workers}; "
+        f"workers / in turn: **{parallel_rate / in_turn_rate:.2f}x**"
     )
+    print(fast_path_report())
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 # Every GPU figure of benchmarks/RESULTS.md, part by part, each part's table saved as OUT_DIR/<part>.md.
 #
 #   benchmarks/gpu.sh [OUT_DIR] [PART ...]      parts: machine fsq vq8 vq256 vqoom vqchunked train extract
-#                                              (default: all, about 15 min on one H100/H200)
+#                                              (default: all)
+#
+# Not yet timed on a GPU; expected on one H100/H200: machine fsq vq8 vqoom vq256 vqchunked about
+# 4 min (the fused FSQ compiles once per channel count), train extract about 5 min (compiling two
+# 256x256 tokenizers and the encoder, and PNG-encoding the synthetic shards on one core).
 #
 # Run from the repository root on a CUDA host whose Python has torch, triton, webdataset and
 # vector-quantize-pytorch (PYTHON=... picks the interpreter). Parts are independent, so a run split
 # over several shorter jobs gives the same files. Each part is stopped after PART_TIMEOUT seconds
-# (default 600) and the script goes on with the next one.
+# (default 600) and the script goes on with the next one. DRY_RUN=1 prints each part's command and
+# runs nothing (the tests check every command against its module's options that way).
 set -uo pipefail
 
 all_parts=(machine fsq vq8 vq256 vqoom vqchunked train extract)
@@ -30,17 +35,20 @@ for name in "$out" "${parts[@]}"; do
 done
 read -ra python <<<"${PYTHON:-python3}" # e.g. PYTHON="uv run python"
 limit=${PART_TIMEOUT:-600}
-mkdir -p "$out"
+[ -n "${DRY_RUN:-}" ] || mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 # The model shape the tokenizer figures use: 256x256 RGB, the GPU profile's width, f = 16.
 model=(--device cuda --image-size 256 --channels 3 --base-channels 128 --multipliers 1 1 2 2 4
 	--precision bf16 --channels-last)
 
+dry_run=${DRY_RUN:-}
+
 run() {
 	local name=$1
 	shift
 	echo "== $name: ${python[*]} -m $*"
+	[ -n "$dry_run" ] && return 0
 	local started=$SECONDS
 	timeout -k 30 "$limit" "${python[@]}" -m "$@" 2>&1 | tee "$out/$name.md"
 	local status=${PIPESTATUS[0]}
@@ -50,6 +58,10 @@ run() {
 for part in "${parts[@]}"; do
 	case $part in
 	machine)
+		if [ -n "$dry_run" ]; then
+			echo "== machine: nvidia-smi, torch/triton/peer versions, nproc, date"
+			continue
+		fi
 		{
 			nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 			"${python[@]}" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -64,12 +76,12 @@ for part in "${parts[@]}"; do
 	vqoom) run vqoom benchmarks.quantizers --device cuda --repeats 5 --skip-fsq --vq-vectors 262144 ;;
 	vqchunked) run vqchunked benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-search chunked ;;
 	train)
-		run train benchmarks.train "${model[@]}" --batch-size 32 --compile --steps 30 --rounds 3 \
-			--workers 8 --loader-images 2048
+		run train benchmarks.train "${model[@]}" --batch-size 32 --compile --steps 20 --rounds 2 \
+			--workers 8 --loader-images 1024
 		;;
 	extract)
-		run extract benchmarks.extract "${model[@]}" --batch-size 128 --compile --images 8192 --shards 32 \
-			--workers 8 --steps 20
+		run extract benchmarks.extract "${model[@]}" --batch-size 128 --compile --images 2048 --shards 16 \
+			--workers 8 --steps 10
 		;;
 	esac
 done

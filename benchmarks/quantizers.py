@@ -7,25 +7,31 @@ Prints one markdown table per quantizer: milliseconds for forward (eval) and for
 (training mode, EMA updates included for VQ), and the peer/ours ratio (> 1 means we are faster);
 "OOM" marks a run that ran out of device memory. FSQ is timed on both of our paths, the fused
 (compiled, one kernel each way; first call compiles, outside the timing) and the eager reference.
-On CUDA the FSQ table also gives the memory floor: the time to read z and write codes and indices
-at the measured copy bandwidth, and how far the fused forward is from it. Every "fwd" is the whole
-module call, so it includes the usage statistics (a bincount over the indices) beside the kernel.
+The FSQ table also gives the memory floor: the time to read float32 z and write float32 codes and
+int32 indices at the device's measured copy bandwidth, and how far the fused path is from it, both as
+the quantization alone ("fused kernel": ``FSQ.quantize``, codes and indices) and as the module call.
+Every "fwd" is the whole module call, so it includes the usage statistics (a count of every code
+and the perplexity) beside the kernel; a third table times that count, our scatter-add beside
+``torch.bincount`` (which reads the largest index back to the host on CUDA).
 """
 
 import argparse
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks.common import copy_bandwidth, machine_description, time_call
+from benchmarks.common import copy_bandwidth, fast_path_report, machine_description, time_call
 from imtok.quantizers import FSQ, VectorQuantizer
+from imtok.quantizers.common import code_counts
 
 TABLE_ONE_SIZES = (2**8, 2**10, 2**12, 2**14, 2**16)
 
 
 def latent_grid(num_vectors: int, channels: int, device: torch.device) -> torch.Tensor:
-    """Random N(0, 1) latents (B, C, 64, 64) holding ``num_vectors`` vectors."""
-    side = 64
+    """Random N(0, 1) latents (B, C, 64, 64) holding ``num_vectors`` vectors (one smaller square
+    grid below 4,096 vectors)."""
+    side = min(64, max(1, math.isqrt(num_vectors)))
     batch = max(1, num_vectors // (side * side))
     return torch.randn(batch, channels, side, side, device=device)
 
@@ -74,12 +80,33 @@ def time_pair(modules: dict, z: torch.Tensor, codes_of: dict, device: torch.devi
     return timings
 
 
-def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> Iterator[str]:
+def memory_floor_bytes(z: torch.Tensor) -> int:
+    """Bytes an FSQ forward must move at least: read float32 z, write float32 codes and int32 indices.
+
+    int32 holds every Table-1 index; our indices are int64 (4 more bytes per vector, 8-15% more).
+    """
+    vectors = z.numel() // z.shape[1]
+    return z.numel() * 4 * 2 + vectors * 4
+
+
+def kernel_fn(module: FSQ, z: torch.Tensor) -> Callable[[], object]:
+    """The quantization alone (``FSQ.quantize``: codes and indices, no usage statistics), no grad."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return module.quantize(z)
+
+    return run
+
+
+def fsq_rows(
+    device: torch.device, num_vectors: int, repeats: int, sizes: tuple[int, ...] = TABLE_ONE_SIZES
+) -> Iterator[str]:
     """Markdown rows: our fused and eager FSQ beside the peer's at every Table-1 size."""
     from vector_quantize_pytorch import FSQ as PeerFSQ
 
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
-    for size in TABLE_ONE_SIZES:
+    bandwidth = copy_bandwidth(device)
+    for size in sizes:
         levels = FSQ.levels_for(size)
         z = latent_grid(num_vectors, len(levels), device)
         modules = {
@@ -91,14 +118,13 @@ def fsq_rows(device: torch.device, num_vectors: int, repeats: int) -> Iterator[s
         peer = lambda out: (out[0], torch.zeros((), device=device))  # noqa: E731
         codes_of = {"fused": ours, "eager": ours, "peer": peer}
         timings = time_pair(modules, z, codes_of, device, repeats)
-        floor = None
-        if bandwidth is not None:
-            moved_bytes = z.numel() * 4 * 2 + z[:, 0].numel() * 8  # read z, write codes, int64 indices
-            floor = moved_bytes / bandwidth
+        modules["fused"].eval()
+        timings["kernel_fwd"] = measure(kernel_fn(modules["fused"], z), device, repeats)
+        floor = memory_floor_bytes(z) / bandwidth
         yield _fsq_row(f"2^{size.bit_length() - 1} {levels}", z, timings, floor)
 
 
-def _fsq_row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: float | None) -> str:
+def _fsq_row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: float) -> str:
     def ms(key: str) -> str:
         return "OOM" if timings[key] is None else f"{timings[key] * 1e3:.3f}"
 
@@ -106,21 +132,42 @@ def _fsq_row(label: str, z: torch.Tensor, timings: dict[str, float | None], floo
         top, bottom = timings[numerator], timings[denominator]
         return "-" if top is None or bottom is None else f"{top / bottom:.2f}x"
 
+    def off_floor(key: str) -> str:
+        return "-" if timings[key] is None else f"{timings[key] / floor:.1f}x"
+
     vectors = z.numel() // z.shape[1]
-    floor_ms = "" if floor is None else f"{floor * 1e3:.3f}"
-    fused = timings["fused_fwd"]
-    off_floor = "" if floor is None or fused is None else f"{fused / floor:.1f}x"
     return (
-        f"| {label} | {vectors:,} | {floor_ms} | {ms('fused_fwd')} | {off_floor} | {ms('eager_fwd')} "
+        f"| {label} | {vectors:,} | {floor * 1e3:.3f} | {ms('kernel_fwd')} | {off_floor('kernel_fwd')} "
+        f"| {ms('fused_fwd')} | {off_floor('fused_fwd')} | {ms('eager_fwd')} "
         f"| {ms('peer_fwd')} | {ratio('peer_fwd', 'fused_fwd')} | {ms('fused_fb')} | {ms('eager_fb')} "
         f"| {ms('peer_fb')} | {ratio('peer_fb', 'fused_fb')} |"
     )
 
 
 FSQ_HEADER = (
-    "| size | vectors | floor ms | fused fwd ms | fused / floor | eager fwd ms | peer fwd ms "
-    "| peer / fused fwd | fused fwd+bwd ms | eager fwd+bwd ms | peer fwd+bwd ms | peer / fused fwd+bwd |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| size | vectors | floor ms | fused kernel ms | kernel / floor | fused fwd ms | fused / floor "
+    "| eager fwd ms | peer fwd ms | peer / fused fwd | fused fwd+bwd ms | eager fwd+bwd ms "
+    "| peer fwd+bwd ms | peer / fused fwd+bwd |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def count_rows(
+    device: torch.device, num_vectors: int, repeats: int, sizes: tuple[int, ...] = TABLE_ONE_SIZES
+) -> Iterator[str]:
+    """Markdown rows: the usage statistics' code counting, our scatter-add beside ``torch.bincount``."""
+    for size in sizes:
+        indices = torch.randint(0, size, (num_vectors,), device=device)
+        ours = measure(lambda: code_counts(indices, size), device, repeats)  # noqa: B023
+        bincount = measure(lambda: torch.bincount(indices, minlength=size), device, repeats)  # noqa: B023
+        ratio = "-" if ours is None or bincount is None else f"{bincount / ours:.2f}x"
+        cells = ["OOM" if t is None else f"{t * 1e3:.3f}" for t in (ours, bincount)]
+        yield f"| 2^{size.bit_length() - 1} | {num_vectors:,} | {cells[0]} | {cells[1]} | {ratio} |"
+
+
+COUNT_HEADER = (
+    "| codes | indices | `code_counts` (scatter-add) ms | `torch.bincount` ms | bincount / ours |\n"
+    "|---|---|---|---|---|"
 )
 
 
@@ -128,12 +175,17 @@ SEARCH_PATHS = {"auto": None, "fused": True, "chunked": False}
 
 
 def vq_rows(
-    device: torch.device, num_vectors: int, dim: int, repeats: int, search: str = "auto"
+    device: torch.device,
+    num_vectors: int,
+    dim: int,
+    repeats: int,
+    search: str = "auto",
+    sizes: tuple[int, ...] = TABLE_ONE_SIZES,
 ) -> Iterator[str]:
     """Markdown rows comparing our EMA VQ with the peer's VectorQuantize at every Table-1 size."""
     from vector_quantize_pytorch import VectorQuantize
 
-    for size in TABLE_ONE_SIZES:
+    for size in sizes:
         z = latent_grid(num_vectors, dim, device)
         ours = VectorQuantizer(size, dim, kmeans_init=False, search_fused=SEARCH_PATHS[search]).to(device)
         peer = VectorQuantize(dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99).to(device)
@@ -169,7 +221,7 @@ HEADER = (
 )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -178,6 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vq-vectors", type=int, default=None, help="latent vectors for VQ")
     parser.add_argument("--vq-dim", type=int, default=8, help="VQ code dimension")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(TABLE_ONE_SIZES),
+        choices=TABLE_ONE_SIZES,
+        metavar="K",
+        help="codebook sizes, from the FSQ paper's Table 1 (default: all of 256 1024 4096 16384 65536)",
+    )
     parser.add_argument("--skip-fsq", action="store_true")
     parser.add_argument("--skip-vq", action="store_true")
     parser.add_argument(
@@ -186,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="our VQ's nearest-code search: auto (fused on CUDA for dim <= 64), fused or chunked",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     fsq_vectors = args.fsq_vectors or (4_194_304 if on_gpu else 262_144)
@@ -198,7 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_fsq:
         print(f"FSQ, Table-1 levels, {fsq_vectors:,} latent vectors (peer: vector_quantize_pytorch.FSQ)\n")
         print(FSQ_HEADER)
-        for row in fsq_rows(device, fsq_vectors, args.repeats):
+        for row in fsq_rows(device, fsq_vectors, args.repeats, tuple(args.sizes)):
+            print(row, flush=True)
+        print(f"\nCode counting for the usage statistics, {fsq_vectors:,} indices\n")
+        print(COUNT_HEADER)
+        for row in count_rows(device, fsq_vectors, args.repeats, tuple(args.sizes)):
             print(row, flush=True)
     if not args.skip_vq:
         print(
@@ -206,8 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.vq_search} (peer: VectorQuantize)\n"
         )
         print(HEADER)
-        for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats, args.vq_search):
+        for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats, args.vq_search, tuple(args.sizes)):
             print(row, flush=True)
+    print()
+    print(fast_path_report())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ One run measures, on the same machine and inputs:
 - the shard loader alone over synthetic shards of the same size (``ShardLoader``, the loader the stage
   uses): it must deliver well above the training rate, so that data is never the bottleneck;
 - on CUDA, model FLOPs utilisation (FLOPs of one step counted by ``torch.utils.flop_counter`` over
-  the step time, against ``--peak-tflops``) and the GPU utilisation reported by NVML when available.
+  the step time, against ``--peak-tflops``) and the GPU utilisation, sampled in a background thread
+  from NVML or ``nvidia-smi`` while the timed rounds run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import (
+    UtilisationSampler,
     add_tokenizer_arguments,
+    fast_path_report,
     machine_description,
     synchronize,
     tokenizer_config,
@@ -130,25 +133,23 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
             results[name]["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     per_round = max(1, args.steps // args.rounds)
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    utilisation: dict[str, list[float]] = {name: [] for name in runs}
+    utilisation = {name: UtilisationSampler(device) for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            started = time.perf_counter()
-            for _ in range(per_round):
-                run.step()
-                if device.type == "cuda":
-                    with contextlib.suppress(Exception):  # NVML (pynvml) is optional
-                        utilisation[name].append(torch.cuda.utilization(device))
-            synchronize(device)
-            samples[name].append((time.perf_counter() - started) / per_round)
+            with utilisation[name]:
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    run.step()
+                synchronize(device)
+                samples[name].append((time.perf_counter() - started) / per_round)
     for name, run in runs.items():
         seconds = statistics.median(samples[name])
         results[name].update(images_per_s=args.batch_size / seconds, step_ms=1000 * seconds)
         if device.type == "cuda":
             flops = step_flops(run.model, run.images, run.dtype)
             results[name]["mfu_pct"] = 100 * flops / seconds / (args.peak_tflops * 1e12)
-            if utilisation[name]:
-                results[name]["gpu_util_pct"] = sum(utilisation[name]) / len(utilisation[name])
+        if utilisation[name].mean is not None:
+            results[name]["gpu_util_pct"] = utilisation[name].mean
     return results
 
 
@@ -166,7 +167,7 @@ def measure_loader(args: argparse.Namespace) -> float:
         return seen / (time.perf_counter() - started)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tokenizer_arguments(parser, image_size=32, base_channels=32, batch_size=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each model")
@@ -174,7 +175,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument("--loader-images", type=int, default=4096)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     measured = measure_training(args, device)
     ours, peer = measured["ours"], measured["peer"]
@@ -187,6 +192,9 @@ def main() -> None:
         f"{args.steps} timed steps after {args.warmup} in {args.rounds} alternating rounds (median); "
         f"loader workers {args.workers}"
     )
+    if device.type == "cuda":
+        source = UtilisationSampler(device).source or "not available (no NVML, no nvidia-smi)"
+        print(f"- MFU against {args.peak_tflops:g} TFLOP/s; GPU utilisation sampled from {source}")
     print()
     print("| step with | images/s | ms/step | peak MiB | MFU % | GPU util % |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -202,6 +210,7 @@ def main() -> None:
     print(
         f"loader alone: **{loader:,.0f} images/s** = {loader / ours['images_per_s']:.1f}x the training rate"
     )
+    print(fast_path_report())
 
 
 if __name__ == "__main__":

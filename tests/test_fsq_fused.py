@@ -91,3 +91,18 @@ def test_a_fused_path_that_cannot_compile_hands_over_to_eager_unless_asked_for(m
             FSQ([8, 5, 5, 5], fused=True).eval()(z)
     finally:
         FAST_PATH_FAILURES.pop(fsq_module.FUSED_PATH, None)
+
+
+def test_under_a_dispatch_mode_such_as_the_flop_counter_the_eager_path_runs():
+    # Compiled code cannot run under FlopCounterMode; the fused path must not be tried (and, when not
+    # asked for, written off for the rest of the process) while FLOPs are being counted.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fsq = FSQ([8, 5, 5, 5], fused=True)
+    z = latents(4, seed=3)
+    assert fsq.uses_fused(z)
+    with FlopCounterMode(display=False):
+        assert not fsq.uses_fused(z)
+        counted = fsq(z)
+    assert fsq_module.FUSED_PATH not in fsq_module.FAST_PATH_FAILURES
+    assert torch.equal(counted.indices, FSQ([8, 5, 5, 5], fused=False)(z).indices)

@@ -298,6 +298,15 @@ def _ddp_rank(rank: int, world_size: int, port: int, location: str, out_dir: str
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("batch_size", [25, 40])  # 18 samples: replay part of them; read them twice
+def test_a_split_smaller_than_one_batch_still_gives_one_full_batch(tmp_path, batch_size):
+    write_split(SyntheticShapes(count=20, image_size=8, channels=1, seed=0), "train", tmp_path, maxcount=4)
+    keys = {s["__key__"] for s in iter_samples(tmp_path)}
+    assert len(keys) < batch_size
+    (batch,) = list(ShardLoader(tmp_path, batch_size=batch_size, shuffle=False))
+    assert batch.images.shape[0] == batch_size and set(batch.keys) == keys  # every sample, some twice
+
+
 def test_ddp_ranks_read_disjoint_parts_that_cover_the_split_in_equal_batches(tmp_path):
     import torch.multiprocessing as mp
 

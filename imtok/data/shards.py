@@ -466,8 +466,9 @@ class ShardLoader:
 
     def _pieces(self, shards: list[int]) -> Iterator[Batch]:
         """Worker batches over ``shards``: one pass, then repeated samples, without end."""
-        shortfall = len(self) * self.batch_size - sum(self.counts[i] for i in shards)
-        if shortfall <= self.batch_size:
+        own = sum(self.counts[i] for i in shards)
+        shortfall = len(self) * self.batch_size - own
+        if shortfall <= min(self.batch_size, own):
             # the usual case: replay (at most one batch of) the first samples instead of a second pass
             head: list[Batch] = []
             kept = 0
@@ -478,7 +479,8 @@ class ShardLoader:
                 yield piece
             yield from head
             return
-        # a rank far behind the largest one re-reads its own shards to fill up
+        # a rank far behind the largest one, or a split smaller than half a batch, re-reads its own
+        # shards to fill up
         repeat = 0
         while True:
             count = 0

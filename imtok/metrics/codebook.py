@@ -8,7 +8,7 @@ reads as "the number of codes effectively in use".
 
 ``CodeCounter`` accumulates one histogram over batches of indices; ``codebook_usage`` and
 ``code_perplexity`` are the pure functions of a histogram. The per-batch statistics the quantizers
-log come from ``imtok.quantizers.common``, whose ``code_histogram`` does the counting here too.
+log come from ``imtok.quantizers.common``, whose ``code_counts`` does the counting here too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from imtok.quantizers.common import code_histogram
+from imtok.quantizers.common import code_counts
 
 
 def _check_counts(counts: Tensor) -> None:
@@ -72,7 +72,7 @@ class CodeCounter:
                 f"from {low} to {high}"
             )
         # Per-batch float counts are exact below 2^24 occurrences of one code in one batch.
-        self.counts += code_histogram(indices, self.codebook_size).to(torch.int64).cpu()
+        self.counts += code_counts(indices, self.codebook_size).cpu()
 
     @property
     def total(self) -> int:

@@ -48,9 +48,21 @@ class QuantizerOutput(NamedTuple):
     stats: dict[str, Tensor]
 
 
+def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """Occurrences of every code id in ``indices`` (ids in [0, K)) as an int64 (K,) tensor.
+
+    A scatter-add into K bins rather than ``torch.bincount``: bincount sizes its output from the
+    data, so on CUDA it reads the largest id back to the host (a sync in every training step) and
+    ``torch.compile`` has to break the graph around it; this output's size is fixed by K.
+    """
+    flat = indices.reshape(-1).long()
+    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand_as(flat)
+    return torch.zeros(codebook_size, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
     """Counts of every code id in ``indices`` as a float (K,) tensor."""
-    return torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    return code_counts(indices, codebook_size).float()
 
 
 def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:

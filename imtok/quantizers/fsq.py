@@ -5,6 +5,7 @@ from numbers import Integral
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from imtok.quantizers.common import (
     FAST_PATH_FAILURES,
@@ -177,8 +178,14 @@ class FSQ(nn.Module):
         return torch.where(replace, dithered, level_values)
 
     def uses_fused(self, z: Tensor) -> bool:
-        """Whether ``forward(z)`` takes the fused path (see the class docstring)."""
+        """Whether ``forward(z)`` takes the fused path (see the class docstring).
+
+        Never under a Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, debug modes):
+        compiled code cannot run inside one, and the eager ops are what such a mode wants to see.
+        """
         if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling():
+            return False
+        if _get_current_dispatch_mode() is not None:
             return False
         if self.fused is None:
             return z.is_cuda and FUSED_PATH not in FAST_PATH_FAILURES
@@ -186,13 +193,18 @@ class FSQ(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
-        check_channels(z, self.dim, "z")
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            quantize = self._quantize_fused if self.uses_fused(z) else self._quantize_eager
-            codes, indices = quantize(z.float())
+        codes, indices = self.quantize(z)
         stats = codebook_stats(indices, self.codebook_size)
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
         return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
+
+    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Float32 codes (B, C, H, W) and indices (B, H, W) of latents z: ``forward`` without the
+        statistics and the cast back to the input dtype."""
+        check_channels(z, self.dim, "z")
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            quantize = self._quantize_fused if self.uses_fused(z) else self._quantize_eager
+            return quantize(z.float())
 
     def _quantize_eager(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The reference path: codes (B, C, H, W) and indices (B, H, W) of float32 latents."""

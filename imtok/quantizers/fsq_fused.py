@@ -62,6 +62,9 @@ class FusedFSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, shift: Tensor, half_l: Tensor, offset: Tensor, center: Tensor,
                 scale: Tensor, inverse_scale: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        # Batch and spatial sizes stay symbolic; the channel count is fixed per FSQ, so the kernel
+        # specialises on it and unrolls the sum over channels.
+        torch._dynamo.mark_static(z, 1)
         codes, indices = compiled("forward")(z, shift, half_l, offset, center, scale, inverse_scale, basis)
         ctx.save_for_backward(z, shift, half_l, inverse_scale)
         ctx.mark_non_differentiable(indices)
@@ -70,7 +73,9 @@ class FusedFSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_codes: Tensor, _grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
         z, shift, half_l, inverse_scale = ctx.saved_tensors
-        grad_z = compiled("backward")(grad_codes.contiguous(), z, shift, half_l, inverse_scale)
+        grad_codes = grad_codes.contiguous()
+        torch._dynamo.mark_static(grad_codes, 1)
+        grad_z = compiled("backward")(grad_codes, z, shift, half_l, inverse_scale)
         return (grad_z, None, None, None, None, None, None, None)
 
 

@@ -18,6 +18,8 @@ the tests check it on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -90,18 +92,26 @@ def fused_nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
         return indices, values
     code_norms = codebook.pow(2).sum(dim=1)  # (K,)
     grid = (triton.cdiv(num_rows, BLOCK_ROWS),)
+    # Triton launches on the current CUDA device: make it the tensors' one (cuda:1 without set_device).
+    on_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with on_device:
+        _launch(grid, x, codebook, code_norms, indices, values, dim)
+    # ||x||^2 does not move the argmin; added once per row it turns the minimum into a distance.
+    return indices, values.add_(x.pow(2).sum(dim=1)).clamp_(min=0)
+
+
+def _launch(grid: tuple[int], x: Tensor, codebook: Tensor, code_norms: Tensor, indices: Tensor,
+            values: Tensor, dim: int) -> None:  # fmt: skip
     _nearest_code_kernel[grid](
         x,
         codebook,
         code_norms,
         indices,
         values,
-        num_rows,
+        x.shape[0],
         codebook.shape[0],
         dim,
         BLOCK_ROWS=BLOCK_ROWS,
         BLOCK_CODES=BLOCK_CODES,
         BLOCK_DIM=max(16, triton.next_power_of_2(dim)),  # tl.dot needs every side >= 16
     )
-    # ||x||^2 does not move the argmin; added once per row it turns the minimum into a distance.
-    return indices, values.add_(x.pow(2).sum(dim=1)).clamp_(min=0)

@@ -5,7 +5,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
+from imtok.quantizers.common import (
+    QuantizerOutput,
+    check_channels,
+    check_indices,
+    code_counts,
+    code_histogram,
+    codebook_stats,
+    require,
+)
 from imtok.quantizers.search import nearest_code
 
 
@@ -44,7 +52,7 @@ def sample_rows(x: Tensor, count: int) -> Tensor:
 
 def cluster_sums(x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     """Per-code counts (K,) and vector sums (K, D) of x (N, D) under the assignment ``indices`` (N,)."""
-    counts = torch.bincount(indices, minlength=num_codes).to(x.dtype)  # (K,)
+    counts = code_counts(indices, num_codes).to(x.dtype)  # (K,)
     sums = x.new_zeros(num_codes, x.shape[1]).index_add_(0, indices, x)  # (K, D)
     return counts, sums
 
@@ -260,7 +268,7 @@ class VectorQuantizer(nn.Module):
             counts, sums = all_reduced_cluster_sums(latents, indices, self.codebook_size)
             self._ema_update(counts, sums)
         elif self.restart_after_steps is not None:
-            counts = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).float())
+            counts = all_reduce_sum(code_histogram(indices, self.codebook_size))
         else:
             return 0
         return self._restart_dead_codes(latents, counts)

@@ -1,0 +1,43 @@
+"""Code counting without a data-dependent output size: same counts as bincount, one compiled graph."""
+
+import pytest
+import torch
+
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+from imtok.quantizers.common import code_counts, code_histogram
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_code_counts_equal_bincount_over_every_code(dtype):
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 300, (4, 9, 11), generator=generator, dtype=dtype)  # codes 300..511 unused
+    counts = code_counts(indices, 512)
+    assert counts.dtype == torch.int64 and counts.shape == (512,)
+    assert torch.equal(counts, torch.bincount(indices.reshape(-1).long(), minlength=512))
+    assert int(counts.sum()) == indices.numel() and int(counts[300:].sum()) == 0
+    assert torch.equal(code_histogram(indices, 512), counts.float())
+
+
+def test_code_counts_of_no_indices_are_zeros():
+    assert torch.equal(
+        code_counts(torch.zeros(0, 3, 3, dtype=torch.int64), 8), torch.zeros(8, dtype=torch.int64)
+    )
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "regvq"])
+def test_the_tokenizer_traces_as_one_graph_with_its_usage_statistics(quantizer):
+    # bincount's data-dependent output size broke the graph inside every quantizer call (six or
+    # seven breaks in a forward). VQ's training step still reads its state back (initialisation,
+    # dead codes), so only FSQ's training forward is one graph.
+    config = TokenizerConfig(
+        in_channels=1, image_size=16, base_channels=8, channel_multipliers=(1, 2), quantizer=quantizer,
+        codebook_size=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Tokenizer(config)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model.encode)(images).graph_break_count == 0
+    assert torch._dynamo.explain(model.eval())(images).graph_break_count == 0
+    if quantizer == "fsq":
+        assert torch._dynamo.explain(model.train())(images).graph_break_count == 0
