@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
-from imtok.quantizers.common import code_counts, code_histogram
+from imtok.quantizers.common import code_counts, code_histogram, scatter_counts
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
@@ -16,6 +16,7 @@ def test_code_counts_equal_bincount_over_every_code(dtype):
     assert torch.equal(counts, torch.bincount(indices.reshape(-1).long(), minlength=512))
     assert int(counts.sum()) == indices.numel() and int(counts[300:].sum()) == 0
     assert torch.equal(code_histogram(indices, 512), counts.float())
+    assert torch.equal(scatter_counts(indices, 512), counts)  # the CUDA and compiled path
 
 
 def test_code_counts_of_no_indices_are_zeros():
