@@ -16,6 +16,7 @@ import torch
 import yaml
 from conftest import torchrun_command
 
+from imtok.models.files import read_model_file
 from imtok.params import Params
 from imtok.runtime import Runtime
 from imtok.training import list_checkpoints, read_checkpoint
@@ -274,3 +275,26 @@ def test_every_tokenizer_key_is_listed_in_the_dvc_stage():
     keys = {f"tokenizer.{field.name}" for field in dataclasses.fields(TokenizerParams)}
     assert set(stage["params"]) == keys
     assert "models/tokenizer" in stage["outs"] and "data/shards/train" in stage["deps"]
+
+
+def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp_path, one_thread):
+    # tokenizer.compile wraps the training forward (generator and quantizer; the discriminator and
+    # the losses stay eager) in torch.compile: the same steps must give the same weights, to float
+    # rounding, with the usage statistics traced in (no graph break at the code counts).
+    reports = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        params = tiny_params(total_steps=6, val_batches=0, log_every=2, checkpoint_every=6, compile=compiled)
+        reports[compiled] = train(
+            params,
+            shards_dir=tiny_shards,
+            out_dir=tmp_path / f"out-{compiled}",
+            checkpoint_root=tmp_path / f"ck-{compiled}",
+            register=False,
+            runtime=CPU,
+        )
+    eager, compiled = (read_model_file(tmp_path / f"out-{c}" / MODEL_FILE, "tokenizer") for c in reports)
+    assert reports[True]["step"] == reports[False]["step"] == 6
+    for name, value in eager["state_dict"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(compiled["state_dict"][name], value, rtol=1e-3, atol=1e-4, msg=name)
