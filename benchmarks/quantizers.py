@@ -137,7 +137,7 @@ def _fsq_row(label: str, z: torch.Tensor, timings: dict[str, float | None], floo
 
     vectors = z.numel() // z.shape[1]
     return (
-        f"| {label} | {vectors:,} | {floor * 1e3:.3f} | {ms('kernel_fwd')} | {off_floor('kernel_fwd')} "
+        f"| {label} | {vectors:,} | {floor * 1e3:.3g} | {ms('kernel_fwd')} | {off_floor('kernel_fwd')} "
         f"| {ms('fused_fwd')} | {off_floor('fused_fwd')} | {ms('eager_fwd')} "
         f"| {ms('peer_fwd')} | {ratio('peer_fwd', 'fused_fwd')} | {ms('fused_fb')} | {ms('eager_fb')} "
         f"| {ms('peer_fb')} | {ratio('peer_fb', 'fused_fb')} |"
@@ -161,7 +161,7 @@ def count_rows(
         ours = measure(lambda: scatter_counts(indices, size), device, repeats)  # noqa: B023
         bincount = measure(lambda: torch.bincount(indices, minlength=size), device, repeats)  # noqa: B023
         ratio = "-" if ours is None or bincount is None else f"{bincount / ours:.2f}x"
-        cells = ["OOM" if t is None else f"{t * 1e3:.3f}" for t in (ours, bincount)]
+        cells = ["OOM" if t is None else f"{t * 1e3:.3g}" for t in (ours, bincount)]
         yield f"| 2^{size.bit_length() - 1} | {num_vectors:,} | {cells[0]} | {cells[1]} | {ratio} |"
 
 

@@ -109,8 +109,8 @@ def test_quantizer_benchmark_tables_give_every_path_the_peer_and_the_memory_floo
     for row in fsq:
         assert len(row) == 14 and number(row[1]) == 1024
         floor_ms, kernel_ms, kernel_ratio = number(row[2]), number(row[3]), number(row[4])
-        # the printed floor is rounded to microseconds, so at this size the ratio matches only roughly
-        assert 0.5 < kernel_ratio / (kernel_ms / floor_ms) < 2
+        # printed to 3 significant digits (the floor) and 0.1 (the ratio)
+        assert kernel_ratio == pytest.approx(kernel_ms / floor_ms, rel=0.1, abs=0.1)
         for cell in row[5:]:
             number(cell)
     counts = table(out, "codes")
