@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import shutil
@@ -119,8 +120,10 @@ def parse_nvidia_smi_utilisation(text: str) -> float:
     return value
 
 
+@functools.cache
 def utilisation_reader(device: torch.device) -> tuple[Callable[[], float], str] | None:
-    """A function returning the GPU's current utilisation in percent, and the source it reads, or None.
+    """A function returning the GPU's current utilisation in percent, and the source it reads, or None
+    (probed once per device and process).
 
     NVML through torch (needs the ``nvidia-ml-py`` package) where it answers, else the ``nvidia-smi``
     command line; None on a CPU or when neither is there. NVML's figure is the share of the last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -15,6 +16,13 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from test servers
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+# On CPU, torch.compile builds C++ kernels: a machine without a C++ compiler cannot run them.
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)",
+)
 
 
 def free_port() -> int:

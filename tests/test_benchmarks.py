@@ -9,23 +9,19 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_compiler
 
 from benchmarks.common import UtilisationSampler, parse_nvidia_smi_utilisation, utilisation_reader
 from benchmarks.quantizers import memory_floor_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PARTS = {"fsq", "vq8", "vq256", "vqoom", "vqchunked", "train", "extract"}
-needs_compiler = pytest.mark.skipif(
-    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
-    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)",
-)
 
 
 def gpu_script(*args: str, dry_run: bool = True) -> subprocess.CompletedProcess:

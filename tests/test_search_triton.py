@@ -112,3 +112,21 @@ def test_a_kernel_that_fails_to_build_hands_over_to_the_chunked_search(monkeypat
             search.nearest_code(x, codebook, fused=True)
     finally:
         FAST_PATH_FAILURES.pop(search.FUSED_PATH, None)
+
+
+def test_under_a_dispatch_mode_the_search_runs_the_chunked_path_the_mode_can_count(monkeypatch):
+    # A Triton launch would hide its work from FlopCounterMode (and cannot run under FakeTensorMode):
+    # even asked for, the kernel steps aside and the counted FLOPs are the chunked matmul's.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imtok.quantizers import search, search_triton
+
+    def kernel(x, codebook):
+        raise AssertionError("the fused kernel ran under a dispatch mode")
+
+    monkeypatch.setattr(search_triton, "fused_nearest_code", kernel)
+    x, codebook = torch.randn(6, 8), torch.randn(16, 8)
+    with FlopCounterMode(display=False) as counter:
+        indices, _ = search.nearest_code(x, codebook, fused=True)
+    assert torch.equal(indices, search.nearest_code(x, codebook, fused=False)[0])
+    assert counter.get_total_flops() == 2 * 6 * 16 * 8

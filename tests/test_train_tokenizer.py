@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import torchrun_command
+from conftest import needs_compiler, torchrun_command
 
 from imtok.models.files import read_model_file
 from imtok.params import Params
@@ -277,13 +277,17 @@ def test_every_tokenizer_key_is_listed_in_the_dvc_stage():
     assert "models/tokenizer" in stage["outs"] and "data/shards/train" in stage["deps"]
 
 
+@needs_compiler
 def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp_path, one_thread):
     # tokenizer.compile wraps the training forward (generator and quantizer; the discriminator and
     # the losses stay eager) in torch.compile: the same steps must give the same weights, to float
-    # rounding, with the usage statistics traced in (no graph break at the code counts).
+    # rounding. (That the forward is one graph is tests/test_code_counts.py's concern.)
+    from torch._dynamo.utils import counters
+
     reports = {}
     for compiled in (False, True):
         torch._dynamo.reset()
+        counters.clear()
         params = tiny_params(total_steps=6, val_batches=0, log_every=2, checkpoint_every=6, compile=compiled)
         reports[compiled] = train(
             params,
@@ -293,6 +297,7 @@ def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp
             register=False,
             runtime=CPU,
         )
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled run did trace the model
     eager, compiled = (read_model_file(tmp_path / f"out-{c}" / MODEL_FILE, "tokenizer") for c in reports)
     assert reports[True]["step"] == reports[False]["step"] == 6
     for name, value in eager["state_dict"].items():

@@ -71,7 +71,6 @@ class CodeCounter:
                 f"indices: expected values in [0, {self.codebook_size}), the codebook size; got values "
                 f"from {low} to {high}"
             )
-        # Per-batch float counts are exact below 2^24 occurrences of one code in one batch.
         self.counts += code_counts(indices, self.codebook_size).cpu()
 
     @property

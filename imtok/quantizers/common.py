@@ -6,6 +6,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -15,12 +16,24 @@ T = TypeVar("T")
 FAST_PATH_FAILURES: dict[str, str] = {}
 
 
+def under_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, debug modes) is active.
+
+    Fast paths step aside inside one: compiled code cannot run there, and a Triton launch would hide
+    its work from the mode, while the reference path's ops are exactly what the mode wants to see.
+    """
+    return _get_current_dispatch_mode() is not None
+
+
 def run_fast_path(name: str, fast: Callable[[], T], fallback: Callable[[], T], *, requested: bool) -> T:
     """``fast()``; when it fails and was not ``requested`` explicitly: record, warn, ``fallback()``.
 
     Out-of-memory is never a reason to fall back (the reference path needs at least as much memory),
     and an explicitly requested fast path keeps its error, so the caller sees why it cannot run.
+    Under a dispatch mode (``under_dispatch_mode``) the reference path runs, requested or not.
     """
+    if under_dispatch_mode():
+        return fallback()
     if requested:
         return fast()
     try:

@@ -5,7 +5,6 @@ from numbers import Integral
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from imtok.quantizers.common import (
     FAST_PATH_FAILURES,
@@ -14,6 +13,7 @@ from imtok.quantizers.common import (
     check_indices,
     codebook_stats,
     run_fast_path,
+    under_dispatch_mode,
 )
 
 FUSED_PATH = "fused FSQ"
@@ -178,14 +178,9 @@ class FSQ(nn.Module):
         return torch.where(replace, dithered, level_values)
 
     def uses_fused(self, z: Tensor) -> bool:
-        """Whether ``forward(z)`` takes the fused path (see the class docstring).
-
-        Never under a Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, debug modes):
-        compiled code cannot run inside one, and the eager ops are what such a mode wants to see.
-        """
-        if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling():
-            return False
-        if _get_current_dispatch_mode() is not None:
+        """Whether ``forward(z)`` takes the fused path (see the class docstring); never under a Python
+        dispatch mode such as ``FlopCounterMode`` (``under_dispatch_mode``)."""
+        if (self.training and self.noise_prob > 0) or torch.compiler.is_compiling() or under_dispatch_mode():
             return False
         if self.fused is None:
             return z.is_cuda and FUSED_PATH not in FAST_PATH_FAILURES
