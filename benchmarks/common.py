@@ -75,15 +75,20 @@ def tokenizer_config(args: argparse.Namespace, quantizer: str = "fsq") -> Any:
 def write_synthetic_shards(
     directory: Path, count: int, image_size: int, channels: int, shards: int = 8
 ) -> Path:
-    """``count`` seeded synthetic images as a train split of ``shards`` shards (the last may be short)."""
+    """``count`` seeded synthetic images as a train split of ``shards`` shards (the last may be short).
+
+    Every core but one loads and PNG-encodes (the one left writes the tar files).
+    """
     import math
+    import os
 
     from imtok.data.shards import write_split
     from imtok.data.sources import SyntheticShapes
 
     # The source holds back a 10% val split, so it gets a little more than ``count`` in all.
     source = SyntheticShapes(count=math.ceil(count / 0.9) + 1, image_size=image_size, channels=channels)
-    write_split(source, "train", directory, maxcount=math.ceil(count / shards), limit=count)
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    write_split(source, "train", directory, maxcount=math.ceil(count / shards), limit=count, workers=workers)
     return directory
 
 

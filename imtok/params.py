@@ -284,9 +284,13 @@ class TokenizerParams:
 
 @dataclass(frozen=True)
 class PrepareParams:
-    """The `prepare` section: which images become shards, at what size, and how they are cut."""
+    """The `prepare` section: which images become shards, at what size, and how they are cut.
+
+    ``RUNTIME_KEYS`` change how the shards are written, not their bytes, so dvc.yaml leaves them out.
+    """
 
     SECTION: ClassVar[str] = "prepare"
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset({"num_workers"})
 
     source: SourceKind = "fashion_mnist"
     # fashion_mnist: directory with the four IDX .gz files (null: the Debian package's directory,
@@ -301,6 +305,9 @@ class PrepareParams:
     maxsize: int = 100_000_000  # bytes of payload per shard
     synthetic_count: int = 2000  # images the synthetic source generates (both splits together)
     upload: str | None = None  # s3://bucket/prefix: upload <prefix>/train and <prefix>/val after writing
+    # processes that load and PNG-encode images while the stage writes the shards (0: the stage
+    # itself); the shards are byte-identical for any count
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -328,6 +335,11 @@ class PrepareParams:
                 self.upload is None or (self.upload.startswith("s3://") and len(self.upload) > len("s3://")),
                 "upload",
                 f"must be an s3://bucket/prefix URL or null, got {self.upload!r}",
+            ),
+            (
+                self.num_workers >= 0,
+                "num_workers",
+                f"must be >= 0 processes (0: encode in the stage itself), got {self.num_workers}",
             ),
         ]
         _raise_first_failed(self.SECTION, checks)

@@ -37,6 +37,7 @@ def prepare(
         "location": source.location,
         "image_size": params.image_size,
         "channels": params.channels,
+        "encode_workers": params.num_workers,
         "skipped_files": [],
     }
     for split in SPLITS:
@@ -48,6 +49,7 @@ def prepare(
             maxsize=params.maxsize,
             limit=params.limit,
             seed=params.seed,
+            workers=params.num_workers,
         )
         log.info(
             "%s: %d images in %d shards, %d skipped, %.1f s",

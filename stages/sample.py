@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from imtok.data.encoding import encode_png
 from imtok.data.shards import (
     META_NAME,
     clear_split_dir,
-    encode_png,
     to_uint8,
     write_json_atomic,
     write_shards,

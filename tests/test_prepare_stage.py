@@ -165,3 +165,26 @@ def test_prepare_uploads_both_splits_to_s3(tmp_path, monkeypatch, s3_bucket):
         assert report[split]["uploaded_to"] == f"{upload}/{split}"
         remote = list(iter_samples(f"{upload}/{split}"))
         assert remote == list(iter_samples(tmp_path / "data/shards" / split))
+
+
+def test_encoding_workers_change_neither_the_shards_nor_the_dvc_params(tmp_path, monkeypatch):
+    outputs = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"workers{workers}"
+        run_dir.mkdir()
+        monkeypatch.chdir(run_dir)
+        params = _write_params(
+            run_dir / "params.yaml", source="synthetic", synthetic_count=240, image_size=8, maxcount=30,
+            num_workers=workers,
+        )  # fmt: skip
+        assert main(["--params", str(params)]) == 0
+        report = json.loads((run_dir / "reports/prepare.json").read_text())
+        assert report["encode_workers"] == workers
+        outputs[workers] = {
+            path.relative_to(run_dir).as_posix(): path.read_bytes()
+            for path in sorted((run_dir / "data/shards").rglob("*"))
+            if path.is_file()
+        }
+    assert len(outputs[0]) > 8 and outputs[0] == outputs[2]
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]["params"]
+    assert "prepare.num_workers" not in listed

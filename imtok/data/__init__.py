@@ -3,6 +3,7 @@
 Importing this package registers an ``s3://`` scheme in webdataset's ``gopen`` (boto3 underneath).
 """
 
+from imtok.data.encoding import SkippedImage, encode_png
 from imtok.data.s3 import register_s3_scheme, upload_split
 from imtok.data.shards import (
     Batch,
@@ -13,7 +14,6 @@ from imtok.data.shards import (
     collate_images,
     decode_png,
     decode_png_uint8,
-    encode_png,
     iter_samples,
     read_meta,
     shard_urls,
@@ -41,6 +41,7 @@ __all__ = [
     "ImageFolder",
     "ShardError",
     "ShardLoader",
+    "SkippedImage",
     "Source",
     "SourceItem",
     "SplitReport",

@@ -34,8 +34,9 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from imtok.data.encoding import SkippedImage, encoded_items
 from imtok.data.s3 import register_s3_scheme
-from imtok.data.sources import Source, SourceItem, UnreadableImage
+from imtok.data.sources import Source, SourceItem
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +58,12 @@ class ShardError(OSError):
 
 
 @dataclass
-class SkippedImage:
-    key: str
-    origin: str
-    reason: str
-
-
-@dataclass
 class SplitReport:
     split: str
     count: int
     shards: list[dict[str, Any]]
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a uint8 (H, W) or (H, W, 3) array."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
 
 
 def sync_and_rename(partial: str) -> str:
@@ -161,11 +148,14 @@ def write_split(
     maxsize: int = 100_000_000,
     limit: int | None = None,
     seed: int | None = None,
+    workers: int = 0,
 ) -> SplitReport:
     """Write ``source``'s ``split`` (at most ``limit`` images) as shards plus meta.json in ``out_dir``.
 
-    Unreadable images are skipped and listed in the returned report; any other error aborts the
-    split, removing the shard in progress (complete shards keep their final names).
+    ``workers`` > 0 processes load and PNG-encode the images while this one writes the tar files; the
+    shards are byte-identical for any number of workers. Unreadable images are skipped and listed in
+    the returned report; any other error aborts the split, removing the shard in progress (complete
+    shards keep their final names).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -177,14 +167,12 @@ def write_split(
     skipped: list[SkippedImage] = []
 
     def samples() -> Iterator[dict[str, Any]]:
-        for item in items:
-            try:
-                image = source.load(item)
-            except UnreadableImage as exc:
-                log.warning("skipping unreadable image %s: %s", item.origin, exc)
-                skipped.append(SkippedImage(item.key, item.origin, str(exc)))
+        for result in encoded_items(source, items, workers):
+            if isinstance(result, SkippedImage):
+                log.warning("skipping unreadable image %s: %s", result.origin, result.reason)
+                skipped.append(result)
                 continue
-            yield {"__key__": item.key, "png": encode_png(image), "cls": str(item.label).encode()}
+            yield result
 
     shards = write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)
     count = sum(shard["count"] for shard in shards)
