@@ -67,13 +67,20 @@ def same_files(first: Path, second: Path) -> bool:
 
 
 def run(
-    images: int, workers: list[int], batch_size: int, repeats: int, maxcount: int, prepare_workers: int
+    images: int,
+    workers: list[int],
+    batch_size: int,
+    repeats: int,
+    maxcount: int,
+    prepare_workers: int,
+    image_size: int = 32,
+    channels: int = 1,
 ) -> str:
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        source, source_name = FashionMNIST(FASHION_MNIST_DIR, image_size=32, channels=1), "Fashion-MNIST"
+        source, source_name = FashionMNIST(FASHION_MNIST_DIR, image_size, channels), "Fashion-MNIST"
     else:
         count = int(images / 0.9) + 1
-        source, source_name = SyntheticShapes(count=count, image_size=32, channels=1), "synthetic shapes"
+        source, source_name = SyntheticShapes(count, image_size, channels), "synthetic shapes"
     lines = []
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
         shards, loose = Path(tmp) / "shards", Path(tmp) / "loose"
@@ -92,12 +99,12 @@ def run(
         dataset = LoosePngs(loose, [str(i) for i in range(len(source.class_names))])
 
         lines += [
-            f"- source: {source_name}, {report.count} train images at 32x32x1, "
+            f"- source: {source_name}, {report.count} train images at {image_size}x{image_size}x{channels}, "
             f"{len(report.shards)} shards of <= {maxcount}",
             f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"batch size {batch_size}, median of {repeats} alternating passes after a warm-up pass",
             "",
-            "prepare (fit to 32x32, PNG-encode, write shards; byte-identical outputs):",
+            f"prepare (fit to {image_size}x{image_size}, PNG-encode, write shards; byte-identical outputs):",
             "",
             "| encoding processes | images/s | ratio |",
             "|---:|---:|---:|",
@@ -131,8 +138,11 @@ def main() -> None:
     parser.add_argument(
         "--prepare-workers", type=int, default=os.cpu_count() or 2, help="encoding processes, 2nd prepare"
     )
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
     args = parser.parse_args()
-    print(run(args.images, args.workers, args.batch_size, args.repeats, args.maxcount, args.prepare_workers))
+    sizes = (args.images, args.workers, args.batch_size, args.repeats, args.maxcount, args.prepare_workers)
+    print(run(*sizes, image_size=args.image_size, channels=args.channels))
 
 
 if __name__ == "__main__":

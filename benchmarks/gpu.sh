@@ -6,7 +6,7 @@
 #
 # Not yet timed on a GPU; expected on one H100/H200: machine fsq vq8 vqoom vq256 vqchunked about
 # 4 min (the fused FSQ compiles once per channel count), train extract about 5 min (compiling two
-# 256x256 tokenizers and the encoder, and PNG-encoding the synthetic shards on one core).
+# 256x256 tokenizers and the encoder; the synthetic shards are PNG-encoded on every core but one).
 #
 # Run from the repository root on a CUDA host whose Python has torch, triton, webdataset and
 # vector-quantize-pytorch (PYTHON=... picks the interpreter). Parts are independent, so a run split
