@@ -392,6 +392,11 @@ def test_first_training_batch_seeds_the_codebook_with_its_latents():
     reloaded = RegularizedVQ(64, 4)
     reloaded.load_state_dict(quantizer.state_dict())
     assert bool(reloaded.initialized)
+    reloaded.train()(torch.randn(2, 4, 8, 8) - 40)
+    assert reloaded.codebook.detach().mean() > 0  # seeded by the loaded state, not seeded again
+    quantizer.load_state_dict(RegularizedVQ(64, 4).state_dict())  # an unseeded state: seed again
+    quantizer(torch.randn(2, 4, 8, 8) - 40)
+    assert bool(quantizer.initialized) and quantizer.codebook.detach().mean() < -30
 
 
 def test_data_init_uses_every_code_on_the_seeding_batch():

@@ -231,6 +231,49 @@ def test_dead_codes_are_restarted_from_batch_vectors(ema):
         assert torch.equal(vq.embed_sum[2:], vq.embed[2:])
 
 
+@pytest.mark.parametrize("ema", [True, False])
+def test_restarted_codes_take_distinct_batch_vectors_and_cycle_when_the_batch_is_short(ema):
+    torch.manual_seed(12)
+    vq = VectorQuantizer(40, 2, ema=ema, kmeans_init=False, restart_after_steps=1)
+    start = torch.cat([torch.zeros(1, 2), torch.full((39, 2), 1e4)])  # one live code, 39 far away
+    vq.embed.data.copy_(start)
+    if ema:
+        vq.embed_sum.copy_(start)
+    z = torch.randn(1, 2, 8, 8)  # 64 vectors: enough for 39 distinct rows
+    assert vq(z).stats["restarted_codes"] == 39
+    same = (vq.codebook[1:, None, :] == flat_vectors(z)[None]).all(dim=2)  # (39, 64)
+    assert torch.all(same.sum(dim=1) == 1)  # each restarted code is one batch vector...
+    assert torch.all(same.sum(dim=0) <= 1)  # ...and no vector went to two codes
+
+    vq.embed.data.copy_(start)
+    if ema:
+        vq.embed_sum.copy_(start)
+        vq.cluster_size.fill_(1.0)
+    short = torch.randn(1, 2, 2, 4)  # 8 vectors for 39 dead codes: each vector reused 4-5 times
+    assert vq(short).stats["restarted_codes"] == 39
+    same = (vq.codebook[1:, None, :] == flat_vectors(short)[None]).all(dim=2)  # (39, 8)
+    assert torch.all(same.sum(dim=1) == 1)
+    assert sorted(same.sum(dim=0).tolist()) == [4] + [5] * 7  # 39 = 4 + 7 x 5: spread evenly
+
+
+def test_loading_a_state_decides_whether_the_kmeans_initialisation_runs():
+    torch.manual_seed(13)
+    fresh_state = VectorQuantizer(8, 2, restart_after_steps=None).state_dict()
+    vq = VectorQuantizer(8, 2, restart_after_steps=None)
+    vq(torch.randn(1, 2, 4, 4) + 50)
+    assert vq.codebook.mean() > 40
+    vq(torch.randn(1, 2, 4, 4) + 50)  # initialised: no second k-means
+    vq.load_state_dict(fresh_state)  # not initialised: the next training step runs it again
+    assert not vq.initialized
+    vq(torch.randn(1, 2, 4, 4) - 50)
+    assert vq.initialized and vq.codebook.mean() < -40
+    trained_state = {name: value.clone() for name, value in vq.state_dict().items()}
+    other = VectorQuantizer(8, 2, restart_after_steps=None)
+    other.load_state_dict(trained_state)
+    other(torch.randn(1, 2, 4, 4) + 50)  # initialised by the load: EMA steps, no jump to +50
+    assert other.codebook.mean() < 0
+
+
 def test_dead_code_threshold_counts_rarely_used_codes_as_unused():
     vq = VectorQuantizer(2, 1, kmeans_init=False, dead_code_threshold=5, restart_after_steps=100)
     vq.embed.copy_(torch.tensor([[0.0], [10.0]]))

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
@@ -129,3 +129,37 @@ def require(ok: bool, name: str, allowed: str, value: object) -> None:
     """Raise a ValueError naming the argument and its allowed range unless ``ok``."""
     if not ok:
         raise ValueError(f"{name}: expected {allowed}, got {value!r}")
+
+
+def track_initialization(module: nn.Module) -> None:
+    """Let ``initialization_pending`` answer for ``module`` (which holds an ``initialized`` buffer).
+
+    Call once in ``__init__``. ``load_state_dict`` makes it read the buffer again, since a loaded
+    state may be initialised or not.
+    """
+    module._initialized_seen = False
+    module.register_load_state_dict_post_hook(_forget_initialized)
+
+
+def _forget_initialized(module: nn.Module, incompatible_keys: object) -> None:
+    module._initialized_seen = False
+
+
+def initialization_pending(module: nn.Module) -> bool:
+    """Whether ``module``'s data-dependent initialisation has yet to run (``initialized`` is False).
+
+    The buffer is read (a host sync on an accelerator, a graph break under ``torch.compile``) only
+    until it is found True; from then on a Python flag answers, so a training step after the first
+    pays for neither. Writing False into the buffer directly goes unseen: load a state instead.
+    """
+    if module._initialized_seen:
+        return False
+    module._initialized_seen = bool(module.initialized)
+    return not module._initialized_seen
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """Record that ``module``'s initialisation ran, in its ``initialized`` buffer and for
+    ``initialization_pending``."""
+    module.initialized.fill_(True)
+    module._initialized_seen = True

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
+from imtok.quantizers.common import (
+    QuantizerOutput,
+    check_channels,
+    check_indices,
+    codebook_stats,
+    initialization_pending,
+    mark_initialized,
+    require,
+    track_initialization,
+)
 from imtok.quantizers.search import squared_distances
 from imtok.quantizers.vq import broadcast_from_first, sample_rows
 
@@ -156,12 +165,13 @@ class RegularizedVQ(nn.Module):
         bound = 1.0 / codebook_size
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))  # (K, D)
         self.register_buffer("initialized", torch.tensor(not data_init))
+        track_initialization(self)
 
     @torch.no_grad()
     def _initialize_from(self, latents: Tensor) -> None:
         """Seed the codebook with random rows of ``latents`` (N, D), the same on every rank."""
         self.codebook.copy_(broadcast_from_first(sample_rows(latents, self.codebook_size)))
-        self.initialized.fill_(True)
+        mark_initialized(self)
 
     def _stochastic_codes(self, latents: Tensor, argmax_indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mask (N,), indices used (N,) and the Gumbel straight-through code term (N, D) for training.
@@ -204,7 +214,7 @@ class RegularizedVQ(nn.Module):
         batch, _, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             latents = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D)
-            if self.training and not bool(self.initialized):
+            if self.training and initialization_pending(self):
                 self._initialize_from(latents.detach())
             # Logits up to a per-row constant, which neither the softmax nor the argmax sees.
             logits = _assignment_scores(latents, self.codebook, self.prior_temperature)  # (N, K)

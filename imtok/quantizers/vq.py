@@ -12,7 +12,10 @@ from imtok.quantizers.common import (
     code_counts,
     code_histogram,
     codebook_stats,
+    initialization_pending,
+    mark_initialized,
     require,
+    track_initialization,
 )
 from imtok.quantizers.search import nearest_code
 
@@ -48,6 +51,18 @@ def sample_rows(x: Tensor, count: int) -> Tensor:
     else:
         picks = torch.randint(x.shape[0], (count,), device=x.device)
     return x[picks].contiguous()  # (count, D)
+
+
+def restart_rows(x: Tensor, dead: Tensor) -> Tensor:
+    """(K, D) replacement rows for the codes flagged in ``dead`` (K,), drawn from x (N, D).
+
+    The i-th dead code gets row i of a random permutation of x (cycling when more codes than rows are
+    dead), so dead codes get distinct rows while N suffices; rows for live codes are filler. Nothing
+    here depends on how many codes are dead, so it runs without reading that count back to the host.
+    """
+    order = torch.randperm(x.shape[0], device=x.device)  # (N,)
+    slot = (dead.long().cumsum(0) - 1).clamp_min(0) % x.shape[0]  # (K,): rank among the dead codes
+    return x[order[slot]]  # (K, D)
 
 
 def cluster_sums(x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
@@ -196,6 +211,7 @@ class VectorQuantizer(nn.Module):
         else:
             self.embed = nn.Parameter(embed)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        track_initialization(self)
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.int64))
 
     @property
@@ -210,15 +226,17 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _set_codes(self, rows: Tensor, values: Tensor) -> None:
-        """Overwrite the codes selected by ``rows`` and give each the EMA weight of one vector."""
+        """Overwrite the codes where the mask ``rows`` (K,) is set with those rows of ``values`` (K, Dc),
+        giving each the EMA weight of one vector."""
+        keep = ~rows[:, None]  # (K, 1)
         if self.ema:
-            self.embed[rows] = values
-            self.embed_sum[rows] = values
-            self.cluster_size[rows] = 1.0
+            self.embed.copy_(torch.where(keep, self.embed, values))
+            self.embed_sum.copy_(torch.where(keep, self.embed_sum, values))
+            self.cluster_size.masked_fill_(rows, 1.0)
         else:
             # Through .data: autograd may still hold the codebook for this step's backward, and the
             # rewritten rows (unused this step, or not yet searched) carry no gradient anyway.
-            self.embed.data[rows] = values
+            self.embed.data.copy_(torch.where(keep, self.embed.data, values))
 
     @torch.no_grad()
     def _kmeans_init(self, latents: Tensor) -> None:
@@ -237,7 +255,7 @@ class VectorQuantizer(nn.Module):
             sizes = counts.clamp_min(1.0)  # (K,)
             self.cluster_size.copy_(sizes)
             self.embed_sum.copy_(centres * sizes[:, None])
-        self.initialized.fill_(True)
+        mark_initialized(self)
 
     @torch.no_grad()
     def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
@@ -247,30 +265,29 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(self.embed_sum / laplace_smoothed(self.cluster_size, self.eps)[:, None])
 
     @torch.no_grad()
-    def _restart_dead_codes(self, latents: Tensor, counts: Tensor) -> int:
-        """Re-seed codes unused for ``restart_after_steps`` steps from this batch; return how many."""
-        if self.restart_after_steps is None:
-            return 0
+    def _restart_dead_codes(self, latents: Tensor, counts: Tensor) -> Tensor:
+        """Re-seed codes unused for ``restart_after_steps`` steps from this batch; return how many (0-dim).
+
+        Masked, with no branch on the number of dead codes: a step never waits for the device to
+        report it, and under torch.compile the step stays one graph. The replacement rows come from
+        rank 0 (the dead set is the same on every rank, since counts are all-reduced).
+        """
         self.steps_unused.add_(1).masked_fill_(counts >= self.dead_code_threshold, 0)
         dead = self.steps_unused >= self.restart_after_steps  # (K,)
-        # counts are all-reduced, so every rank sees the same dead set and takes the same branch.
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return 0
-        self._set_codes(dead, broadcast_from_first(sample_rows(latents, num_dead)))
+        self._set_codes(dead, broadcast_from_first(restart_rows(latents, dead)))
         self.steps_unused.masked_fill_(dead, 0)
-        return num_dead
+        return dead.sum()
 
     @torch.no_grad()
-    def _train_step(self, latents: Tensor, indices: Tensor) -> int:
+    def _train_step(self, latents: Tensor, indices: Tensor) -> Tensor:
         """Codebook updates for one training batch (N, Dc) with assignment (N,); return restarts."""
         if self.ema:
             counts, sums = all_reduced_cluster_sums(latents, indices, self.codebook_size)
             self._ema_update(counts, sums)
         elif self.restart_after_steps is not None:
             counts = all_reduce_sum(code_histogram(indices, self.codebook_size))
-        else:
-            return 0
+        if self.restart_after_steps is None:
+            return latents.new_zeros((), dtype=torch.int64)
         return self._restart_dead_codes(latents, counts)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
@@ -280,7 +297,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, C)
             latents = self._to_codebook_space(flat)  # (N, Dc)
-            if self.training and not bool(self.initialized):
+            if self.training and initialization_pending(self):
                 self._kmeans_init(latents.detach())
             codebook = self.codebook  # (K, Dc)
             indices, _ = nearest_code(
@@ -291,7 +308,11 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * commitment
             if not self.ema:
                 loss = loss + F.mse_loss(latents.detach(), quantized)
-            restarted = self._train_step(latents.detach(), indices) if self.training else 0
+            restarted = (
+                self._train_step(latents.detach(), indices)
+                if self.training
+                else latents.new_zeros((), dtype=torch.int64)
+            )
             quantized = latents + (quantized - latents).detach()  # straight-through estimator
             codes = self.project_out(quantized)  # (N, C)
         codes = codes.view(batch, height, width, self.dim).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -299,7 +320,7 @@ class VectorQuantizer(nn.Module):
         stats = {
             **codebook_stats(indices, self.codebook_size),
             "commitment": commitment.detach(),
-            "restarted_codes": torch.tensor(float(restarted), device=z.device),
+            "restarted_codes": restarted.float(),
         }
         return QuantizerOutput(codes.to(z.dtype), indices, loss, stats)
 
