@@ -77,10 +77,17 @@ def pcl_weights(sampled_codes: Tensor, argmax_codes: Tensor, sample_mask: Tensor
     return torch.where(total > 0, distances / total.clamp_min(torch.finfo(total.dtype).tiny), uniform)
 
 
-def random_mask(num_positions: int, ratio: float, device: torch.device) -> Tensor:
-    """Bool (N,) mask selecting each position independently with probability ``ratio``."""
-    # rand is in [0, 1): ratio 0 selects nothing and ratio 1 selects everything.
-    return torch.rand(num_positions, device=device) < ratio
+def random_rows(num_positions: int, ratio: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``round(ratio * N)`` of N positions, uniformly at random: their sorted rows (M,) and bool mask (N,).
+
+    A fixed count rather than an independent coin per position: the expected fraction is the same,
+    and M follows from the shapes, so gathering the masked rows needs no count read back from the
+    device (no host sync, no graph break under torch.compile).
+    """
+    count = round(ratio * num_positions)
+    rows = torch.randperm(num_positions, device=device)[:count].sort().values  # (M,)
+    mask = torch.zeros(num_positions, dtype=torch.bool, device=device).index_fill_(0, rows, True)
+    return rows, mask
 
 
 class RegularizedVQ(nn.Module):
@@ -98,11 +105,12 @@ class RegularizedVQ(nn.Module):
     its average over all positions in the batch, and ``prior_weight * KL(P_post || uniform)`` is added
     to the loss, pushing the batch to use all codes.
 
-    Stochastic mask regularization (training mode only): each position independently, with
-    probability ``mask_ratio``, takes a code sampled from that softmax by hard Gumbel-softmax; the
-    others keep the nearest code. The sample follows the posterior whatever ``gumbel_temperature``
-    is; that temperature only shapes the straight-through gradient, which lets the decoder's loss
-    reach the codebook and the posterior through the sampled one-hot. Eval mode never samples.
+    Stochastic mask regularization (training mode only): a uniformly random ``mask_ratio`` of the
+    batch's positions (``round(mask_ratio * N)`` of N) take a code sampled from that softmax by hard
+    Gumbel-softmax; the others keep the nearest code. The sample follows the posterior whatever
+    ``gumbel_temperature`` is; that temperature only shapes the straight-through gradient, which
+    lets the decoder's loss reach the codebook and the posterior through the sampled one-hot. Eval
+    mode never samples.
 
     Probabilistic contrastive loss: it lives with the tokenizer's losses; this module supplies its
     per-position weights (see ``pcl_weights``).
@@ -119,7 +127,7 @@ class RegularizedVQ(nn.Module):
         codebook_size: number of codes K (>= 2).
         dim: channels C of the latents and of the codes (>= 1).
         beta: commitment-loss weight (>= 0).
-        mask_ratio: probability that a position takes a sampled code in training, in [0, 1].
+        mask_ratio: fraction of the positions that take a sampled code in training, in [0, 1].
         prior_weight: weight of KL(P_post || uniform) in the loss (>= 0).
         prior_temperature: temperature of the assignment softmax (> 0).
         gumbel_temperature: temperature of the Gumbel-softmax relaxation (> 0).
@@ -180,9 +188,7 @@ class RegularizedVQ(nn.Module):
         their nearest code and the term is 0 there.
         """
         num_positions = latents.shape[0]
-        mask = random_mask(num_positions, self.mask_ratio, latents.device)  # (N,)
-        # Gathering the masked rows needs their count: one host sync on an accelerator.
-        rows = mask.nonzero().squeeze(1)  # (M,)
+        rows, mask = random_rows(num_positions, self.mask_ratio, latents.device)  # (M,), (N,)
         tau = self.gumbel_temperature
         # logits / tau of the masked rows, recomputed from their latents: cheaper than selecting
         # rows of the (N, K) logits, whose backward would scatter into another (N, K) tensor.
