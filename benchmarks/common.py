@@ -77,7 +77,7 @@ def write_synthetic_shards(
 ) -> Path:
     """``count`` seeded synthetic images as a train split of ``shards`` shards (the last may be short).
 
-    Every core but one loads and PNG-encodes (the one left writes the tar files).
+    Every core this process may run on but one loads and PNG-encodes (the one left writes the tars).
     """
     import math
     import os
@@ -87,7 +87,7 @@ def write_synthetic_shards(
 
     # The source holds back a 10% val split, so it gets a little more than ``count`` in all.
     source = SyntheticShapes(count=math.ceil(count / 0.9) + 1, image_size=image_size, channels=channels)
-    workers = max(1, (os.cpu_count() or 2) - 1)
+    workers = max(1, len(os.sched_getaffinity(0)) - 1)
     write_split(source, "train", directory, maxcount=math.ceil(count / shards), limit=count, workers=workers)
     return directory
 

@@ -19,11 +19,19 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imtok.data.shards import ShardLoader, collate_images, decode_png_uint8, iter_samples, write_split
+from imtok.data.shards import (
+    ShardLoader,
+    SplitReport,
+    collate_images,
+    decode_png_uint8,
+    iter_samples,
+    write_split,
+)
 from imtok.data.sources import FASHION_MNIST_DIR, FashionMNIST, SyntheticShapes
 
 
@@ -66,6 +74,25 @@ def same_files(first: Path, second: Path) -> bool:
     return all((first / name).read_bytes() == (second / name).read_bytes() for name in names)
 
 
+def prepare_rates(
+    source: Any, out: Path, images: int, maxcount: int, workers: int, repeats: int
+) -> tuple[SplitReport, float, float]:
+    """Median prepare images/s without and with ``workers`` encoding processes, run alternately.
+
+    Returns the report of the last run without workers (its shards are in ``out / "serial"``).
+    """
+    rates: dict[int, list[float]] = {0: [], workers: []}
+    for _ in range(repeats):
+        for count, name in ((0, "serial"), (workers, "parallel")):
+            report = write_split(source, "train", out / name, maxcount=maxcount, limit=images, workers=count)
+            rates[count].append(report.count / report.seconds)
+            if count == 0:
+                serial = report
+    if not same_files(out / "serial", out / "parallel"):
+        raise RuntimeError(f"prepare with {workers} workers wrote other bytes than without")
+    return serial, statistics.median(rates[0]), statistics.median(rates[workers])
+
+
 def run(
     images: int,
     workers: list[int],
@@ -83,15 +110,10 @@ def run(
         source, source_name = SyntheticShapes(count, image_size, channels), "synthetic shapes"
     lines = []
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
-        shards, loose = Path(tmp) / "shards", Path(tmp) / "loose"
-        report = write_split(source, "train", shards, maxcount=maxcount, limit=images)
-        prepare_rate = report.count / report.seconds
-        parallel = write_split(
-            source, "train", Path(tmp) / "parallel", maxcount=maxcount, limit=images, workers=prepare_workers
+        shards, loose = Path(tmp) / "serial", Path(tmp) / "loose"
+        report, prepare_rate, parallel_rate = prepare_rates(
+            source, Path(tmp), images, maxcount, prepare_workers, repeats
         )
-        parallel_rate = parallel.count / parallel.seconds
-        if not same_files(shards, Path(tmp) / "parallel"):
-            raise RuntimeError(f"prepare with {prepare_workers} workers wrote other bytes than without")
         for sample in iter_samples(shards):  # the very same PNG bytes, one file each
             folder = loose / str(sample["cls"])
             folder.mkdir(parents=True, exist_ok=True)
@@ -101,10 +123,12 @@ def run(
         lines += [
             f"- source: {source_name}, {report.count} train images at {image_size}x{image_size}x{channels}, "
             f"{len(report.shards)} shards of <= {maxcount}",
-            f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"batch size {batch_size}, median of {repeats} alternating passes after a warm-up pass",
+            f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
+            f"torch {torch.__version__}, batch size {batch_size}, "
+            f"median of {repeats} alternating passes after a warm-up pass",
             "",
-            f"prepare (fit to {image_size}x{image_size}, PNG-encode, write shards; byte-identical outputs):",
+            f"prepare (fit to {image_size}x{image_size}, PNG-encode, write shards; byte-identical outputs; "
+            f"median of {repeats} alternating runs):",
             "",
             "| encoding processes | images/s | ratio |",
             "|---:|---:|---:|",
@@ -136,7 +160,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--maxcount", type=int, default=1000)
     parser.add_argument(
-        "--prepare-workers", type=int, default=os.cpu_count() or 2, help="encoding processes, 2nd prepare"
+        "--prepare-workers", type=int, default=len(os.sched_getaffinity(0)), help="encoding processes"
     )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)

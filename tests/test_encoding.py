@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 import imtok.data.encoding as encoding
-from imtok.data.encoding import SkippedImage, encoded_items, pool_context
+from imtok.data.encoding import EncodingWorkerDied, SkippedImage, encoded_items, pool_context
 from imtok.data.shards import write_split
 from imtok.data.sources import ImageFolder, SyntheticShapes
 
@@ -99,6 +100,53 @@ def test_an_error_in_a_worker_aborts_the_split_keeping_only_complete_shards(tmp_
     assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "meta.json").exists()
 
 
+class _DiesAt(SyntheticShapes):
+    """The worker process encoding item ``key`` exits at once, as if the system had killed it."""
+
+    def __init__(self, key: str, **kw):
+        super().__init__(**kw)
+        self.key = key
+
+    def load(self, item):
+        if item.key == self.key:
+            os._exit(9)
+        return super().load(item)
+
+
+def test_a_worker_that_dies_stops_the_split_with_an_error_naming_the_images(tmp_path):
+    source = SyntheticShapes(count=300, image_size=8, seed=0)
+    victim = source.items("train")[150]
+    dying = _DiesAt(victim.key, count=300, image_size=8, seed=0)
+    with pytest.raises(EncodingWorkerDied, match=r"prepare\.num_workers: 0") as caught:
+        write_split(dying, "train", tmp_path, maxcount=10, workers=2)
+    named = re.search(r"images from (\S+) to (\S+) \(in write order\)", str(caught.value))
+    assert named, caught.value
+    origins = [item.origin for item in source.items("train")]
+    assert origins.index(named[1]) <= 150 <= origins.index(named[2])  # the range holds the victim
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "meta.json").exists()
+
+
+class _Unpicklable(SyntheticShapes):
+    """A source a spawned worker cannot rebuild: its unpickling raises."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("this source cannot be rebuilt in another process")
+
+
+def test_workers_that_cannot_start_stop_the_split_instead_of_restarting_forever(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoding, "pool_context", lambda: multiprocessing.get_context("spawn"))
+    source = _Unpicklable(count=200, image_size=8, seed=0)
+    started = time.monotonic()
+    with pytest.raises((EncodingWorkerDied, RuntimeError)):
+        write_split(source, "train", tmp_path, maxcount=10, workers=2)
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "meta.json").exists()
+
+
 def test_encoded_items_keeps_the_item_order_and_refuses_negative_workers():
     source = SyntheticShapes(count=200, image_size=8, seed=1)
     items = source.items("train")
@@ -147,7 +195,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads children from /proc")
+@pytest.mark.skipif(
+    not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").is_file(),
+    reason="lists a process's children from /proc/PID/task/TID/children",
+)
 def test_workers_of_a_killed_prepare_exit_by_themselves(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(tmp_path)])
     try:

@@ -274,7 +274,16 @@ def test_loading_a_state_decides_whether_the_kmeans_initialisation_runs():
     assert other.codebook.mean() < 0
 
 
-def test_dead_code_threshold_counts_rarely_used_codes_as_unused():
+@pytest.mark.parametrize("ema", [True, False])
+def test_an_empty_training_batch_restarts_nothing(ema):
+    vq = VectorQuantizer(8, 2, ema=ema, kmeans_init=False, restart_after_steps=1)
+    before = vq.codebook.clone()
+    out = vq(torch.zeros(0, 2, 4, 4))
+    assert out.codes.shape == (0, 2, 4, 4) and out.stats["restarted_codes"] == 0
+    assert torch.isfinite(vq.codebook).all() and torch.all(vq.steps_unused == 0)
+    if not ema:
+        assert torch.equal(vq.codebook, before)
+
     vq = VectorQuantizer(2, 1, kmeans_init=False, dead_code_threshold=5, restart_after_steps=100)
     vq.embed.copy_(torch.tensor([[0.0], [10.0]]))
     z = torch.tensor([0.0] * 12 + [10.0] * 4).view(1, 1, 4, 4)
@@ -477,7 +486,16 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
             for name, vq in synced.items():
                 restarts[name] += float(vq(z).stats["restarted_codes"])
         states = {"plain": plain.state_dict(), **{name: vq.state_dict() for name, vq in synced.items()}}
-        torch.save({"states": states, "restarts": restarts}, Path(out_dir) / f"rank{rank}.pt")
+        states = {name: {key: v.clone() for key, v in state.items()} for name, state in states.items()}
+        # Restart rows go out from rank 0 every step: as a collective torch.compile traces.
+        torch._dynamo.reset()
+        breaks = {
+            name: torch._dynamo.explain(vq)(ddp_batch(rank, DDP_STEPS)).graph_break_count
+            for name, vq in synced.items()
+        }
+        torch.save(
+            {"states": states, "restarts": restarts, "breaks": breaks}, Path(out_dir) / f"rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -506,6 +524,7 @@ def test_distributed_ranks_keep_identical_codebooks(tmp_path):
     for name in ("ema", "learned"):
         assert results[0]["restarts"][name] == results[1]["restarts"][name] > 0
         assert bool(results[0]["states"][name]["initialized"])
+        assert results[0]["breaks"][name] == results[1]["breaks"][name] == 0, name
 
     # The EMA codebook equals what one process computes on both ranks' batches together.
     torch.manual_seed(0)

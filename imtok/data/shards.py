@@ -17,6 +17,7 @@ ranks together cover the whole split each epoch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -166,15 +167,17 @@ def write_split(
         raise ValueError(f"split {split!r} of {source.location} holds no images")
     skipped: list[SkippedImage] = []
 
-    def samples() -> Iterator[dict[str, Any]]:
-        for result in encoded_items(source, items, workers):
+    def samples(results: Iterator[dict[str, Any] | SkippedImage]) -> Iterator[dict[str, Any]]:
+        for result in results:
             if isinstance(result, SkippedImage):
                 log.warning("skipping unreadable image %s: %s", result.origin, result.reason)
                 skipped.append(result)
                 continue
             yield result
 
-    shards = write_shards(samples(), out_dir, maxcount=maxcount, maxsize=maxsize)
+    # closing: a failed write stops the encoding workers at once, not when the traceback is freed
+    with contextlib.closing(encoded_items(source, items, workers)) as results:
+        shards = write_shards(samples(results), out_dir, maxcount=maxcount, maxsize=maxsize)
     count = sum(shard["count"] for shard in shards)
     if count == 0:
         raise ValueError(

@@ -80,11 +80,13 @@ def pcl_weights(sampled_codes: Tensor, argmax_codes: Tensor, sample_mask: Tensor
 def random_rows(num_positions: int, ratio: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """``round(ratio * N)`` of N positions, uniformly at random: their sorted rows (M,) and bool mask (N,).
 
-    A fixed count rather than an independent coin per position: the expected fraction is the same,
-    and M follows from the shapes, so gathering the masked rows needs no count read back from the
-    device (no host sync, no graph break under torch.compile).
+    A fixed count rather than an independent coin per position: the fraction is within 1/(2N) of
+    ``ratio`` (so a batch of fewer than 1/(2 ratio) positions samples none), and M follows from the
+    shapes, so gathering the masked rows needs no count read back from the device (no host sync, no
+    graph break under torch.compile).
     """
     count = round(ratio * num_positions)
+    # sorted: the gathers and the index_copy back walk memory in order, as nonzero() would give
     rows = torch.randperm(num_positions, device=device)[:count].sort().values  # (M,)
     mask = torch.zeros(num_positions, dtype=torch.bool, device=device).index_fill_(0, rows, True)
     return rows, mask

@@ -33,9 +33,16 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 def broadcast_from_first(tensor: Tensor) -> Tensor:
-    """Overwrite ``tensor`` in place with rank 0's copy (a no-op in a single process)."""
+    """Overwrite ``tensor`` in place with rank 0's copy (a no-op in a single process).
+
+    Sent as a sum over all ranks of rank 0's tensor and zeros (exact: x + 0 = x): torch.compile traces
+    an all-reduce into the graph, where a broadcast would break it, and VQ sends restart rows every
+    training step.
+    """
     if distributed_world():
-        dist.broadcast(tensor, src=0)
+        if dist.get_rank() != 0:
+            tensor.zero_()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -225,17 +232,18 @@ class VectorQuantizer(nn.Module):
         return l2_normalize(latents) if self.cosine else latents
 
     @torch.no_grad()
-    def _set_codes(self, rows: Tensor, values: Tensor) -> None:
-        """Overwrite the codes where the mask ``rows`` (K,) is set with those rows of ``values`` (K, Dc),
-        giving each the EMA weight of one vector."""
-        keep = ~rows[:, None]  # (K, 1)
+    def _set_codes(self, selected: Tensor, values: Tensor) -> None:
+        """Overwrite the codes where the mask ``selected`` (K,) is set with those rows of ``values``
+        (K, Dc), giving each the EMA weight of one vector."""
+        keep = ~selected[:, None]  # (K, 1)
         if self.ema:
             self.embed.copy_(torch.where(keep, self.embed, values))
             self.embed_sum.copy_(torch.where(keep, self.embed_sum, values))
-            self.cluster_size.masked_fill_(rows, 1.0)
+            self.cluster_size.masked_fill_(selected, 1.0)
         else:
-            # Through .data: autograd may still hold the codebook for this step's backward, and the
-            # rewritten rows (unused this step, or not yet searched) carry no gradient anyway.
+            # Through .data: autograd may still hold the codebook for this step's backward. Rewritten
+            # rows unused this step (or not yet searched) get no gradient; a code used by fewer than
+            # dead_code_threshold vectors does, and that step's small update lands on its new row.
             self.embed.data.copy_(torch.where(keep, self.embed.data, values))
 
     @torch.no_grad()
@@ -272,6 +280,8 @@ class VectorQuantizer(nn.Module):
         report it, and under torch.compile the step stays one graph. The replacement rows come from
         rank 0 (the dead set is the same on every rank, since counts are all-reduced).
         """
+        if latents.shape[0] == 0:  # an empty batch is no evidence of disuse, and offers no rows
+            return latents.new_zeros((), dtype=torch.int64)
         self.steps_unused.add_(1).masked_fill_(counts >= self.dead_code_threshold, 0)
         dead = self.steps_unused >= self.restart_after_steps  # (K,)
         self._set_codes(dead, broadcast_from_first(restart_rows(latents, dead)))
@@ -284,10 +294,10 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             counts, sums = all_reduced_cluster_sums(latents, indices, self.codebook_size)
             self._ema_update(counts, sums)
-        elif self.restart_after_steps is not None:
-            counts = all_reduce_sum(code_histogram(indices, self.codebook_size))
         if self.restart_after_steps is None:
             return latents.new_zeros((), dtype=torch.int64)
+        if not self.ema:
+            counts = all_reduce_sum(code_histogram(indices, self.codebook_size))
         return self._restart_dead_codes(latents, counts)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
