@@ -1,4 +1,5 @@
-"""Training-loop pieces shared by the stages: LR schedule, weight EMA, gradient clipping, checkpoints.
+"""Training-loop pieces shared by the stages: LR schedule, weight EMA, gradient clipping, loss watch,
+checkpoints.
 
 A checkpoint is one file ``step-%08d.pt`` holding the model, optimizer, scheduler and EMA states, the
 step, the RNG states of python, numpy, torch and CUDA, and an architecture fingerprint (the shape of
@@ -90,16 +91,65 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
-    """Clip gradients to total L2 norm ``max_norm`` (0 or None: no clipping); return the norm before it."""
+def clip_gradients(model: nn.Module, max_norm: float | None) -> Tensor:
+    """Clip gradients to total L2 norm ``max_norm`` (0 or None: no clipping); return the norm before it.
+
+    The norm is a 0-dim tensor on the gradients' device: reading it is a host sync, left to the caller
+    (the trainers average it on the device and read it once per log line).
+    """
     if max_norm is not None and max_norm < 0:
         raise ValueError(f"gradient clipping max_norm: expected a number >= 0 or null, got {max_norm}")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     if not max_norm:
-        return float(torch.nn.utils.get_total_norm(grads))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+class NonFiniteLossWatch:
+    """The first training step whose loss was not finite, noted on the device without waiting for it.
+
+    Testing each step's loss on the host would stall the device every step. ``observe`` keeps the
+    first bad step on the device; ``check`` reads it back where the loop reads the device anyway (log
+    lines, validation, checkpoints) and must run before every checkpoint is written, so a model that
+    went non-finite never replaces the last good checkpoint. A few steps may run on a broken model
+    before ``check`` stops the run; they change nothing that is kept.
+    """
+
+    NONE = 2**62  # "no bad step yet": larger than any step, so the earliest rank wins a MIN all-reduce
+
+    def __init__(self, stage: str, checkpoint_dir: str | os.PathLike[str], advice: str) -> None:
+        self.stage = stage
+        self.checkpoint_dir = checkpoint_dir
+        self.advice = advice
+        self.first_step: Tensor | None = None
+        self.first_loss: Tensor | None = None
+
+    def observe(self, loss: Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.first_step is None:
+            self.first_step = torch.full((), self.NONE, dtype=torch.int64, device=loss.device)
+            self.first_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self.first_step == self.NONE)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_loss = torch.where(first, loss, self.first_loss)
+
+    def check(self, distributed: bool = False) -> None:
+        """Raise ``FloatingPointError`` if a loss so far was not finite (on any rank, when distributed)."""
+        if self.first_step is None:
+            return
+        step = self.first_step.clone()
+        if distributed:
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(step)
+        if bad_step == self.NONE:
+            return
+        value = float(self.first_loss) if int(self.first_step) == bad_step else "not finite on another rank"
+        raise FloatingPointError(
+            f"{self.stage}: loss is {value} at step {bad_step}; the last checkpoint in "
+            f"{self.checkpoint_dir} is intact ({self.advice})"
+        )
 
 
 class ModelEma:
@@ -117,12 +167,17 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * current; integer buffers are copied."""
+        averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
         for name, value in unwrap_model(model).state_dict().items():
             shadow = self.shadow[name]
             if shadow.is_floating_point() or shadow.is_complex():
-                shadow.lerp_(value.detach(), 1.0 - self.decay)
+                averaged[0].append(shadow)
+                averaged[1].append(value.detach())
             else:
                 shadow.copy_(value)
+        if averaged[0]:
+            # one multi-tensor kernel per dtype and device instead of a launch per tensor
+            torch._foreach_lerp_(averaged[0], averaged[1], 1.0 - self.decay)
         self.num_updates += 1
 
     @torch.no_grad()

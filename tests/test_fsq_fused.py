@@ -98,3 +98,20 @@ def test_under_a_dispatch_mode_such_as_the_flop_counter_the_eager_path_runs():
         assert not fsq.uses_fused(z)
         counted = fsq(z)
     assert torch.equal(counted.indices, FSQ([8, 5, 5, 5], fused=False)(z).indices)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_compiler)])
+def test_nan_latents_get_a_valid_index_and_keep_a_nan_code(fused):
+    # A diverged encoder: its indices must stay code ids (the usage counts index with them, on a GPU
+    # an out-of-range id is a device-side assert); the NaN codes carry the divergence to the loss.
+    quantizer = FSQ([8, 5, 5, 5], fused=fused).train()
+    z = latents(4, 3)
+    z[0, :, 1, 2] = float("nan")
+    z[1, 2, 0, 0] = float("nan")
+    out = quantizer(z)
+    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < quantizer.codebook_size
+    assert torch.isnan(out.codes[0, :, 1, 2]).all() and torch.isnan(out.codes[1, 2, 0, 0])
+    finite = torch.isfinite(z).all(dim=1)  # (B, H, W)
+    reference = FSQ([8, 5, 5, 5], fused=False)(torch.nan_to_num(z, nan=0.0)).indices
+    assert torch.equal(out.indices[finite], reference[finite])
+    assert out.stats["usage"] > 0

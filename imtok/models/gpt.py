@@ -161,16 +161,18 @@ class GPT(nn.Module):
 
 
 def gpt_loss(
-    model: nn.Module, indices: Tensor, labels: Tensor | None = None
+    model: nn.Module, indices: Tensor, labels: Tensor | None = None, *, validated: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy over code indices (B, h, w) read in raster order.
 
     Returns the scalar loss (mean over all B * N tokens, with the config's label smoothing) and stats:
-    ``loss`` and ``accuracy`` (of the argmax prediction).
+    ``loss`` and ``accuracy`` (of the argmax prediction). ``validated``: as for ``maskgit_loss``, the
+    caller has range-checked indices and labels (the check is a device sync).
     """
     config = unwrap_model(model).config  # the module inside DDP or torch.compile
-    check_indices(indices, config.codebook_size)
-    check_labels(labels, config.num_classes)
+    if not validated:
+        check_indices(indices, config.codebook_size)
+        check_labels(labels, config.num_classes)
     targets = indices.flatten(1)  # (B, N)
     logits = model(targets[:, :-1], labels).float()  # (B, N, K): the prefix predicts token 0
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=config.label_smoothing)

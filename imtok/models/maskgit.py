@@ -406,16 +406,21 @@ def maskgit_loss(
     indices: Tensor,
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    validated: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """MaskGIT training loss on code indices (B, h, w): mask by the cosine schedule, predict the masked.
 
     Returns the scalar loss and stats: ``loss``, ``accuracy`` (on masked tokens) and ``mask_ratio``
     (fraction of tokens masked in the batch). ``generator`` (on the indices' device) draws the masks;
-    label dropout inside the model uses the global RNG, as dropout does.
+    label dropout inside the model uses the global RNG, as dropout does. ``validated``: the caller has
+    range-checked the indices and labels already (a trainer checks its whole split once); the check
+    reads values back from the device, a sync a training step should not pay.
     """
     config = unwrap_model(model).config  # the module inside DDP or torch.compile
-    check_indices(indices, config.codebook_size)
-    check_labels(labels, config.num_classes)
+    if not validated:
+        check_indices(indices, config.codebook_size)
+        check_labels(labels, config.num_classes)
     batch, h, w = indices.shape
     mask = random_token_mask(batch, h * w, indices.device, generator).view(batch, h, w)
     inputs = indices.masked_fill(mask, config.mask_id)

@@ -167,7 +167,13 @@ class FSQ(nn.Module):
         return torch.round(bounded)
 
     def _indices_from_level_values(self, level_values: Tensor) -> Tensor:
-        """Exact int64 indices (B, H, W) from level values (B, C, H, W) on the grid."""
+        """Exact int64 indices (B, H, W) from level values (B, C, H, W) on the grid.
+
+        A NaN latent (a diverged encoder) gets the middle level's digit, so its index stays a valid
+        code id (casting NaN to an integer gives garbage, which the code counts would index with);
+        its code stays NaN, so the loss shows the divergence.
+        """
+        level_values = torch.nan_to_num(level_values, nan=0.0)
         digits = (level_values + self._scale).long()  # exact: small integers stored in float32
         return (digits * self._basis).sum(dim=1)
 

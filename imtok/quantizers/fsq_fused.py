@@ -36,7 +36,8 @@ def fsq_forward_math(
     """Codes (B, C, H, W) in [-1, 1] and int64 indices (B, H, W) of float32 latents z (B, C, H, W)."""
     bounded = torch.tanh(z + shift) * half_l - offset
     rounded = torch.round(bounded - center) + center
-    indices = ((rounded + scale).long() * basis).sum(dim=1)
+    # NaN latents get the middle level's digit, as in the eager path: indices stay valid code ids
+    indices = ((torch.nan_to_num(rounded, nan=0.0) + scale).long() * basis).sum(dim=1)
     codes = (bounded + (rounded - bounded)) * inverse_scale  # the straight-through value, as eager
     return codes, indices
 

@@ -27,12 +27,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imtok.data.tokens import TokenSplit
 from imtok.models.gpt import GPT, GPTConfig, gpt_loss
-from imtok.models.maskgit import MaskGIT, MaskGITConfig, masked_token_loss, maskgit_loss, random_token_mask
+from imtok.models.maskgit import (
+    MaskGIT,
+    MaskGITConfig,
+    check_labels,
+    masked_token_loss,
+    maskgit_loss,
+    random_token_mask,
+)
 from imtok.params import PriorParams
+from imtok.quantizers.common import check_indices
 from imtok.runtime import Runtime, all_reduce_mean, progress_bar
 from imtok.trainers.tokenizer import MetricWindow, adamw_param_groups, reseed_rank
 from imtok.training import (
     ModelEma,
+    NonFiniteLossWatch,
     clip_gradients,
     latest_checkpoint,
     load_checkpoint,
@@ -78,7 +87,15 @@ def build_prior(kind: str, config: Any) -> nn.Module:
 def prior_loss(
     kind: str, model: nn.Module, tokens: Tensor, labels: Tensor | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    return (maskgit_loss if kind == "maskgit" else gpt_loss)(model, tokens, labels)
+    """The training loss of a batch drawn from a split that ``check_split`` has passed."""
+    return (maskgit_loss if kind == "maskgit" else gpt_loss)(model, tokens, labels, validated=True)
+
+
+def check_split(split: TokenSplit, codebook_size: int, num_classes: int, conditional: bool) -> None:
+    """Range-check a whole token split once, on the host, so no training step has to."""
+    check_indices(split.tokens, codebook_size)
+    if conditional:
+        check_labels(split.labels, num_classes)
 
 
 @torch.no_grad()
@@ -186,6 +203,7 @@ def train_prior(
     device = runtime.device
     torch.manual_seed(p.seed)
     model = build_prior(p.kind, config).to(device)
+    check_split(train, model.config.codebook_size, model.config.num_classes, p.conditional)
     optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
     scheduler = make_scheduler(
         optimizer,
@@ -228,6 +246,7 @@ def train_prior(
     tokens_per_image = train.tokens[0].numel()
     window = MetricWindow()
     result = PriorResult(model=model, step=start, start_step=start)
+    watch = NonFiniteLossWatch("train_prior", checkpoint_dir, "lower prior.lr or set prior.grad_clip")
     started = time.perf_counter()
     bar = progress_bar(p.total_steps, start, runtime, "train_prior")
     try:
@@ -238,11 +257,7 @@ def train_prior(
             model.train()
             with runtime.autocast():
                 loss, stats = prior_loss(p.kind, train_model, tokens, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"train_prior: loss is {float(loss)} at step {step}; the last checkpoint in "
-                    f"{checkpoint_dir} is intact (lower prior.lr or set prior.grad_clip)"
-                )
+            watch.observe(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, p.grad_clip)
@@ -251,12 +266,13 @@ def train_prior(
             if ema is not None:
                 ema.update(model)
             window.add(
-                {f"train/{name}": value for name, value in stats.items()}
-                | {"train/grad_norm": torch.tensor(grad_norm)}
+                {f"train/{name}": value for name, value in stats.items()} | {"train/grad_norm": grad_norm}
             )
             done = step + 1
             bar.update(1)
             last = done == p.total_steps
+            if last or done % p.log_every == 0 or done % p.val_every == 0 or done % p.checkpoint_every == 0:
+                watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
             if done % p.log_every == 0 or last:
                 means = all_reduce_mean(window.means(), runtime)
                 means["train/lr"] = scheduler.get_last_lr()[0]

@@ -57,6 +57,7 @@ from imtok.quantizers import QuantizerOutput
 from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
 from imtok.training import (
     ModelEma,
+    NonFiniteLossWatch,
     clip_gradients,
     latest_checkpoint,
     load_checkpoint,
@@ -334,6 +335,9 @@ def train_tokenizer(
         disabled_losses=dict(objective.disabled),
         feature_source=objective.feature_source,
     )
+    watch = NonFiniteLossWatch(
+        "train_tokenizer", checkpoint_dir, "lower tokenizer.lr or set tokenizer.grad_clip"
+    )
     started = time.perf_counter()
     bar = progress_bar(p.total_steps, start, runtime, "train_tokenizer")
 
@@ -365,11 +369,7 @@ def train_tokenizer(
                 loss, terms = objective.generator_loss(
                     images, reconstruction, quantized, step, last_layer, train_discriminator
                 )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"train_tokenizer: loss is {float(loss)} at step {step}; the last checkpoint in "
-                    f"{checkpoint_dir} is intact (lower tokenizer.lr or set tokenizer.grad_clip)"
-                )
+            watch.observe(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, p.grad_clip)
@@ -393,11 +393,13 @@ def train_tokenizer(
                 step_metrics["train/psnr"] = psnr(images, clamped).clamp(max=MAX_PSNR_DB).mean()
             step_metrics["train/codebook_usage_pct"] = 100.0 * quantized.stats["usage"]
             step_metrics["train/perplexity"] = quantized.stats["perplexity"]
-            step_metrics["train/grad_norm"] = torch.tensor(grad_norm)
+            step_metrics["train/grad_norm"] = grad_norm
             window.add(step_metrics)
             done = step + 1
             bar.update(1)
             last = done == p.total_steps
+            if last or done % p.log_every == 0 or done % p.val_every == 0 or done % p.checkpoint_every == 0:
+                watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
             if done % p.log_every == 0 or last:
                 means = all_reduce_mean(window.means(), runtime)
                 means["train/lr"] = scheduler.get_last_lr()[0]
