@@ -72,6 +72,13 @@ def tokenizer_config(args: argparse.Namespace, quantizer: str = "fsq") -> Any:
     )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's share, not the host's count where known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def write_synthetic_shards(
     directory: Path, count: int, image_size: int, channels: int, shards: int = 8
 ) -> Path:
@@ -80,14 +87,13 @@ def write_synthetic_shards(
     Every core this process may run on but one loads and PNG-encodes (the one left writes the tars).
     """
     import math
-    import os
 
     from imtok.data.shards import write_split
     from imtok.data.sources import SyntheticShapes
 
     # The source holds back a 10% val split, so it gets a little more than ``count`` in all.
     source = SyntheticShapes(count=math.ceil(count / 0.9) + 1, image_size=image_size, channels=channels)
-    workers = max(1, len(os.sched_getaffinity(0)) - 1)
+    workers = max(1, usable_cpus() - 1)
     write_split(source, "train", directory, maxcount=math.ceil(count / shards), limit=count, workers=workers)
     return directory
 

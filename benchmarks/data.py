@@ -12,7 +12,6 @@ few tar files read in sequence vs one small file per image).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.common import usable_cpus
 from imtok.data.shards import (
     ShardLoader,
     SplitReport,
@@ -123,7 +123,7 @@ def run(
         lines += [
             f"- source: {source_name}, {report.count} train images at {image_size}x{image_size}x{channels}, "
             f"{len(report.shards)} shards of <= {maxcount}",
-            f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, "
+            f"- machine: {platform.machine()}, {usable_cpus()} CPU cores, "
             f"torch {torch.__version__}, batch size {batch_size}, "
             f"median of {repeats} alternating passes after a warm-up pass",
             "",
@@ -159,12 +159,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--maxcount", type=int, default=1000)
-    parser.add_argument(
-        "--prepare-workers", type=int, default=len(os.sched_getaffinity(0)), help="encoding processes"
-    )
+    parser.add_argument("--prepare-workers", type=int, default=usable_cpus(), help="encoding processes")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     sizes = (args.images, args.workers, args.batch_size, args.repeats, args.maxcount, args.prepare_workers)
     print(run(*sizes, image_size=args.image_size, channels=args.channels))
 

@@ -101,20 +101,21 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> Tensor:
         raise ValueError(f"gradient clipping max_norm: expected a number >= 0 or null, got {max_norm}")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=next(model.parameters(), torch.zeros(())).device)
     if not max_norm:
         return torch.nn.utils.get_total_norm(grads)
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 class NonFiniteLossWatch:
-    """The first training step whose loss was not finite, noted on the device without waiting for it.
+    """The first training step with a non-finite loss or gradient norm, noted without waiting for it.
 
-    Testing each step's loss on the host would stall the device every step. ``observe`` keeps the
-    first bad step on the device; ``check`` reads it back where the loop reads the device anyway (log
-    lines, validation, checkpoints) and must run before every checkpoint is written, so a model that
-    went non-finite never replaces the last good checkpoint. A few steps may run on a broken model
-    before ``check`` stops the run; they change nothing that is kept.
+    Testing each step's values on the host would stall the device every step. ``observe`` keeps, for
+    each named value (``loss``, ``grad_norm``, a discriminator's loss), the first bad step on the
+    device; ``check`` reads them back where the loop reads the device anyway (log lines, validation,
+    checkpoints) and must run before every checkpoint is written, so no checkpoint holds weights that
+    a non-finite step updated. A few steps may run on a broken model before ``check`` stops the run;
+    they change nothing that is kept.
     """
 
     NONE = 2**62  # "no bad step yet": larger than any step, so the earliest rank wins a MIN all-reduce
@@ -123,31 +124,41 @@ class NonFiniteLossWatch:
         self.stage = stage
         self.checkpoint_dir = checkpoint_dir
         self.advice = advice
-        self.first_step: Tensor | None = None
-        self.first_loss: Tensor | None = None
+        self.first_step: dict[str, Tensor] = {}
+        self.first_value: dict[str, Tensor] = {}
 
-    def observe(self, loss: Tensor, step: int) -> None:
-        loss = loss.detach().float()
-        if self.first_step is None:
-            self.first_step = torch.full((), self.NONE, dtype=torch.int64, device=loss.device)
-            self.first_loss = torch.zeros((), device=loss.device)
-        first = ~torch.isfinite(loss) & (self.first_step == self.NONE)
-        self.first_step = torch.where(first, step, self.first_step)
-        self.first_loss = torch.where(first, loss, self.first_loss)
+    def observe(self, step: int, **values: Tensor) -> None:
+        for name, value in values.items():
+            value = value.detach().float().reshape(())
+            if name not in self.first_step:
+                self.first_step[name] = torch.full((), self.NONE, dtype=torch.int64, device=value.device)
+                self.first_value[name] = torch.zeros((), device=value.device)
+            first = ~torch.isfinite(value) & (self.first_step[name] == self.NONE)
+            self.first_step[name] = torch.where(first, step, self.first_step[name])
+            self.first_value[name] = torch.where(first, value, self.first_value[name])
 
     def check(self, distributed: bool = False) -> None:
-        """Raise ``FloatingPointError`` if a loss so far was not finite (on any rank, when distributed)."""
-        if self.first_step is None:
+        """Raise ``FloatingPointError`` if a value so far was not finite (on any rank, when distributed).
+
+        Distributed, every rank must call it at the same steps having observed the same names.
+        """
+        if not self.first_step:
             return
-        step = self.first_step.clone()
+        names = sorted(self.first_step)
+        local = torch.stack([self.first_step[name] for name in names])  # (V,)
+        steps = local.clone()
         if distributed:
-            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
-        bad_step = int(step)
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(steps.min())
         if bad_step == self.NONE:
             return
-        value = float(self.first_loss) if int(self.first_step) == bad_step else "not finite on another rank"
+        found = []
+        for name, mine, everyone in zip(names, local.tolist(), steps.tolist(), strict=True):
+            if everyone == bad_step:
+                value = float(self.first_value[name]) if mine == bad_step else "not finite on another rank"
+                found.append(f"{name} is {value}")
         raise FloatingPointError(
-            f"{self.stage}: loss is {value} at step {bad_step}; the last checkpoint in "
+            f"{self.stage}: {', '.join(found)} at step {bad_step}; the last checkpoint in "
             f"{self.checkpoint_dir} is intact ({self.advice})"
         )
 

@@ -141,10 +141,35 @@ def test_workers_that_cannot_start_stop_the_split_instead_of_restarting_forever(
     monkeypatch.setattr(encoding, "pool_context", lambda: multiprocessing.get_context("spawn"))
     source = _Unpicklable(count=200, image_size=8, seed=0)
     started = time.monotonic()
-    with pytest.raises((EncodingWorkerDied, RuntimeError)):
+    with pytest.raises(EncodingWorkerDied, match="could not start"):
         write_split(source, "train", tmp_path, maxcount=10, workers=2)
     assert time.monotonic() - started < 120
     assert not (tmp_path / "meta.json").exists()
+
+
+class _StuckAt(SyntheticShapes):
+    """Loading item ``key`` blocks for minutes, as a decoder stuck on a bad file would."""
+
+    def __init__(self, key: str, **kw):
+        super().__init__(**kw)
+        self.key = key
+
+    def load(self, item):
+        if item.key == self.key:
+            time.sleep(300)
+        return super().load(item)
+
+
+def test_abandoning_the_iteration_stops_a_stuck_worker_at_once():
+    source = SyntheticShapes(count=300, image_size=8, seed=0)
+    items = source.items("train")
+    stuck = _StuckAt(items[100].key, count=300, image_size=8, seed=0)
+    results = encoded_items(stuck, items, workers=2)
+    first = [next(results) for _ in range(10)]
+    assert [r["__key__"] for r in first] == [item.key for item in items[:10]]
+    started = time.monotonic()
+    results.close()  # as write_split does when writing fails
+    assert time.monotonic() - started < 30
 
 
 def test_encoded_items_keeps_the_item_order_and_refuses_negative_workers():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from imtok.training import NonFiniteLossWatch, list_checkpoints, read_checkpoint
 
 CPU = Runtime(device=torch.device("cpu"))
 HOST_READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"}
+HOST_READS |= {"__array__", "__format__", "__repr__"}  # np.asarray(t), f"{t}", printing
 
 
 class HostReads(TorchFunctionMode):
@@ -76,8 +79,10 @@ def run_tokenizer(params: Params, shards: Path, checkpoints: Path):
 @pytest.mark.parametrize(
     "options",
     [{"quantizer": "fsq"}, {"quantizer": "vq", "quantizer_options": {"restart_after_steps": 1}},
-     {"quantizer": "regvq", "pcl_weight": 0.0, "perceptual_weight": 0.0}, {"grad_clip": 1.0}],
-    ids=["fsq", "vq-restarting", "regvq", "clipped"],
+     {"quantizer": "regvq", "pcl_weight": 0.0, "perceptual_weight": 0.0}, {"grad_clip": 1.0},
+     {"gan_weight": 0.1, "gan_start_step": 0, "disc_channels": 8, "disc_layers": 2},
+     {"gan_weight": 0.1, "gan_start_step": 0, "gan_adaptive": False, "disc_channels": 8, "disc_layers": 2}],
+    ids=["fsq", "vq-restarting", "regvq", "clipped", "gan-adaptive", "gan-fixed"],
 )  # fmt: skip
 def test_tokenizer_training_steps_read_nothing_back_between_log_lines(tiny_shards, tmp_path, options):
     reads = {}
@@ -116,16 +121,79 @@ def test_prior_training_steps_read_nothing_back_between_log_lines(tmp_path, kind
     assert reads[3] == reads[7], f"reads grow with the steps: {reads}"
 
 
-def test_the_watch_names_the_first_non_finite_step_and_its_loss():
+def test_the_watch_names_the_first_non_finite_step_and_its_values():
     watch = NonFiniteLossWatch("train_x", "checkpoints/x", "lower x.lr")
     watch.check()  # nothing observed yet
-    for step, value in enumerate([1.0, 0.5, float("inf"), float("nan"), 2.0]):
-        watch.observe(torch.tensor(value), step)
+    losses = [1.0, 0.5, 3.0, float("nan"), 2.0]
+    norms = [0.1, 0.2, float("inf"), float("nan"), 0.3]
+    for step, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+        watch.observe(step, loss=torch.tensor(loss), grad_norm=torch.tensor(norm))
         if step < 2:
             watch.check()
-    expected = r"train_x: loss is inf at step 2; .*checkpoints/x.*lower x\.lr"
+    # the loss went bad one step after the gradients: the earliest bad value is the one named
+    expected = r"train_x: grad_norm is inf at step 2; .*checkpoints/x.*lower x\.lr"
     with pytest.raises(FloatingPointError, match=expected):
         watch.check()
+
+
+WATCH_RANKS = 2
+
+
+def _watch_rank(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    timeout = timedelta(seconds=30)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WATCH_RANKS, timeout=timeout)
+    try:
+        watch = NonFiniteLossWatch("train_x", "ck", "advice")
+        for step in range(6):
+            bad = rank == 1 and step >= 3  # only rank 1 diverges
+            watch.observe(step, loss=torch.tensor(float("nan") if bad else 1.0))
+            try:
+                watch.check(distributed=True)
+            except FloatingPointError as error:
+                Path(out_dir, f"rank{rank}.txt").write_text(f"{step}: {error}")
+                return
+        Path(out_dir, f"rank{rank}.txt").write_text("no error")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_rank_that_diverges_alone_stops_every_rank_at_the_same_step(tmp_path):
+    from conftest import free_port
+
+    context = torch.multiprocessing.start_processes(
+        _watch_rank, args=(free_port(), str(tmp_path)), nprocs=WATCH_RANKS, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 90 s")
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(WATCH_RANKS)]
+    assert outcomes[0].startswith("3: train_x: loss is not finite on another rank at step 3"), outcomes
+    assert outcomes[1].startswith("3: train_x: loss is nan at step 3"), outcomes
+
+
+def test_a_token_split_with_ids_outside_the_codebook_is_refused_before_training(tmp_path):
+    from imtok.data.tokens import TokenSplit
+    from imtok.trainers.prior import prior_config, train_prior
+
+    tokens = torch.randint(0, 32, (64, 4, 4), generator=torch.Generator().manual_seed(1))
+    meta = {"codebook_size": 32, "grid": [4, 4], "class_names": ["a", "b"]}
+    good = TokenSplit(tokens, torch.arange(64) % 2, [f"{i:04d}" for i in range(64)], meta)
+    bad_tokens = tokens.clone()
+    bad_tokens[5, 1, 2] = 32
+    bad = good._replace(tokens=bad_tokens)
+    bad_labels = good._replace(labels=torch.full((64,), 7))
+    prior = {"hidden_dim": 16, "depth": 1, "heads": 2, "batch_size": 8, "device": "cpu", "total_steps": 2}
+    params = Params.from_dict({"prior": prior | {"warmup_steps": 0, "val_batches": 0}})
+    config = prior_config(params.prior, 32, (4, 4), 2)
+    checkpoints = tmp_path / "ck"
+    for train, val, match in ((bad, None, "indices"), (good, bad, "indices"), (bad_labels, None, "labels")):
+        with pytest.raises(ValueError, match=match):
+            train_prior(params.prior, config, train=train, val=val, checkpoint_dir=checkpoints, runtime=CPU)
+    assert not list(tmp_path.glob("ck/*.pt"))  # refused before the first step
 
 
 def test_a_diverging_run_stops_before_its_next_checkpoint_and_keeps_the_good_ones(tiny_shards, tmp_path):
@@ -133,7 +201,8 @@ def test_a_diverging_run_stops_before_its_next_checkpoint_and_keeps_the_good_one
     # not finite. A checkpoint is due after every step, the only point where the loss is read back.
     checkpoints = tmp_path / "ck"
     diverging = tokenizer_params(6, lr=1e30, log_every=6, val_every=6, checkpoint_every=1, ema_decay=None)
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) at step \d+") as caught:
+    non_finite = r"(loss|grad_norm) is (nan|inf|-inf).* at step \d+"
+    with pytest.raises(FloatingPointError, match=non_finite) as caught:
         run_tokenizer(diverging, tiny_shards, checkpoints)
     bad_step = int(re.search(r"at step (\d+)", str(caught.value))[1])
     assert 1 <= bad_step < 6 and "is intact" in str(caught.value) and str(checkpoints) in str(caught.value)

@@ -284,6 +284,8 @@ def test_an_empty_training_batch_restarts_nothing(ema):
     if not ema:
         assert torch.equal(vq.codebook, before)
 
+
+def test_dead_code_threshold_counts_rarely_used_codes_as_unused():
     vq = VectorQuantizer(2, 1, kmeans_init=False, dead_code_threshold=5, restart_after_steps=100)
     vq.embed.copy_(torch.tensor([[0.0], [10.0]]))
     z = torch.tensor([0.0] * 12 + [10.0] * 4).view(1, 1, 4, 4)

@@ -121,15 +121,16 @@ def encoded_items(
             yield encode_item(source, item)
         return
     chunks = [items[start : start + CHUNK_ITEMS] for start in range(0, len(items), CHUNK_ITEMS)]
-    workers = min(workers, len(chunks))  # no idle processes for a small split
+    processes = min(workers, len(chunks))  # no idle processes for a small split
     pool = ProcessPoolExecutor(
-        workers, mp_context=pool_context(), initializer=_start_worker, initargs=(source, os.getpid())
+        processes, mp_context=pool_context(), initializer=_start_worker, initargs=(source, os.getpid())
     )
     ahead: deque[tuple[Sequence[SourceItem], Future]] = deque()
     submitted = 0
+    finished = False
     try:
         while ahead or submitted < len(chunks):
-            while submitted < len(chunks) and len(ahead) < workers * CHUNKS_AHEAD_PER_WORKER:
+            while submitted < len(chunks) and len(ahead) < processes * CHUNKS_AHEAD_PER_WORKER:
                 chunk = chunks[submitted]
                 try:
                     ahead.append((chunk, pool.submit(_encode_chunk, chunk)))
@@ -142,5 +143,18 @@ def encoded_items(
                 raise _worker_died([c for c, _ in ahead], workers) from exc
             ahead.popleft()
             yield from results
+        finished = True
     finally:
+        if not finished:  # an error, Ctrl-C or an abandoned iteration: do not wait for running chunks
+            stop_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's processes now (one stuck in an image decoder would hold up a shutdown)."""
+    terminate = getattr(pool, "terminate_workers", None)  # public from Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()

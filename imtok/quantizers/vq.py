@@ -281,6 +281,11 @@ class VectorQuantizer(nn.Module):
         rank 0 (the dead set is the same on every rank, since counts are all-reduced).
         """
         if latents.shape[0] == 0:  # an empty batch is no evidence of disuse, and offers no rows
+            if distributed_world():  # skipping here alone would leave the other ranks' collective waiting
+                raise ValueError(
+                    "VectorQuantizer: an empty training batch under torch.distributed; every rank "
+                    "needs vectors in every training step"
+                )
             return latents.new_zeros((), dtype=torch.int64)
         self.steps_unused.add_(1).masked_fill_(counts >= self.dead_code_threshold, 0)
         dead = self.steps_unused >= self.restart_after_steps  # (K,)

@@ -1,10 +1,12 @@
 """Training a token prior (MaskGIT or GPT) on cached token splits, single process or DDP.
 
-Token splits are small, so they live in memory as one (N, h, w) tensor; each epoch draws a
-permutation from (seed, epoch), every rank takes its ``rank::world_size`` share and the last partial
-batch is dropped, so all ranks run the same number of steps. Resuming at step s replays the same
-permutations and skips the batches already drawn; with the RNG states restored from the checkpoint a
-resumed single-process run equals an uninterrupted one.
+Token splits are small, so they live in memory as one (N, h, w) tensor, and for training on the
+device itself (int32: 1 KiB a 16 x 16 grid), with each epoch's order moved there once: a step
+gathers its batch on the device instead of copying it from host memory, which waits for the device.
+Each epoch draws a permutation from (seed, epoch), every rank takes its ``rank::world_size`` share
+and the last partial batch is dropped, so all ranks run the same number of steps. Resuming at step s
+replays the same permutations and skips the batches already drawn; with the RNG states restored from
+the checkpoint a resumed single-process run equals an uninterrupted one.
 
 Validation uses a fixed generator for the masks (MaskGIT) so that every evaluation sees the same
 masking, and reports cross-entropy without label smoothing, its exponent (perplexity over the
@@ -157,9 +159,17 @@ def evaluate_prior(
 
 
 def index_batches(
-    num_samples: int, batch_size: int, *, seed: int, rank: int, world_size: int, start_step: int
+    num_samples: int,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    device: torch.device | None = None,
 ) -> Iterator[Tensor]:
-    """Endless index batches for ``rank``; see the module docstring for order and resumption."""
+    """Endless index batches for ``rank`` (on ``device``, moved once an epoch); see the module docstring
+    for order and resumption."""
     per_rank = num_samples // world_size
     per_epoch = per_rank // batch_size
     if per_epoch == 0:
@@ -170,7 +180,7 @@ def index_batches(
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        mine = order[rank::world_size][: per_epoch * batch_size]
+        mine = order[rank::world_size][: per_epoch * batch_size].to(device)
         for batch in range(skip, per_epoch):
             yield mine[batch * batch_size : (batch + 1) * batch_size]
         epoch, skip = epoch + 1, 0
@@ -203,7 +213,8 @@ def train_prior(
     device = runtime.device
     torch.manual_seed(p.seed)
     model = build_prior(p.kind, config).to(device)
-    check_split(train, model.config.codebook_size, model.config.num_classes, p.conditional)
+    for split in (train, val) if val is not None else (train,):
+        check_split(split, model.config.codebook_size, model.config.num_classes, p.conditional)
     optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
     scheduler = make_scheduler(
         optimizer,
@@ -242,7 +253,10 @@ def train_prior(
         rank=runtime.rank,
         world_size=runtime.world_size,
         start_step=start,
+        device=device,
     )
+    tokens_on_device = train.tokens.to(device=device, dtype=torch.int32)  # ids < 2^31; half of int64
+    labels_on_device = train.labels.to(device) if p.conditional else None
     tokens_per_image = train.tokens[0].numel()
     window = MetricWindow()
     result = PriorResult(model=model, step=start, start_step=start)
@@ -252,15 +266,15 @@ def train_prior(
     try:
         for step in range(start, p.total_steps):
             index = next(batches)
-            tokens = train.tokens[index].to(device, non_blocking=True)
-            labels = train.labels[index].to(device) if p.conditional else None
+            tokens = tokens_on_device[index].long()
+            labels = labels_on_device[index] if labels_on_device is not None else None
             model.train()
             with runtime.autocast():
                 loss, stats = prior_loss(p.kind, train_model, tokens, labels)
-            watch.observe(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, p.grad_clip)
+            watch.observe(step, loss=loss, grad_norm=grad_norm)
             optimizer.step()
             scheduler.step()
             if ema is not None:

@@ -139,7 +139,7 @@ class TokenizerObjective(nn.Module):
             balance = (
                 adaptive_gan_weight(recon + terms.get("perceptual", 0.0), g_loss, last_layer)
                 if p.gan_adaptive
-                else recon.new_tensor(1.0)
+                else torch.ones_like(recon)  # a fill on the device, not a copy from the host
             )
             terms["gan"] = factor * balance * g_loss
             terms["gan_weight"] = balance.detach()
@@ -369,10 +369,10 @@ def train_tokenizer(
                 loss, terms = objective.generator_loss(
                     images, reconstruction, quantized, step, last_layer, train_discriminator
                 )
-            watch.observe(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, p.grad_clip)
+            watch.observe(step, loss=loss, grad_norm=grad_norm)
             optimizer.step()
             scheduler.step()
             if ema is not None:
@@ -388,6 +388,7 @@ def train_tokenizer(
                 d_loss.backward()
                 d_optimizer.step()  # type: ignore[union-attr]
                 step_metrics["train/disc"] = d_loss
+                watch.observe(step, disc_loss=d_loss)
             with torch.no_grad():
                 clamped = reconstruction.detach().float().clamp(-1, 1)
                 step_metrics["train/psnr"] = psnr(images, clamped).clamp(max=MAX_PSNR_DB).mean()
