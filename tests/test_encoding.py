@@ -100,23 +100,32 @@ def test_an_error_in_a_worker_aborts_the_split_keeping_only_complete_shards(tmp_
     assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "meta.json").exists()
 
 
-class _DiesAt(SyntheticShapes):
-    """The worker process encoding item ``key`` exits at once, as if the system had killed it."""
+def _exit_now() -> None:
+    os._exit(9)  # as if the system had killed the worker
 
-    def __init__(self, key: str, **kw):
+
+def _block() -> None:
+    time.sleep(300)  # as a decoder stuck on a bad file would
+
+
+class _MisbehavesAt(SyntheticShapes):
+    """Loading item ``key`` calls ``misbehave`` (a module-level function, so spawn can pickle it)."""
+
+    def __init__(self, key: str, misbehave, **kw):
         super().__init__(**kw)
         self.key = key
+        self.misbehave = misbehave
 
     def load(self, item):
         if item.key == self.key:
-            os._exit(9)
+            self.misbehave()
         return super().load(item)
 
 
 def test_a_worker_that_dies_stops_the_split_with_an_error_naming_the_images(tmp_path):
     source = SyntheticShapes(count=300, image_size=8, seed=0)
     victim = source.items("train")[150]
-    dying = _DiesAt(victim.key, count=300, image_size=8, seed=0)
+    dying = _MisbehavesAt(victim.key, _exit_now, count=300, image_size=8, seed=0)
     with pytest.raises(EncodingWorkerDied, match=r"prepare\.num_workers: 0") as caught:
         write_split(dying, "train", tmp_path, maxcount=10, workers=2)
     named = re.search(r"images from (\S+) to (\S+) \(in write order\)", str(caught.value))
@@ -147,23 +156,10 @@ def test_workers_that_cannot_start_stop_the_split_instead_of_restarting_forever(
     assert not (tmp_path / "meta.json").exists()
 
 
-class _StuckAt(SyntheticShapes):
-    """Loading item ``key`` blocks for minutes, as a decoder stuck on a bad file would."""
-
-    def __init__(self, key: str, **kw):
-        super().__init__(**kw)
-        self.key = key
-
-    def load(self, item):
-        if item.key == self.key:
-            time.sleep(300)
-        return super().load(item)
-
-
 def test_abandoning_the_iteration_stops_a_stuck_worker_at_once():
     source = SyntheticShapes(count=300, image_size=8, seed=0)
     items = source.items("train")
-    stuck = _StuckAt(items[100].key, count=300, image_size=8, seed=0)
+    stuck = _MisbehavesAt(items[100].key, _block, count=300, image_size=8, seed=0)
     results = encoded_items(stuck, items, workers=2)
     first = [next(results) for _ in range(10)]
     assert [r["__key__"] for r in first] == [item.key for item in items[:10]]
