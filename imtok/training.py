@@ -107,6 +107,12 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
+def sync_point(done: int, total_steps: int, *every: int) -> bool:
+    """Whether the loop reads the device back after ``done`` steps: the last step, or a multiple of
+    any of the intervals (log, validation, checkpoint). ``NonFiniteLossWatch.check`` runs exactly there."""
+    return done == total_steps or any(done % interval == 0 for interval in every)
+
+
 class NonFiniteLossWatch:
     """The first training step with a non-finite loss or gradient norm, noted without waiting for it.
 

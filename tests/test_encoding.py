@@ -51,17 +51,24 @@ def test_workers_write_the_same_bytes_and_skip_the_same_files_in_the_same_order(
     assert parallel.skipped, "the seeded split put no broken file in train: pick other names"
 
 
-def test_spawned_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
+def test_forked_and_spawned_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch, method):
+    # pool_context picks the method from the parent's threads, which vary under pytest: force each
     source = SyntheticShapes(count=120, image_size=12, channels=3, seed=4)
     write_split(source, "train", tmp_path / "serial", maxcount=25)
-    monkeypatch.setattr(encoding, "pool_context", lambda: multiprocessing.get_context("spawn"))
-    write_split(source, "train", tmp_path / "spawned", maxcount=25, workers=2)
-    assert _files(tmp_path / "serial") == _files(tmp_path / "spawned")
+    monkeypatch.setattr(encoding, "pool_context", lambda: multiprocessing.get_context(method))
+    write_split(source, "train", tmp_path / method, maxcount=25, workers=2)
+    assert _files(tmp_path / "serial") == _files(tmp_path / method)
 
 
-def test_a_parent_with_other_threads_spawns_its_workers():
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("this platform cannot fork")
+CHOSEN_METHOD = "from imtok.data.encoding import pool_context; print(pool_context().get_start_method())"
+
+
+def test_a_single_threaded_parent_forks_and_one_with_other_threads_spawns():
+    fresh = subprocess.run([sys.executable, "-c", CHOSEN_METHOD], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    assert fresh.stdout.strip() == ("fork" if can_fork else "spawn")
     release = threading.Event()
     other = threading.Thread(target=release.wait, args=(30,))
     other.start()
@@ -70,8 +77,6 @@ def test_a_parent_with_other_threads_spawns_its_workers():
     finally:
         release.set()
         other.join(timeout=30)
-    if threading.active_count() == 1:
-        assert pool_context().get_start_method() == "fork"
 
 
 class _FailsFrom(SyntheticShapes):
@@ -201,25 +206,28 @@ KILLED_PARENT = textwrap.dedent(
 )
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def _children(pid: int) -> set[int]:
     found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(child) for child in (task / "children").read_text().split()}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[1] == str(pid):
+            found.add(int(entry.name))
     return found
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited; only the wait is missing
 
 
-@pytest.mark.skipif(
-    not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").is_file(),
-    reason="lists a process's children from /proc/PID/task/TID/children",
-)
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds processes through Linux's /proc")
 def test_workers_of_a_killed_prepare_exit_by_themselves(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(tmp_path)])
     try:

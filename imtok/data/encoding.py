@@ -75,11 +75,13 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)  # the stage is gone and nobody will read this worker's results
 
 
-def _start_worker(source: Source, parent: int) -> None:
+def _start_worker(source: Source) -> None:
     global _worker_source
     _worker_source = source
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the stage, and the stage the pool
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    # The parent as it is now: the stage under fork and spawn, the server process under forkserver
+    # (which exits with the stage); when it is gone, this worker has been orphaned.
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
 def _encode_chunk(items: Sequence[SourceItem]) -> list[dict[str, Any] | SkippedImage]:
@@ -123,7 +125,7 @@ def encoded_items(
     chunks = [items[start : start + CHUNK_ITEMS] for start in range(0, len(items), CHUNK_ITEMS)]
     processes = min(workers, len(chunks))  # no idle processes for a small split
     pool = ProcessPoolExecutor(
-        processes, mp_context=pool_context(), initializer=_start_worker, initargs=(source, os.getpid())
+        processes, mp_context=pool_context(), initializer=_start_worker, initargs=(source,)
     )
     ahead: deque[tuple[Sequence[SourceItem], Future]] = deque()
     submitted = 0

@@ -64,6 +64,7 @@ from imtok.training import (
     make_scheduler,
     prune_checkpoints,
     save_checkpoint,
+    sync_point,
     unwrap_model,
 )
 
@@ -399,7 +400,7 @@ def train_tokenizer(
             done = step + 1
             bar.update(1)
             last = done == p.total_steps
-            if last or done % p.log_every == 0 or done % p.val_every == 0 or done % p.checkpoint_every == 0:
+            if sync_point(done, p.total_steps, p.log_every, p.val_every, p.checkpoint_every):
                 watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
             if done % p.log_every == 0 or last:
                 means = all_reduce_mean(window.means(), runtime)
