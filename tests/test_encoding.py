@@ -51,7 +51,12 @@ def test_workers_write_the_same_bytes_and_skip_the_same_files_in_the_same_order(
     assert parallel.skipped, "the seeded split put no broken file in train: pick other names"
 
 
-@pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
+# The two methods pool_context chooses from. Not forkserver: its server process is one per test
+# session and keeps the environment of its start, which later tests (S3 credentials) would inherit.
+POOL_METHODS = [method for method in ("fork", "spawn") if method in multiprocessing.get_all_start_methods()]
+
+
+@pytest.mark.parametrize("method", POOL_METHODS)
 def test_forked_and_spawned_workers_write_the_same_bytes_as_one_process(tmp_path, monkeypatch, method):
     # pool_context picks the method from the parent's threads, which vary under pytest: force each
     source = SyntheticShapes(count=120, image_size=12, channels=3, seed=4)
