@@ -10,13 +10,9 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 setup: $(STAMP)
 
-# Installs exactly the pinned set (no resolution: the lock is complete), then the package itself.
-$(STAMP): requirements.lock pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(BIN)/python -c "import imtok, torch, torchvision" || { echo "install failed: see the pip output above"; exit 1; }
+# Installs exactly the pinned set, retried, with pip's output kept in .venv/pip-install.log.
+$(STAMP): requirements.lock pyproject.toml scripts/setup_venv.sh
+	scripts/setup_venv.sh $(PYTHON) $(VENV)
 	@touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist when we can install it (root with apt);
