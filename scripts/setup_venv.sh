@@ -5,9 +5,9 @@
 # Usage: scripts/setup_venv.sh PYTHON VENV
 #
 # A dropped download or a full disk must not end as a list of "requires X, which is not installed":
-# pip's whole output is kept in VENV/pip-install.log, the pinned install is retried a bounded number
-# of times (pip skips what the previous attempt already installed), and a final failure prints the
-# log's last lines and the free disk space.
+# pip's whole output is kept in VENV/pip-install.log (VENV/pip-install-imtok.log for imtok itself),
+# the pinned install is retried a bounded number of times (pip skips what the previous attempt
+# already installed), and a final failure prints the log's last lines and the free disk space.
 set -euo pipefail
 
 python=${1:?usage: scripts/setup_venv.sh PYTHON VENV}
@@ -42,6 +42,7 @@ for attempt in $(seq 1 "$attempts"); do
     sleep $((attempt * 15))
 done
 
+log="$venv/pip-install-imtok.log"
 if ! "${pip[@]}" install --no-deps --no-build-isolation -e . >"$log" 2>&1; then
     echo "error: could not install imtok itself in editable mode; the end of $log:" >&2
     show_log 25
