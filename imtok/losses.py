@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,6 +81,10 @@ class VGGWeights(NamedTuple):
 
 def _vgg19_trunk() -> nn.Sequential:
     """timm's vgg19 ``features`` up to relu5_3, on the meta device (no memory, no random init)."""
+    # Imported here: timm loads torchvision's models and torch._dynamo (about 4 s), which every stage
+    # that imports the trainers would otherwise pay at start-up even when no VGG weights are present.
+    import timm
+
     with torch.device("meta"):
         model = timm.create_model("vgg19", pretrained=False)
     return model.features[: VGG19_LAYERS["relu5_3"] + 1]

@@ -8,6 +8,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,26 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     mlflow.set_tracking_uri(uri)  # an earlier test's configure() set the process-wide URI: replace it
     return uri
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    """A tiny project after its first `dvc repro`: what that printed and the lock it wrote."""
+
+    root: Path
+    output: str
+    lock: str
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """One `dvc repro` of the real dvc.yaml on TINY_PARAMS for the session (about 90 s on 2 cores).
+
+    The pipeline tests share it: the DVC test goes on to change params in ``root`` and rerun; the flow
+    test compares its own lock with ``lock``, the text of the first one, whatever ran since.
+    """
+    from project_factory import TINY_PARAMS, environment, make_project, run
+
+    root = make_project(tmp_path_factory.mktemp("reproduced") / "project", TINY_PARAMS)
+    output = run(["dvc", "repro"], root, environment(root))
+    return Reproduced(root, output, (root / "dvc.lock").read_text())

@@ -17,8 +17,8 @@ def harness():
         yield
 
 
-def lock_stages(root) -> dict:
-    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+def lock_stages(text: str) -> dict:
+    return yaml.safe_load(text)["stages"]
 
 
 # Files that record their run, so differ between any two runs (two `dvc repro`s as well): model
@@ -40,11 +40,11 @@ def hashes(entry: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(tmp_path, harness, monkeypatch):
+def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
+    tmp_path, harness, monkeypatch, reproduced_project
+):
     from flows.pipeline import pipeline
 
-    by_dvc = make_project(tmp_path / "by-dvc", TINY_PARAMS)
-    run(["dvc", "repro"], by_dvc, environment(by_dvc))
     by_flow = make_project(tmp_path / "by-flow", TINY_PARAMS)
     for key, value in environment(by_flow).items():
         monkeypatch.setenv(key, value)
@@ -52,7 +52,8 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(tm
     result = pipeline(project=str(by_flow))
     assert [row["stage"] for row in result["stages"]] == list(STAGES)
     assert all(row["ran"] for row in result["stages"])
-    flow_lock, dvc_lock = lock_stages(by_flow), lock_stages(by_dvc)
+    flow_lock = lock_stages((by_flow / "dvc.lock").read_text())
+    dvc_lock = lock_stages(reproduced_project.lock)  # the same params through `dvc repro`
     assert set(flow_lock) == set(dvc_lock)
     for stage in STAGES:
         assert hashes(flow_lock[stage]) == hashes(dvc_lock[stage]), stage

@@ -60,6 +60,26 @@ def test_ssim_is_computed_in_the_zero_one_range():
     torch.testing.assert_close(ssim(x, y), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("channels", "height", "width", "noise"),
+    [(1, 11, 11, 0.3), (1, 28, 28, 0.05), (3, 16, 40, 0.5), (3, 64, 64, 0.01), (1, 32, 32, 0.0)],
+)
+def test_ssim_matches_torchmetrics(channels, height, width, noise):
+    """Parity with torchmetrics' Gaussian SSIM at the window's minimum size, colour, non-square images,
+    and flat images (zero variance, where the clamp decides)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    generator = torch.Generator().manual_seed(channels * height + width)
+    if noise == 0.0:  # flat images: a constant against another constant
+        x = torch.full((2, channels, height, width), 0.2)
+        y = torch.full((2, channels, height, width), -0.4)
+    else:
+        x = torch.rand(4, channels, height, width, generator=generator) * 2 - 1
+        y = (x + noise * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
+    expected = structural_similarity_index_measure((y + 1) / 2, (x + 1) / 2, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ssim(x, y), expected, atol=1e-5, rtol=0)
+
+
 def test_reconstruction_metrics_are_means():
     x, y = images(), images().flip(0)
     metrics = reconstruction_metrics(x, y)

@@ -6,16 +6,15 @@ import json
 
 import pytest
 import yaml
-from project_factory import STAGES, TINY_PARAMS, environment, make_project, run
+from project_factory import STAGES, environment, run
 
 from imtok.data.shards import iter_samples, read_meta
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_and_plots(tmp_path):
-    root = make_project(tmp_path / "project", TINY_PARAMS)
+def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_and_plots(reproduced_project):
+    root, output = reproduced_project.root, reproduced_project.output
     env = environment(root)
-    output = run(["dvc", "repro"], root, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in output, output
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
