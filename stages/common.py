@@ -10,7 +10,8 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,21 @@ def terminate_gracefully(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM raises SystemExit (`terminate_gracefully`); the caller's handler is back
+    after it. Only the main thread can set a handler: called from another thread (a stage's ``main``
+    run by a scheduler's thread) the block runs with the process's handler unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate_gracefully)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 Work = Callable[[Any, argparse.Namespace], "dict[str, Any] | None"]
 
 
@@ -73,13 +89,13 @@ def stage_main(
         options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, terminate_gracefully)
     log = logging.getLogger("stages")
-    try:
-        report = work(load_params(args.params), args)
-    except (ValueError, FileNotFoundError, ShardError) as exc:  # bad params or input: the message says why
-        log.error("%s", exc)
-        return 1
+    with sigterm_unwinds():
+        try:
+            report = work(load_params(args.params), args)
+        except (ValueError, FileNotFoundError, ShardError) as exc:  # bad params or input: says why
+            log.error("%s", exc)
+            return 1
     if report is not None and report_path is not None:
         write_json(args.report, report)
         log.info("report written to %s", args.report)
