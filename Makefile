@@ -28,8 +28,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The suite in PYTEST_WORKERS pytest-xdist processes (0: in this process); an idle worker takes
+# the tests still queued on a busy one (worksteal).
+PYTEST_WORKERS ?= 2
 test: $(STAMP) data-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 # The main job: the whole pipeline on Fashion-MNIST (prepare, tokenizer, tokens, prior, samples,
 # classifier, evaluation) through DVC, then the metrics table and the path of the sample grid.

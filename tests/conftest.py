@@ -167,13 +167,32 @@ class Reproduced:
 
 @pytest.fixture(scope="session")
 def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
-    """One `dvc repro` of the real dvc.yaml on TINY_PARAMS for the session (about 90 s on 2 cores).
+    """One `dvc repro` of the real dvc.yaml on TINY_PARAMS for the run (about 90 s on 2 cores).
 
-    The pipeline tests share it: the DVC test goes on to change params in ``root`` and rerun; the flow
-    test compares its own lock with ``lock``, the text of the first one, whatever ran since.
+    The pipeline tests share it: the DVC test goes on to change params in ``root`` and rerun (the only
+    test that may touch ``root``); the flow test compares its own lock with ``lock``, the text of the
+    first one, whatever ran since. Under pytest-xdist each worker has its own session, so the project
+    lives in the run's shared base directory and the first worker to ask builds it, under a file
+    lock that the others wait on.
     """
+    import fcntl
+    import json
+
     from project_factory import TINY_PARAMS, environment, make_project, run
 
-    root = make_project(tmp_path_factory.mktemp("reproduced") / "project", TINY_PARAMS)
-    output = run(["dvc", "repro"], root, environment(root))
-    return Reproduced(root, output, (root / "dvc.lock").read_text())
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # one directory for every worker of this run
+    home = base / "reproduced"
+    home.mkdir(exist_ok=True)
+    record = home / "first-repro.json"
+    with open(home / ".lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not record.is_file():
+            root = make_project(home / "project", TINY_PARAMS)
+            output = run(["dvc", "repro"], root, environment(root))
+            temporary = record.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"output": output, "lock": (root / "dvc.lock").read_text()}))
+            os.replace(temporary, record)
+    first = json.loads(record.read_text())
+    return Reproduced(home / "project", first["output"], first["lock"])
