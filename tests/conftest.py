@@ -173,7 +173,9 @@ def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     test that may touch ``root``); the flow test compares its own lock with ``lock``, the text of the
     first one, whatever ran since. Under pytest-xdist each worker has its own session, so the project
     lives in the run's shared base directory and the first worker to ask builds it, under a file
-    lock that the others wait on.
+    lock that the others wait on. (``xdist_group`` marks with ``--dist loadgroup`` would keep the two
+    tests on one worker, but pytest-xdist 3.8 appends the group to ``item._nodeid``, an attribute
+    pytest 9.2 no longer reads, so those marks group nothing.)
     """
     import fcntl
     import json
