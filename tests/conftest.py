@@ -191,6 +191,8 @@ def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     with open(home / ".lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
         if not record.is_file():
+            if (home / "project").exists():  # a worker that held the lock before failed to build it
+                pytest.fail(f"this run's first dvc repro failed in {home / 'project'}; see that test's error")
             root = make_project(home / "project", TINY_PARAMS)
             output = run(["dvc", "repro"], root, environment(root))
             temporary = record.with_suffix(".tmp")
