@@ -148,6 +148,11 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
             f"must lie in (0, 1) or be null (off), got {s.ema_decay}",
         ),
         (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
+        (
+            s.dist_timeout_s is None or s.dist_timeout_s > 0,
+            "dist_timeout_s",
+            f"must be > 0 seconds or null (PyTorch's default), got {s.dist_timeout_s}",
+        ),
     ]
 
 
@@ -168,7 +173,7 @@ def _section_dict(section: Any) -> dict[str, Any]:
 
 RUN_SETTINGS = frozenset(
     {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
-    | {"keep_checkpoints", "grid_images"}
+    | {"keep_checkpoints", "grid_images", "dist_timeout_s"}
 )
 
 
@@ -231,6 +236,9 @@ class TokenizerParams:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     grid_images: int = 32
+    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks; null: PyTorch's
+    # default (10 min NCCL, 30 min gloo). It bounds every collective too, so keep it above the
+    # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
@@ -362,12 +370,19 @@ class ExtractParams:
     device: str = "auto"
     precision: Precision = "fp32"  # bf16 autocast is faster on GPUs but may flip near-tie codes
     channels_last: bool = False  # NHWC encoder: faster, but may flip near-tie codes against NCHW
+    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks (and for the
+    # slowest rank's shards at the end of a split); null: PyTorch's default (10 min NCCL, 30 min gloo)
 
     def __post_init__(self) -> None:
         checks = [
             (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
+            (
+                self.dist_timeout_s is None or self.dist_timeout_s > 0,
+                "dist_timeout_s",
+                f"must be > 0 seconds or null (PyTorch's default), got {self.dist_timeout_s}",
+            ),
         ]
         _raise_first_failed(self.SECTION, checks)
 
@@ -409,6 +424,9 @@ class PriorParams:
     val_batches: int = 8
     checkpoint_every: int = 400
     keep_checkpoints: int = 2
+    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks; null: PyTorch's
+    # default (10 min NCCL, 30 min gloo). It bounds every collective too, so keep it above the
+    # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
         positive = ("hidden_dim", "depth", "heads", "batch_size", "total_steps", "log_every", "val_every")

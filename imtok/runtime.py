@@ -3,11 +3,17 @@
 A stage calls ``setup_runtime`` once. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it
 joins the process group (NCCL on CUDA, gloo on CPU) and each process takes the GPU of its local rank;
 run plainly it is a single process. Only the main process (rank 0) writes files and talks to MLflow.
+
+Any launcher that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` works (srun, mpirun,
+a shell loop), but only torchrun stops the other ranks when one dies before it joins: elsewhere the
+ranks that did join wait for it. ``dist_timeout_s`` bounds that wait (and every collective's), and
+``setup_runtime`` then raises ``ProcessGroupTimeout`` saying which rank gave up and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -54,6 +60,10 @@ class Runtime:
             dist.barrier()
 
 
+class ProcessGroupTimeout(RuntimeError):
+    """The process group did not form: a rank never joined within the timeout, or none was listening."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -86,8 +96,43 @@ def resolve_precision(precision: str, device: torch.device, key: str = "precisio
     raise ValueError(f"{key}: unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", prefix: str = "tokenizer") -> Runtime:
-    """Join the torchrun process group when there is one and pick the device and autocast dtype."""
+def default_dist_timeout_s(backend: str) -> float:
+    """PyTorch's own process-group timeout for ``backend`` (10 min for NCCL, 30 min otherwise)."""
+    from torch.distributed import constants
+
+    nccl = constants.default_pg_nccl_timeout  # None in builds without NCCL
+    return (nccl if backend == "nccl" and nccl is not None else constants.default_pg_timeout).total_seconds()
+
+
+def join_process_group(
+    backend: str, rank: int, world_size: int, timeout_s: float | None, key: str = "tokenizer.dist_timeout_s"
+) -> None:
+    """``init_process_group`` from the environment (``env://``), waiting at most ``timeout_s`` (None:
+    PyTorch's default) for the other ranks; ``ProcessGroupTimeout`` names the rank, the address and
+    ``key`` when they do not come."""
+    seconds = default_dist_timeout_s(backend) if timeout_s is None else timeout_s
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+    except dist.DistError as exc:
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        torch_said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ProcessGroupTimeout(
+            f"rank {rank} of {world_size} gave up after {seconds:g} s ({key}) waiting for the process "
+            f"group at {address} to form: another rank failed before joining (look at its log), was "
+            "never started, or was given another MASTER_ADDR, MASTER_PORT or WORLD_SIZE. torchrun stops "
+            f"the other ranks when one fails; other launchers rely on this timeout. ({torch_said})"
+        ) from exc
+
+
+def setup_runtime(
+    device: str = "auto",
+    precision: str = "auto",
+    prefix: str = "tokenizer",
+    dist_timeout_s: float | None = None,
+) -> Runtime:
+    """Join the process group when the environment describes one and pick the device and autocast
+    dtype; ``dist_timeout_s`` bounds the wait for the other ranks and every collective (None: PyTorch's
+    default for the backend)."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -96,7 +141,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto", prefix: str = "
     if world_size > 1 and not dist.is_initialized():
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        join_process_group(backend, rank, world_size, dist_timeout_s, key=f"{prefix}.dist_timeout_s")
         owns = True
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -75,11 +75,13 @@ def stage_main(
     """The command line every stage shares: ``--params``, ``--report``, logging, exit codes.
 
     ``work(params, args)`` does the stage's job and returns its report (written to ``--report``
-    atomically) or None. Bad params or input (ValueError, FileNotFoundError, a damaged shard) end with
-    exit code 1 and one log line saying what to fix; SIGTERM unwinds like Ctrl-C.
+    atomically) or None. Bad params or input (ValueError, FileNotFoundError, a damaged shard) and a
+    process group that did not form end with exit code 1 and one log line saying what to fix; SIGTERM
+    unwinds like Ctrl-C.
     """
     from imtok.data.shards import ShardError
     from imtok.params import load_params
+    from imtok.runtime import ProcessGroupTimeout
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -93,7 +95,7 @@ def stage_main(
     with sigterm_unwinds():
         try:
             report = work(load_params(args.params), args)
-        except (ValueError, FileNotFoundError, ShardError) as exc:  # bad params or input: says why
+        except (ValueError, FileNotFoundError, ShardError, ProcessGroupTimeout) as exc:  # says why
             log.error("%s", exc)
             return 1
     if report is not None and report_path is not None:

@@ -161,7 +161,9 @@ def extract(
 
     started = time.perf_counter()
     owned = runtime is None
-    runtime = runtime or setup_runtime(params.device, params.precision, prefix="extract")
+    runtime = runtime or setup_runtime(
+        params.device, params.precision, prefix="extract", dist_timeout_s=params.dist_timeout_s
+    )
     try:
         model_file = resolve_model_file(params.tokenizer, "tokenizer.pt")
         tokenizer, payload = load_tokenizer(model_file)

@@ -122,7 +122,9 @@ def train(
     section = params.tokenizer
     channels, image_size, train_meta = data_shape(shards_dir, section.downsample)
     config = params.tokenizer_config(channels, image_size)
-    runtime = runtime or setup_runtime(section.device, section.precision)
+    runtime = runtime or setup_runtime(
+        section.device, section.precision, dist_timeout_s=section.dist_timeout_s
+    )
     run_key = fingerprint(section, channels, image_size, train_meta)
     checkpoint_dir = checkpoint_root / run_key
     commit = tracking.git_commit()
@@ -209,7 +211,8 @@ def train(
 
 
 def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
-    runtime = setup_runtime(params.tokenizer.device, params.tokenizer.precision)
+    section = params.tokenizer
+    runtime = setup_runtime(section.device, section.precision, dist_timeout_s=section.dist_timeout_s)
     try:
         return train(params, register=not args.no_register, runtime=runtime)
     finally:

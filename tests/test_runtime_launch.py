@@ -1,0 +1,88 @@
+"""Ranks started by a launcher other than torchrun (srun, mpirun, a shell loop): when one fails before it
+joins, the ones that did join give up after ``dist_timeout_s`` with a message, instead of waiting for it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+
+from imtok.runtime import ProcessGroupTimeout, default_dist_timeout_s, setup_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 4
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables a launcher sets for one rank on one host (no torchrun agent)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))}
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def write_params(path: Path, sections: dict) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+@pytest.mark.parametrize("stage", ["train_tokenizer", "train_prior"])
+def test_a_rank_whose_peer_failed_before_joining_gives_up_after_the_timeout(tmp_path, stage):
+    section = "tokenizer" if stage == "train_tokenizer" else "prior"
+    good = write_params(tmp_path / "params.yaml", {section: {"device": "cpu", "dist_timeout_s": TIMEOUT_S}})
+    broken = write_params(tmp_path / "broken.yaml", {section: {"devcie": "cpu"}})  # fails at the params
+    port = free_port()
+    command = [sys.executable, "-m", f"stages.{stage}", "--no-register"]
+    started = time.monotonic()
+    ranks = [
+        subprocess.Popen(
+            [*command, "--params", str(params)],
+            cwd=tmp_path,
+            env=dict(rank_env(rank, 2, port), PYTHONPATH=str(REPO)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, params in ((0, good), (1, broken))
+    ]
+    try:
+        logs = [process.communicate(timeout=240)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    elapsed = time.monotonic() - started
+
+    assert ranks[1].returncode == 1 and f"{section}.devcie: unknown key" in logs[1], logs[1]
+    assert ranks[0].returncode == 1, logs[0]
+    assert f"rank 0 of 2 gave up after {TIMEOUT_S} s ({section}.dist_timeout_s)" in logs[0], logs[0]
+    assert f"127.0.0.1:{port}" in logs[0] and "Traceback" not in logs[0], logs[0]
+    assert elapsed < 120, f"the waiting rank took {elapsed:.0f} s to give up"
+
+
+def test_a_rank_with_no_rank_0_listening_gives_up_naming_the_key(monkeypatch):
+    # rank 1 connects to rank 0's store; none is there
+    for name, value in rank_env(1, 2, free_port()).items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(ProcessGroupTimeout) as error:
+        setup_runtime("cpu", "fp32", prefix="extract", dist_timeout_s=2)
+    assert "rank 1 of 2 gave up after 2 s (extract.dist_timeout_s)" in str(error.value)
+    assert time.monotonic() - started < 60
+
+
+def test_without_a_timeout_the_backend_keeps_pytorchs_default():
+    assert default_dist_timeout_s("nccl") == 600
+    assert default_dist_timeout_s("gloo") == 1800
