@@ -124,6 +124,7 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
 
 
 QuantizerKind = Literal["fsq", "vq", "regvq"]
+MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s` keys (no .inf or NaN)
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -149,9 +150,10 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
         ),
         (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
         (
-            s.dist_timeout_s is None or s.dist_timeout_s > 0,
+            s.dist_timeout_s is None or 0 < s.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
             "dist_timeout_s",
-            f"must be > 0 seconds or null (PyTorch's default), got {s.dist_timeout_s}",
+            f"must be seconds in (0, {MAX_DIST_TIMEOUT_S}] or null (PyTorch's default), "
+            f"got {s.dist_timeout_s}",
         ),
     ]
 
@@ -379,9 +381,10 @@ class ExtractParams:
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
             (
-                self.dist_timeout_s is None or self.dist_timeout_s > 0,
+                self.dist_timeout_s is None or 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
                 "dist_timeout_s",
-                f"must be > 0 seconds or null (PyTorch's default), got {self.dist_timeout_s}",
+                f"must be seconds in (0, {MAX_DIST_TIMEOUT_S}] or null (PyTorch's default), "
+                f"got {self.dist_timeout_s}",
             ),
         ]
         _raise_first_failed(self.SECTION, checks)

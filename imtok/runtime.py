@@ -7,7 +7,7 @@ run plainly it is a single process. Only the main process (rank 0) writes files 
 Any launcher that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` works (srun, mpirun,
 a shell loop), but only torchrun stops the other ranks when one dies before it joins: elsewhere the
 ranks that did join wait for it. ``dist_timeout_s`` bounds that wait (and every collective's), and
-``setup_runtime`` then raises ``ProcessGroupTimeout`` saying which rank gave up and why.
+``setup_runtime`` then raises ``ProcessGroupError`` saying which rank gave up and why.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,8 @@ class Runtime:
             dist.barrier()
 
 
-class ProcessGroupTimeout(RuntimeError):
-    """The process group did not form: a rank never joined within the timeout, or none was listening."""
+class ProcessGroupError(RuntimeError):
+    """The process group did not form: a rank did not join within the timeout, or the address is unusable."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -107,20 +108,29 @@ def default_dist_timeout_s(backend: str) -> float:
 def join_process_group(
     backend: str, rank: int, world_size: int, timeout_s: float | None, key: str = "tokenizer.dist_timeout_s"
 ) -> None:
-    """``init_process_group`` from the environment (``env://``), waiting at most ``timeout_s`` (None:
-    PyTorch's default) for the other ranks; ``ProcessGroupTimeout`` names the rank, the address and
-    ``key`` when they do not come."""
+    """``init_process_group`` from the environment (``env://``), waiting at most about ``timeout_s``
+    (None: PyTorch's default) for the other ranks. ``ProcessGroupError`` names the rank, the address
+    and ``key``, and tells a wait that ran out from a failure to open the address at all."""
     seconds = default_dist_timeout_s(backend) if timeout_s is None else timeout_s
+    started = time.monotonic()
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     except dist.DistError as exc:
+        waited = time.monotonic() - started
         address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         torch_said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProcessGroupTimeout(
-            f"rank {rank} of {world_size} gave up after {seconds:g} s ({key}) waiting for the process "
+        if waited < 0.8 * seconds:  # not the timeout: the address is wrong or the port taken
+            raise ProcessGroupError(
+                f"rank {rank} of {world_size} could not open the process group at {address} after "
+                f"{waited:.1f} s: {torch_said}. Check MASTER_ADDR and MASTER_PORT (is the port free on "
+                "rank 0's host?)"
+            ) from exc
+        raise ProcessGroupError(
+            f"rank {rank} of {world_size} waited {waited:.0f} s ({key}: {seconds:g}) for the process "
             f"group at {address} to form: another rank failed before joining (look at its log), was "
-            "never started, or was given another MASTER_ADDR, MASTER_PORT or WORLD_SIZE. torchrun stops "
-            f"the other ranks when one fails; other launchers rely on this timeout. ({torch_said})"
+            "never started, or was given another MASTER_ADDR, MASTER_PORT or WORLD_SIZE; or MASTER_ADDR "
+            "does not reach rank 0's host. torchrun stops the other ranks when one fails; other launchers "
+            f"rely on this timeout. ({torch_said})"
         ) from exc
 
 

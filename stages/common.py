@@ -81,7 +81,7 @@ def stage_main(
     """
     from imtok.data.shards import ShardError
     from imtok.params import load_params
-    from imtok.runtime import ProcessGroupTimeout
+    from imtok.runtime import ProcessGroupError
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -95,7 +95,7 @@ def stage_main(
     with sigterm_unwinds():
         try:
             report = work(load_params(args.params), args)
-        except (ValueError, FileNotFoundError, ShardError, ProcessGroupTimeout) as exc:  # says why
+        except (ValueError, FileNotFoundError, ShardError, ProcessGroupError) as exc:  # says why
             log.error("%s", exc)
             return 1
     if report is not None and report_path is not None:

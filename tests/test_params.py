@@ -53,6 +53,7 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"grad_clip": 0}}, "tokenizer.grad_clip"),
         ({"tokenizer": {"dist_timeout_s": 0}}, "tokenizer.dist_timeout_s"),
         ({"prior": {"dist_timeout_s": -5}}, "prior.dist_timeout_s"),
+        ({"prior": {"dist_timeout_s": float("inf")}}, "prior.dist_timeout_s"),
         ({"extract": {"dist_timeout_s": "1h"}}, "extract.dist_timeout_s"),
         ({"prepare": {"channels": 2}}, "prepare.channels"),
         ({"prepare": {"limit": 0}}, "prepare.limit"),

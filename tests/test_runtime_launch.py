@@ -4,16 +4,19 @@ joins, the ones that did join give up after ``dist_timeout_s`` with a message, i
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 import yaml
 from conftest import free_port
 
-from imtok.runtime import ProcessGroupTimeout, default_dist_timeout_s, setup_runtime
+from imtok.runtime import ProcessGroupError, setup_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 4
@@ -63,26 +66,43 @@ def test_a_rank_whose_peer_failed_before_joining_gives_up_after_the_timeout(tmp_
     finally:
         for process in ranks:
             process.kill()
+            process.wait()
     elapsed = time.monotonic() - started
 
     assert ranks[1].returncode == 1 and f"{section}.devcie: unknown key" in logs[1], logs[1]
     assert ranks[0].returncode == 1, logs[0]
-    assert f"rank 0 of 2 gave up after {TIMEOUT_S} s ({section}.dist_timeout_s)" in logs[0], logs[0]
-    assert f"127.0.0.1:{port}" in logs[0] and "Traceback" not in logs[0], logs[0]
+    waited = re.search(rf"rank 0 of 2 waited (\d+) s \({section}\.dist_timeout_s: {TIMEOUT_S}\)", logs[0])
+    assert waited and int(waited[1]) >= TIMEOUT_S - 1, logs[0]  # the wait ran out, no other failure
+    assert f"for the process group at 127.0.0.1:{port} to form" in logs[0], logs[0]
+    assert "Traceback" not in logs[0], logs[0]
     assert elapsed < 120, f"the waiting rank took {elapsed:.0f} s to give up"
 
 
-def test_a_rank_with_no_rank_0_listening_gives_up_naming_the_key(monkeypatch):
+@pytest.fixture
+def no_process_group():
+    yield
+    if dist.is_initialized():  # joined by accident (the port reused): leave the worker clean
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_no_rank_0_listening_gives_up_naming_the_key(monkeypatch, no_process_group):
     # rank 1 connects to rank 0's store; none is there
     for name, value in rank_env(1, 2, free_port()).items():
         monkeypatch.setenv(name, value)
     started = time.monotonic()
-    with pytest.raises(ProcessGroupTimeout) as error:
+    with pytest.raises(ProcessGroupError, match=r"^rank 1 of 2 waited \d+ s \(extract\.dist_timeout_s: 2\)"):
         setup_runtime("cpu", "fp32", prefix="extract", dist_timeout_s=2)
-    assert "rank 1 of 2 gave up after 2 s (extract.dist_timeout_s)" in str(error.value)
-    assert time.monotonic() - started < 60
+    assert 1.5 < time.monotonic() - started < 60
 
 
-def test_without_a_timeout_the_backend_keeps_pytorchs_default():
-    assert default_dist_timeout_s("nccl") == 600
-    assert default_dist_timeout_s("gloo") == 1800
+def test_a_port_taken_by_another_program_is_not_reported_as_a_missing_rank(monkeypatch, no_process_group):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for name, value in rank_env(0, 2, taken.getsockname()[1]).items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ProcessGroupError) as error:
+            setup_runtime("cpu", "fp32", prefix="prior", dist_timeout_s=60)
+    message = str(error.value)
+    assert message.startswith("rank 0 of 2 could not open the process group at 127.0.0.1:"), message
+    assert "MASTER_PORT" in message and "waited" not in message, message

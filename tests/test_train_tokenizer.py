@@ -273,7 +273,7 @@ def test_every_tokenizer_key_is_listed_in_the_dvc_stage():
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_tokenizer"]
     keys = {f"tokenizer.{field.name}" for field in dataclasses.fields(TokenizerParams)}
-    assert set(stage["params"]) == keys
+    assert set(stage["params"]) == keys - {"tokenizer.dist_timeout_s"}  # changes nothing computed
     assert "models/tokenizer" in stage["outs"] and "data/shards/train" in stage["deps"]
 
 
