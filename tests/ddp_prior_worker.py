@@ -1,6 +1,9 @@
 """One rank of the 2-process DDP prior test: train a tiny prior under torchrun, save this rank's weights.
 
-Usage: torchrun --nproc-per-node 2 ... tests/ddp_prior_worker.py OUT_DIR KIND
+Usage: torchrun --nproc-per-node 2 ... tests/ddp_prior_worker.py OUT_DIR KIND [per-rank-checkpoints]
+
+With ``per-rank-checkpoints`` each rank keeps its checkpoints in its own OUT_DIR/checkpoints-rankR, as
+ranks on nodes that do not share a mount would.
 """
 
 import sys
@@ -27,6 +30,7 @@ def token_split() -> TokenSplit:
 
 def main() -> None:
     out, kind = Path(sys.argv[1]), sys.argv[2]
+    per_rank = sys.argv[3:] == ["per-rank-checkpoints"]
     torch.set_num_threads(1)
     prior = {"kind": kind, "hidden_dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "batch_size": 8}
     prior |= {"total_steps": 3, "warmup_steps": 1, "val_batches": 0, "checkpoint_every": 100, "device": "cpu"}
@@ -41,7 +45,7 @@ def main() -> None:
             config,
             train=token_split(),
             val=None,
-            checkpoint_dir=out / "checkpoints",
+            checkpoint_dir=out / (f"checkpoints-rank{runtime.rank}" if per_rank else "checkpoints"),
             runtime=runtime,
         )
         state = {name: value.detach().clone() for name, value in result.model.state_dict().items()}

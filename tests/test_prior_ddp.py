@@ -1,6 +1,8 @@
-"""train_prior under torchrun: two gloo processes train the same prior and end with identical weights."""
+"""train_prior under torchrun: two gloo processes train the same prior and end with identical weights; ranks
+that see different checkpoint directories stop with one message instead of training apart."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,3 +27,36 @@ def test_two_gloo_processes_train_a_prior_and_hold_identical_weights(tmp_path, k
     initial = rank0["initial"]
     changed = [name for name, value in rank0["state"].items() if not torch.equal(value, initial[name])]
     assert changed, "three training steps left every weight at its initial value"
+
+
+def test_ranks_that_find_different_checkpoints_stop_at_once_saying_what_each_found(tmp_path):
+    # nodes without a shared checkpoint mount: rank 0 finds the finished run's checkpoint, rank 1 none.
+    # Resuming on one and starting over on the other used to leave them at different step counts.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    worker = str(REPO / "tests" / "ddp_prior_worker.py")
+    first = subprocess.run(
+        torchrun_command(worker, str(tmp_path), "maskgit"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    (checkpoint,) = (tmp_path / "checkpoints").rglob("*.pt")
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "checkpoints-rank0")
+    (tmp_path / "rank0.pt").unlink()
+    (tmp_path / "rank1.pt").unlink()
+
+    second = subprocess.run(
+        torchrun_command(worker, str(tmp_path), "maskgit", "per-rank-checkpoints"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = second.stdout + second.stderr
+    assert second.returncode != 0, output
+    size = checkpoint.stat().st_size
+    expected = f"rank 0: {checkpoint.name} ({size} bytes); rank 1: no checkpoint"
+    assert expected in output and "one mount that all nodes share" in output, output
+    assert not (tmp_path / "rank0.pt").exists() and not (tmp_path / "rank1.pt").exists()

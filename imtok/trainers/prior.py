@@ -39,7 +39,7 @@ from imtok.models.maskgit import (
 )
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Runtime, all_reduce_mean, progress_bar
+from imtok.runtime import Runtime, agree_on_checkpoint, all_reduce_mean, progress_bar
 from imtok.trainers.tokenizer import MetricWindow, adamw_param_groups, reseed_rank
 from imtok.training import (
     ModelEma,
@@ -227,7 +227,7 @@ def train_prior(
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
-    latest = latest_checkpoint(checkpoint_dir)
+    latest = agree_on_checkpoint(latest_checkpoint(checkpoint_dir), checkpoint_dir, runtime)
     if latest is not None:
         state = load_checkpoint(
             latest,

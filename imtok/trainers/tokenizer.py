@@ -54,7 +54,7 @@ from imtok.metrics.recon import psnr, ssim
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
+from imtok.runtime import Runtime, agree_on_checkpoint, all_reduce_mean, batches_from, progress_bar
 from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
@@ -289,7 +289,7 @@ def train_tokenizer(
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     start = 0
     checkpoint_dir = Path(checkpoint_dir)
-    latest = latest_checkpoint(checkpoint_dir)
+    latest = agree_on_checkpoint(latest_checkpoint(checkpoint_dir), checkpoint_dir, runtime)
     if latest is not None:
         state = load_checkpoint(
             latest, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, config=config
