@@ -128,6 +128,15 @@ MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+def _dist_timeout_check(value: float | None) -> tuple[bool, str, str]:
+    """(ok, key, message) for the ``dist_timeout_s`` key of the sections that run under DDP."""
+    return (
+        value is None or 0 < value <= MAX_DIST_TIMEOUT_S,
+        "dist_timeout_s",
+        f"must be seconds in (0, {MAX_DIST_TIMEOUT_S}] or null (PyTorch's default), got {value}",
+    )
+
+
 def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
     """(ok, key, message) for the optimisation fields the tokenizer and prior sections share."""
     s = section
@@ -149,12 +158,7 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
             f"must lie in (0, 1) or be null (off), got {s.ema_decay}",
         ),
         (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
-        (
-            s.dist_timeout_s is None or 0 < s.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
-            "dist_timeout_s",
-            f"must be seconds in (0, {MAX_DIST_TIMEOUT_S}] or null (PyTorch's default), "
-            f"got {s.dist_timeout_s}",
-        ),
+        _dist_timeout_check(s.dist_timeout_s),
     ]
 
 
@@ -380,12 +384,7 @@ class ExtractParams:
             (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
-            (
-                self.dist_timeout_s is None or 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
-                "dist_timeout_s",
-                f"must be seconds in (0, {MAX_DIST_TIMEOUT_S}] or null (PyTorch's default), "
-                f"got {self.dist_timeout_s}",
-            ),
+            _dist_timeout_check(self.dist_timeout_s),
         ]
         _raise_first_failed(self.SECTION, checks)
 

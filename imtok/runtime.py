@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,7 +67,15 @@ class ProcessGroupError(RuntimeError):
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected an integer in the environment, got {value!r}; the launcher (torchrun, srun, "
+            "...) sets it per process"
+        ) from None
 
 
 def resolve_device(device: str, local_rank: int = 0, key: str = "device") -> torch.device:
@@ -180,47 +187,6 @@ def broadcast_object(value: Any, runtime: Runtime) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def _rank_ranges(ranks: list[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
-    spans: list[list[int]] = []
-    for rank in ranks:
-        if spans and rank == spans[-1][1] + 1:
-            spans[-1][1] = rank
-        else:
-            spans.append([rank, rank])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def agree_on_checkpoint(latest: Path | None, directory: Path, runtime: Runtime) -> Path | None:
-    """``latest`` (this rank's newest checkpoint in ``directory``) once every rank found the same file.
-
-    Each rank lists the checkpoint directory itself. If the ranks of a job see different directories
-    (a node-local disk instead of one shared mount), some would resume while others start from step
-    0, run a different number of steps and hang in a collective; instead every rank raises the same
-    ValueError, listing what each group of ranks found.
-    """
-    if not runtime.distributed:
-        return latest
-    mine = None if latest is None else (latest.name, latest.stat().st_size)
-    found: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(found, mine)
-    if len(set(found)) == 1:
-        return latest
-    groups: dict[Any, list[int]] = {}
-    for rank, seen in enumerate(found):
-        groups.setdefault(seen, []).append(rank)
-    listing = "; ".join(
-        f"{'rank' if len(ranks) == 1 else 'ranks'} {_rank_ranges(ranks)}: "
-        f"{'no checkpoint' if seen is None else f'{seen[0]} ({seen[1]} bytes)'}"
-        for seen, ranks in groups.items()
-    )
-    raise ValueError(
-        f"{directory}: the ranks found different newest checkpoints ({listing}). Every rank must see the "
-        "same checkpoint directory: put it on one mount that all nodes share (or copy the newest "
-        "checkpoint to every node's directory) and start the job again"
-    )
 
 
 def all_reduce_mean(values: Mapping[str, float], runtime: Runtime) -> dict[str, float]:

@@ -19,9 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from imtok.runtime import Runtime
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
@@ -343,6 +346,48 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The checkpoint with the highest step in ``directory``, or None."""
     checkpoints = list_checkpoints(directory)
     return checkpoints[-1] if checkpoints else None
+
+
+def _rank_ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def agreed_latest_checkpoint(directory: str | os.PathLike[str], runtime: Runtime) -> Path | None:
+    """``latest_checkpoint(directory)``, once every rank of the job found the same file there.
+
+    Each rank lists the checkpoint directory itself. If the ranks of a job see different directories
+    (a node-local disk instead of one shared mount), some would resume while others start from step
+    0, run a different number of steps and hang in a collective; instead every rank raises the same
+    ValueError, listing what each group of ranks found.
+    """
+    latest = latest_checkpoint(directory)
+    if not runtime.distributed:
+        return latest
+    mine = None if latest is None else (latest.name, latest.stat().st_size)
+    found: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(found, mine)
+    if len(set(found)) == 1:
+        return latest
+    groups: dict[Any, list[int]] = {}
+    for rank, seen in enumerate(found):
+        groups.setdefault(seen, []).append(rank)
+    listing = "; ".join(
+        f"{'rank' if len(ranks) == 1 else 'ranks'} {_rank_ranges(ranks)}: "
+        f"{'no checkpoint' if seen is None else f'{seen[0]} ({seen[1]} bytes)'}"
+        for seen, ranks in groups.items()
+    )
+    raise ValueError(
+        f"{directory}: the ranks found different newest checkpoints ({listing}). Every rank must see the "
+        "same checkpoint directory: put it on one mount that all nodes share (or copy the newest "
+        "checkpoint to every node's directory) and start the job again"
+    )
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:

@@ -106,3 +106,9 @@ def test_a_port_taken_by_another_program_is_not_reported_as_a_missing_rank(monke
     message = str(error.value)
     assert message.startswith("rank 0 of 2 could not open the process group at 127.0.0.1:"), message
     assert "MASTER_PORT" in message and "waited" not in message, message
+
+
+def test_a_malformed_launcher_variable_is_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE: expected an integer in the environment, got 'two'"):
+        setup_runtime("cpu", "fp32")

@@ -39,13 +39,13 @@ from imtok.models.maskgit import (
 )
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Runtime, agree_on_checkpoint, all_reduce_mean, progress_bar
+from imtok.runtime import Runtime, all_reduce_mean, progress_bar
 from imtok.trainers.tokenizer import MetricWindow, adamw_param_groups, reseed_rank
 from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
+    agreed_latest_checkpoint,
     clip_gradients,
-    latest_checkpoint,
     load_checkpoint,
     make_scheduler,
     prune_checkpoints,
@@ -227,7 +227,7 @@ def train_prior(
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
-    latest = agree_on_checkpoint(latest_checkpoint(checkpoint_dir), checkpoint_dir, runtime)
+    latest = agreed_latest_checkpoint(checkpoint_dir, runtime)
     if latest is not None:
         state = load_checkpoint(
             latest,

@@ -54,12 +54,12 @@ from imtok.metrics.recon import psnr, ssim
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.runtime import Runtime, agree_on_checkpoint, all_reduce_mean, batches_from, progress_bar
+from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
 from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
+    agreed_latest_checkpoint,
     clip_gradients,
-    latest_checkpoint,
     load_checkpoint,
     make_scheduler,
     prune_checkpoints,
@@ -289,7 +289,7 @@ def train_tokenizer(
     ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
     start = 0
     checkpoint_dir = Path(checkpoint_dir)
-    latest = agree_on_checkpoint(latest_checkpoint(checkpoint_dir), checkpoint_dir, runtime)
+    latest = agreed_latest_checkpoint(checkpoint_dir, runtime)
     if latest is not None:
         state = load_checkpoint(
             latest, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, config=config
