@@ -7,6 +7,7 @@ every state-dict entry plus the caller's config), so that resuming continues the
 checkpoint written under other params is refused with a message naming the differing key.
 """
 
+import hashlib
 import math
 import os
 import random
@@ -29,6 +30,8 @@ from imtok.runtime import Runtime
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
 TEMP_SUFFIX = ".tmp"
+# How much of a checkpoint's end ranks hash to agree they resume from the same file.
+IDENTITY_TAIL_BYTES = 1 << 20
 # Appended to every mismatch message: the fix is either a fresh run or the params of the old one.
 MISMATCH_ADVICE = "delete the checkpoint directory or restore the params"
 
@@ -359,35 +362,75 @@ def _rank_ranges(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def checkpoint_identity(path: str | os.PathLike[str]) -> tuple[str, int, str]:
+    """``(name, size, digest)`` of a checkpoint: what ranks compare to know they hold the same file.
+
+    ``digest`` is the SHA-256 of the file's last ``IDENTITY_TAIL_BYTES`` (the whole file if smaller).
+    ``torch.save`` writes a zip archive whose central directory, at the end, lists a CRC-32 of every
+    record, so the tail tells apart two checkpoints of one name and size with different tensors (the
+    same step of two runs of one config) without reading gigabytes on every rank.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(max(0, size - IDENTITY_TAIL_BYTES))
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return path.name, size, digest
+
+
+def checkpoint_disagreement(
+    directory: str | os.PathLike[str], found: list[tuple[str, int, str] | None]
+) -> str | None:
+    """``None`` when every rank found the same checkpoint identity (or none); else the error to raise.
+
+    ``found[r]`` is ``checkpoint_identity`` of what rank ``r`` found. The message lists each group of
+    ranks with what it found; a digest is shown only where the name and size alone do not tell groups
+    apart.
+    """
+    if len(set(found)) <= 1:
+        return None
+    groups: dict[tuple[str, int, str] | None, list[int]] = {}
+    for rank, seen in enumerate(found):
+        groups.setdefault(seen, []).append(rank)
+    name_sizes = [seen[:2] for seen in groups if seen is not None]
+
+    def describe(seen: tuple[str, int, str] | None) -> str:
+        if seen is None:
+            return "no checkpoint"
+        if name_sizes.count(seen[:2]) > 1:
+            return f"{seen[0]} ({seen[1]} bytes, contents {seen[2][:12]})"
+        return f"{seen[0]} ({seen[1]} bytes)"
+
+    listing = "; ".join(
+        f"{'rank' if len(ranks) == 1 else 'ranks'} {_rank_ranges(ranks)}: {describe(seen)}"
+        for seen, ranks in groups.items()
+    )
+    return (
+        f"{directory}: the ranks found different newest checkpoints ({listing}). Every rank must see the "
+        "same checkpoint directory: put it on one mount that all nodes share (or copy the newest "
+        "checkpoint to every node's directory) and start the job again"
+    )
+
+
 def agreed_latest_checkpoint(directory: str | os.PathLike[str], runtime: Runtime) -> Path | None:
     """``latest_checkpoint(directory)``, once every rank of the job found the same file there.
 
     Each rank lists the checkpoint directory itself. If the ranks of a job see different directories
     (a node-local disk instead of one shared mount), some would resume while others start from step
-    0, run a different number of steps and hang in a collective; instead every rank raises the same
-    ValueError, listing what each group of ranks found.
+    0, run a different number of steps and hang in a collective; and ranks that resume from different
+    files of one name (copies from two runs) would train on with different optimizer states. Instead
+    every rank raises the same ValueError, listing what each group of ranks found.
     """
     latest = latest_checkpoint(directory)
     if not runtime.distributed:
         return latest
-    mine = None if latest is None else (latest.name, latest.stat().st_size)
+    mine = None if latest is None else checkpoint_identity(latest)
     found: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(found, mine)
-    if len(set(found)) == 1:
-        return latest
-    groups: dict[Any, list[int]] = {}
-    for rank, seen in enumerate(found):
-        groups.setdefault(seen, []).append(rank)
-    listing = "; ".join(
-        f"{'rank' if len(ranks) == 1 else 'ranks'} {_rank_ranges(ranks)}: "
-        f"{'no checkpoint' if seen is None else f'{seen[0]} ({seen[1]} bytes)'}"
-        for seen, ranks in groups.items()
-    )
-    raise ValueError(
-        f"{directory}: the ranks found different newest checkpoints ({listing}). Every rank must see the "
-        "same checkpoint directory: put it on one mount that all nodes share (or copy the newest "
-        "checkpoint to every node's directory) and start the job again"
-    )
+    problem = checkpoint_disagreement(directory, found)
+    if problem is not None:
+        raise ValueError(problem)
+    return latest
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:

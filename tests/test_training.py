@@ -14,7 +14,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from imtok.models import Tokenizer, TokenizerConfig
 from imtok.training import (
+    IDENTITY_TAIL_BYTES,
     ModelEma,
+    checkpoint_disagreement,
+    checkpoint_identity,
     checkpoint_path,
     clip_gradients,
     latest_checkpoint,
@@ -372,6 +375,57 @@ def test_latest_and_prune_order_by_step(tmp_path: Path) -> None:
     assert prune_checkpoints(tmp_path, keep=2) == []
     with pytest.raises(ValueError, match="keep"):
         prune_checkpoints(tmp_path, keep=0)
+
+
+def test_checkpoint_identity_tells_apart_same_name_and_size_with_other_tensors(tmp_path: Path) -> None:
+    """Two runs' checkpoints of one step: same name and size, one weight differs at the file's start."""
+    weight = torch.randn(IDENTITY_TAIL_BYTES // 2, generator=torch.Generator().manual_seed(0))
+    other = weight.clone()
+    other[0] += 1.0  # its bytes lie megabytes before the hashed tail
+    paths = []
+    for node, tensor in (("node0", weight), ("node1", other), ("copy", weight)):
+        (tmp_path / node).mkdir()
+        paths.append(tmp_path / node / "step-00000007.pt")
+        torch.save({"weight": tensor, "step": 7}, paths[-1])
+    first, second, copy = (checkpoint_identity(path) for path in paths)
+    assert first[:2] == second[:2] == ("step-00000007.pt", paths[0].stat().st_size)
+    assert first[1] > 2 * IDENTITY_TAIL_BYTES
+    assert first != second
+    assert first == copy
+
+
+def test_checkpoint_identity_hashes_all_of_a_small_file(tmp_path: Path) -> None:
+    one, two = tmp_path / "a" / "step-00000001.pt", tmp_path / "b" / "step-00000001.pt"
+    for path, value in ((one, 1.0), (two, 2.0)):
+        path.parent.mkdir()
+        torch.save({"weight": torch.full((4,), value)}, path)
+    assert checkpoint_identity(one)[1] < IDENTITY_TAIL_BYTES
+    assert checkpoint_identity(one) != checkpoint_identity(two)
+
+
+def test_checkpoint_disagreement_lists_groups_of_ranks() -> None:
+    same = ("step-00000003.pt", 900, "a" * 64)
+    assert checkpoint_disagreement("ckpt", [same] * 4) is None
+    assert checkpoint_disagreement("ckpt", [None] * 4) is None
+    message = checkpoint_disagreement("ckpt", [same, same, None, same, None])
+    assert message is not None
+    assert "ckpt: the ranks found different newest checkpoints" in message
+    assert "ranks 0-1, 3: step-00000003.pt (900 bytes); ranks 2, 4: no checkpoint" in message
+    assert "contents" not in message  # the name and size already tell the groups apart
+    assert "one mount that all nodes share" in message
+
+
+def test_checkpoint_disagreement_shows_contents_only_where_name_and_size_match() -> None:
+    node0 = ("step-00000003.pt", 900, "a" * 64)
+    node1 = ("step-00000003.pt", 900, "b" * 64)
+    older = ("step-00000002.pt", 900, "c" * 64)
+    message = checkpoint_disagreement("ckpt", [node0, node0, node1, node1, older])
+    assert message is not None
+    assert (
+        f"ranks 0-1: step-00000003.pt (900 bytes, contents {'a' * 12}); "
+        f"ranks 2-3: step-00000003.pt (900 bytes, contents {'b' * 12}); "
+        "rank 4: step-00000002.pt (900 bytes)"
+    ) in message
 
 
 def test_schedule_value_is_consistent_with_cosine_formula() -> None:
