@@ -368,7 +368,8 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> tuple[str, int, str]:
     ``digest`` is the SHA-256 of the file's last ``IDENTITY_TAIL_BYTES`` (the whole file if smaller).
     ``torch.save`` writes a zip archive whose central directory, at the end, lists a CRC-32 of every
     record, so the tail tells apart two checkpoints of one name and size with different tensors (the
-    same step of two runs of one config) without reading gigabytes on every rank.
+    same step of two runs of one config) without reading gigabytes on every rank. (Where CRCs are
+    switched off, ``torch.serialization.set_crc32_options(False)``, only the last MiB is compared.)
     """
     path = Path(path)
     size = path.stat().st_size
@@ -379,24 +380,27 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> tuple[str, int, str]:
 
 
 def checkpoint_disagreement(
-    directory: str | os.PathLike[str], found: list[tuple[str, int, str] | None]
+    directory: str | os.PathLike[str], found: list[tuple[str, int, str] | str | None]
 ) -> str | None:
     """``None`` when every rank found the same checkpoint identity (or none); else the error to raise.
 
-    ``found[r]`` is ``checkpoint_identity`` of what rank ``r`` found. The message lists each group of
-    ranks with what it found; a digest is shown only where the name and size alone do not tell groups
-    apart.
+    ``found[r]`` is ``checkpoint_identity`` of what rank ``r`` found, ``None`` for no checkpoint, or a
+    string saying why its newest checkpoint could not be read. The message lists each group of ranks
+    with what it found; a digest is shown only where the name and size alone do not tell groups apart.
     """
-    if len(set(found)) <= 1:
+    unreadable = [seen for seen in found if isinstance(seen, str)]
+    if len(set(found)) <= 1 and not unreadable:
         return None
-    groups: dict[tuple[str, int, str] | None, list[int]] = {}
+    groups: dict[tuple[str, int, str] | str | None, list[int]] = {}
     for rank, seen in enumerate(found):
         groups.setdefault(seen, []).append(rank)
-    name_sizes = [seen[:2] for seen in groups if seen is not None]
+    name_sizes = [seen[:2] for seen in groups if isinstance(seen, tuple)]
 
-    def describe(seen: tuple[str, int, str] | None) -> str:
+    def describe(seen: tuple[str, int, str] | str | None) -> str:
         if seen is None:
             return "no checkpoint"
+        if isinstance(seen, str):
+            return seen
         if name_sizes.count(seen[:2]) > 1:
             return f"{seen[0]} ({seen[1]} bytes, contents {seen[2][:12]})"
         return f"{seen[0]} ({seen[1]} bytes)"
@@ -405,6 +409,11 @@ def checkpoint_disagreement(
         f"{'rank' if len(ranks) == 1 else 'ranks'} {_rank_ranges(ranks)}: {describe(seen)}"
         for seen, ranks in groups.items()
     )
+    if unreadable:
+        return (
+            f"{directory}: not every rank could read its newest checkpoint ({listing}). Make the file "
+            "readable on every node (permissions, a stale mount) and start the job again"
+        )
     return (
         f"{directory}: the ranks found different newest checkpoints ({listing}). Every rank must see the "
         "same checkpoint directory: put it on one mount that all nodes share (or copy the newest "
@@ -418,13 +427,19 @@ def agreed_latest_checkpoint(directory: str | os.PathLike[str], runtime: Runtime
     Each rank lists the checkpoint directory itself. If the ranks of a job see different directories
     (a node-local disk instead of one shared mount), some would resume while others start from step
     0, run a different number of steps and hang in a collective; and ranks that resume from different
-    files of one name (copies from two runs) would train on with different optimizer states. Instead
-    every rank raises the same ValueError, listing what each group of ranks found.
+    files of one name (copies from two runs) would train on with different optimizer states; a rank that
+    cannot read its file would leave the others waiting in the gather. Instead every rank raises the
+    same ValueError, listing what each group of ranks found.
     """
     latest = latest_checkpoint(directory)
     if not runtime.distributed:
         return latest
-    mine = None if latest is None else checkpoint_identity(latest)
+    mine: tuple[str, int, str] | str | None = None
+    if latest is not None:
+        try:
+            mine = checkpoint_identity(latest)
+        except OSError as error:  # said in the gathered message, so no rank is left waiting for it
+            mine = f"{latest.name} unreadable ({error.strerror or error})"
     found: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(found, mine)
     problem = checkpoint_disagreement(directory, found)

@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def spawn_ranks(function: Callable[..., None], ranks: int, *args: object, limit_s: float = 90) -> None:
+    """``function(rank, *args)`` in ``ranks`` spawned processes, joined; the test fails when they have
+    not all finished within ``limit_s``, and no process outlives the call."""
+    import torch.multiprocessing
+
+    context = torch.multiprocessing.start_processes(
+        function, args=args, nprocs=ranks, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + limit_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {limit_s:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
 
 
 def torchrun_command(*args: str, processes: int = 2) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import damage_png, free_port
+from conftest import damage_png, free_port, spawn_ranks
 from PIL import Image
 
 from imtok.data.shards import (
@@ -308,30 +308,12 @@ def test_a_split_smaller_than_one_batch_still_gives_one_full_batch(tmp_path, bat
 
 
 def test_ddp_ranks_read_disjoint_parts_that_cover_the_split_in_equal_batches(tmp_path):
-    import torch.multiprocessing as mp
-
     location = tmp_path / "train"
     source = SyntheticShapes(count=80, image_size=8, seed=0, val_fraction=0.2)
     write_split(source, "train", location, maxcount=7)  # 64 samples in 10 shards of 7,...,7,1
     assert [s["count"] for s in read_meta(location)["shards"]] == [7] * 9 + [1]
 
-    context = mp.start_processes(
-        _ddp_rank,
-        args=(2, free_port(), str(location), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 150
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP ranks did not finish in time")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=10)
+    spawn_ranks(_ddp_rank, 2, 2, free_port(), str(location), str(tmp_path), limit_s=150)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     first, second = (set(r["keys"]) for r in ranks)

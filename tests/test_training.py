@@ -2,20 +2,25 @@
 
 import itertools
 import math
+import os
 import random
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from imtok.models import Tokenizer, TokenizerConfig
+from imtok.runtime import Runtime
 from imtok.training import (
     IDENTITY_TAIL_BYTES,
     ModelEma,
+    agreed_latest_checkpoint,
     checkpoint_disagreement,
     checkpoint_identity,
     checkpoint_path,
@@ -426,6 +431,52 @@ def test_checkpoint_disagreement_shows_contents_only_where_name_and_size_match()
         f"ranks 2-3: step-00000003.pt (900 bytes, contents {'b' * 12}); "
         "rank 4: step-00000002.pt (900 bytes)"
     ) in message
+
+
+def test_checkpoint_disagreement_names_a_rank_that_could_not_read_its_file() -> None:
+    same = ("step-00000003.pt", 900, "a" * 64)
+    unreadable = "step-00000003.pt unreadable (Permission denied)"
+    message = checkpoint_disagreement("ckpt", [same, unreadable, same])
+    assert message is not None
+    assert "ckpt: not every rank could read its newest checkpoint" in message
+    assert f"ranks 0, 2: step-00000003.pt (900 bytes); rank 1: {unreadable}" in message
+    every = checkpoint_disagreement("ckpt", [unreadable, unreadable])  # all alike, still an error
+    assert every is not None and f"ranks 0-1: {unreadable}" in every
+
+
+AGREE_RANKS = 2
+
+
+def _agree_rank(rank: int, port: int, root: str) -> None:
+    """Rank 0 holds a real step-5 checkpoint; rank 1's of the same name is a link to a deleted file."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=AGREE_RANKS, timeout=timedelta(seconds=30))
+    try:
+        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=AGREE_RANKS)
+        try:
+            agreed_latest_checkpoint(Path(root, f"rank{rank}"), runtime)
+            outcome = "no error"
+        except ValueError as error:
+            outcome = str(error)
+        Path(root, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_cannot_read_its_checkpoint_stops_every_rank_with_one_message(tmp_path: Path) -> None:
+    from conftest import free_port, spawn_ranks
+
+    for rank in range(AGREE_RANKS):
+        (tmp_path / f"rank{rank}").mkdir()
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "rank0" / "step-00000005.pt")
+    (tmp_path / "rank1" / "step-00000005.pt").symlink_to(tmp_path / "deleted.pt")
+    spawn_ranks(_agree_rank, AGREE_RANKS, free_port(), str(tmp_path))
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(AGREE_RANKS)]
+    for rank, outcome in enumerate(outcomes):  # each names its own directory, then the same listing
+        assert outcome.startswith(f"{tmp_path / f'rank{rank}'}: "), outcomes
+    assert outcomes[0].split(": ", 1)[1] == outcomes[1].split(": ", 1)[1], outcomes
+    assert "not every rank could read its newest checkpoint" in outcomes[0], outcomes
+    assert "rank 1: step-00000005.pt unreadable (No such file or directory)" in outcomes[0], outcomes
 
 
 def test_schedule_value_is_consistent_with_cosine_formula() -> None:

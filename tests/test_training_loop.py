@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -159,17 +158,9 @@ def _watch_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_a_rank_that_diverges_alone_stops_every_rank_at_the_same_step(tmp_path):
-    from conftest import free_port
+    from conftest import free_port, spawn_ranks
 
-    context = torch.multiprocessing.start_processes(
-        _watch_rank, args=(free_port(), str(tmp_path)), nprocs=WATCH_RANKS, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 90
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks did not finish within 90 s")
+    spawn_ranks(_watch_rank, WATCH_RANKS, free_port(), str(tmp_path))
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(WATCH_RANKS)]
     assert outcomes[0].startswith("3: train_x: loss is not finite on another rank at step 3"), outcomes
     assert outcomes[1].startswith("3: train_x: loss is nan at step 3"), outcomes

@@ -1,15 +1,12 @@
 """Properties of the chunked nearest-code search and the EMA / learned vector quantizer."""
 
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -502,22 +499,10 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_distributed_ranks_keep_identical_codebooks(tmp_path):
-    context = mp.start_processes(
-        ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {DDP_TIMEOUT_S} s")
+    from conftest import free_port, spawn_ranks
+
+    spawn_ranks(ddp_worker, WORLD_SIZE, free_port(), str(tmp_path), limit_s=DDP_TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     for name in ("plain", "ema", "learned"):
