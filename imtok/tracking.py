@@ -9,7 +9,8 @@ Models are logged with ``mlflow.pytorch.log_model`` in the pickle format, so tha
 ``mlflow.pytorch.load_model`` returns the real module (a ``Tokenizer`` with ``encode``/``decode``), not
 a ``torch.export`` graph. MLflow refuses to unpickle unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``
 is set by whoever trusts the store. imtok's own stages never unpickle: each logged model also carries
-its weights-only model file (``extra_files/``), which ``resolve_model_file`` fetches.
+its weights-only model file (``extra_files/``), which ``fetched_model_file`` fetches
+(into a temporary directory removed after use).
 """
 
 from __future__ import annotations
@@ -214,29 +215,33 @@ def is_model_uri(location: str | os.PathLike[str]) -> bool:
     return str(location).startswith(("models:/", "runs:/"))
 
 
-def resolve_model_file(location: str | os.PathLike[str], filename: str) -> Path:
+@contextmanager
+def fetched_model_file(location: str | os.PathLike[str], filename: str) -> Iterator[Path]:
     """The local path of model file ``filename`` given a directory, the file itself or an MLflow URI.
 
-    For a URI only the weights-only model file is downloaded (from ``extra_files/`` of the logged
-    model), never unpickled; a URI that does not resolve raises a ValueError naming it.
+    A context manager: for a URI only the weights-only model file is downloaded (from ``extra_files/``
+    of the logged model), never unpickled, into a temporary directory that is removed on leaving the
+    block, so repeated loads leave no copies of the weights behind. A URI that does not resolve raises
+    a ValueError naming it. Local paths are yielded as they are and never touched.
     """
     if not is_model_uri(location):
         path = Path(location)
-        return path / filename if path.is_dir() else path
+        yield path / filename if path.is_dir() else path
+        return
     mlflow = configure()
     from mlflow.exceptions import MlflowException
 
-    target = Path(tempfile.mkdtemp(prefix="imtok-model-"))
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{str(location).rstrip('/')}/extra_files/{filename}", dst_path=str(target)
-        )
-    except (MlflowException, OSError) as error:
-        raise ValueError(
-            f"{location}: cannot fetch {filename} from the MLflow store at {tracking_uri()} ({error}); "
-            "check the model name, version or alias and MLFLOW_TRACKING_URI"
-        ) from None
-    return Path(local)
+    with tempfile.TemporaryDirectory(prefix="imtok-model-") as target:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{str(location).rstrip('/')}/extra_files/{filename}", dst_path=target
+            )
+        except (MlflowException, OSError) as error:
+            raise ValueError(
+                f"{location}: cannot fetch {filename} from the MLflow store at {tracking_uri()} ({error}); "
+                "check the model name, version or alias and MLFLOW_TRACKING_URI"
+            ) from None
+        yield Path(local)
 
 
 def load_tokenizer(
@@ -246,15 +251,15 @@ def load_tokenizer(
     from imtok.models.autoencoder import Tokenizer, TokenizerConfig
     from imtok.models.files import read_model_file
 
-    path = resolve_model_file(location, filename)
-    payload = read_model_file(path, "tokenizer")
-    try:
-        tokenizer = Tokenizer(TokenizerConfig(**payload["config"]))
-        tokenizer.load_state_dict(payload["state_dict"])
-    except (TypeError, RuntimeError) as error:
-        raise ValueError(
-            f"{path}: the stored tokenizer does not match this version of imtok: {error}"
-        ) from None
+    with fetched_model_file(location, filename) as path:
+        payload = read_model_file(path, "tokenizer")
+        try:
+            tokenizer = Tokenizer(TokenizerConfig(**payload["config"]))
+            tokenizer.load_state_dict(payload["state_dict"])
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(
+                f"{path}: the stored tokenizer does not match this version of imtok: {error}"
+            ) from None
     return tokenizer.eval(), payload
 
 
@@ -263,13 +268,15 @@ def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> 
     from imtok.models.files import read_model_file
     from imtok.trainers.prior import build_prior
 
-    path = resolve_model_file(location, filename)
-    payload = read_model_file(path, "prior")
-    try:
-        prior = build_prior(payload["config"]["kind"], payload["config"]["model"])
-        prior.load_state_dict(payload["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as error:
-        raise ValueError(f"{path}: the stored prior does not match this version of imtok: {error}") from None
+    with fetched_model_file(location, filename) as path:
+        payload = read_model_file(path, "prior")
+        try:
+            prior = build_prior(payload["config"]["kind"], payload["config"]["model"])
+            prior.load_state_dict(payload["state_dict"])
+        except (TypeError, KeyError, RuntimeError) as error:
+            raise ValueError(
+                f"{path}: the stored prior does not match this version of imtok: {error}"
+            ) from None
     return prior.eval(), payload
 
 

@@ -157,7 +157,7 @@ def extract(
 
     Under ``torchrun`` every process encodes its share of the shards on its own device.
     """
-    from imtok.tracking import load_tokenizer, resolve_model_file
+    from imtok.tracking import fetched_model_file, load_tokenizer
 
     started = time.perf_counter()
     owned = runtime is None
@@ -165,10 +165,10 @@ def extract(
         params.device, params.precision, prefix="extract", dist_timeout_s=params.dist_timeout_s
     )
     try:
-        model_file = resolve_model_file(params.tokenizer, "tokenizer.pt")
-        tokenizer, payload = load_tokenizer(model_file)
+        with fetched_model_file(params.tokenizer, "tokenizer.pt") as model_file:
+            tokenizer, payload = load_tokenizer(model_file)
+            provenance = tokenizer_provenance(params.tokenizer, model_file)
         tokenizer = tokenizer.to(runtime.device)
-        provenance = tokenizer_provenance(params.tokenizer, model_file)
         check_same_tokenizer(provenance["tokenizer_sha256"], runtime)
         encode = channels_last_encode(tokenizer) if params.channels_last else tokenizer.encode
         report: dict[str, Any] = {

@@ -50,20 +50,20 @@ def matching_tokenizer(
 ) -> tuple[Any, str]:
     """The tokenizer to decode with, checked against what the prior was trained on."""
     from imtok.models.files import file_sha256
-    from imtok.tracking import load_tokenizer, resolve_model_file
+    from imtok.tracking import fetched_model_file, load_tokenizer
 
     location = params.tokenizer or prior_meta.get("tokenizer_uri") or prior_meta.get("tokenizer")
     if not location:
         raise ValueError("sample.tokenizer: the prior records no tokenizer; set sample.tokenizer to one")
-    model_file = resolve_model_file(location, "tokenizer.pt")
-    tokenizer, _ = load_tokenizer(model_file)
+    with fetched_model_file(location, "tokenizer.pt") as model_file:
+        tokenizer, _ = load_tokenizer(model_file)
+        actual = file_sha256(model_file)
     if tokenizer.codebook_size != prior_config.codebook_size:
         raise ValueError(
             f"sample.tokenizer: {location} has a codebook of {tokenizer.codebook_size} codes but the prior "
             f"{params.prior} was trained on {prior_config.codebook_size}; use the prior's own tokenizer"
         )
     expected = prior_meta.get("tokenizer_sha256")
-    actual = file_sha256(model_file)
     if expected and actual != expected:
         raise ValueError(
             f"sample.tokenizer: {location} (sha256 {actual[:12]}) is not the tokenizer the prior "

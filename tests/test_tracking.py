@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from imtok import tracking
@@ -55,6 +57,22 @@ def test_flatten_names_nested_keys_and_caps_long_values():
     assert len(flat["d"]) == tracking.MAX_PARAM_LENGTH and flat["d"].endswith("...")
 
 
-def test_model_uris_that_do_not_resolve_are_named(mlflow_store):
-    with pytest.raises(ValueError, match="models:/nothing@here: cannot fetch"):
-        tracking.resolve_model_file("models:/nothing@here", "tokenizer.pt")
+def test_model_uris_that_do_not_resolve_are_named_and_leave_nothing(mlflow_store, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with (
+        pytest.raises(ValueError, match="models:/nothing@here: cannot fetch"),
+        tracking.fetched_model_file("models:/nothing@here", "tokenizer.pt"),
+    ):
+        pass
+    assert list(scratch.iterdir()) == []
+
+
+def test_local_model_files_are_passed_through_untouched(tmp_path):
+    (tmp_path / "tokenizer.pt").write_bytes(b"weights")
+    with tracking.fetched_model_file(tmp_path, "tokenizer.pt") as path:
+        assert path == tmp_path / "tokenizer.pt"
+    with tracking.fetched_model_file(tmp_path / "tokenizer.pt", "ignored.pt") as path:
+        assert path == tmp_path / "tokenizer.pt"
+    assert (tmp_path / "tokenizer.pt").read_bytes() == b"weights"

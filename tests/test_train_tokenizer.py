@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,8 +113,12 @@ def test_stage_logs_a_run_registers_the_model_and_the_registry_gives_the_same_in
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     registered = mlflow.pytorch.load_model(f"models:/{REGISTERED_NAME}@candidate")
     assert torch.equal(registered.encode(images), local.encode(images))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     from_uri, _ = load_tokenizer(f"models:/{REGISTERED_NAME}@candidate")  # weights-only path, no pickle
     assert torch.equal(from_uri.encode(images), local.encode(images))
+    assert list(scratch.iterdir()) == []  # the downloaded weights do not outlive the load
     assert payload["meta"]["step"] == 24
 
 
