@@ -54,9 +54,10 @@ def spawn_ranks(function: Callable[..., None], ranks: int, *args: object, limit_
                 process.join(timeout=10)
 
 
-def torchrun_command(*args: str, processes: int = 2) -> list[str]:
+def torchrun_command(*args: str, log_dir: Path, processes: int = 2) -> list[str]:
     """``args`` (a script or ``-m module`` and its arguments) under ``torch.distributed.run``: local
-    ranks that meet on a free loopback port."""
+    ranks that meet on a free loopback port. The launcher's per-run directories go to ``log_dir``
+    (inside the test's tmp_path) instead of a ``torchelastic_*`` directory it would leave in /tmp."""
     return [
         sys.executable,
         "-m",
@@ -69,6 +70,8 @@ def torchrun_command(*args: str, processes: int = 2) -> list[str]:
         "127.0.0.1",
         "--master-port",
         str(free_port()),
+        "--log-dir",
+        str(log_dir),
         *args,
     ]
 

@@ -176,7 +176,7 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
         yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "num_workers": 1, "flip": True}})
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = torchrun_command("-m", "stages.extract_tokens")
+    command = torchrun_command("-m", "stages.extract_tokens", log_dir=tmp_path / "torchrun")
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((project / "reports" / "extract_tokens.json").read_text())

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("kind", ["maskgit", "gpt"])
 def test_two_gloo_processes_train_a_prior_and_hold_identical_weights(tmp_path, kind):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = torchrun_command(str(REPO / "tests" / "ddp_prior_worker.py"), str(tmp_path), kind)
+    command = torchrun_command(
+        str(REPO / "tests" / "ddp_prior_worker.py"), str(tmp_path), kind, log_dir=tmp_path / "torchrun"
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -35,7 +37,7 @@ def test_ranks_that_find_different_checkpoints_stop_at_once_saying_what_each_fou
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     worker = str(REPO / "tests" / "ddp_prior_worker.py")
     first = subprocess.run(
-        torchrun_command(worker, str(tmp_path), "maskgit"),
+        torchrun_command(worker, str(tmp_path), "maskgit", log_dir=tmp_path / "torchrun-first"),
         env=env,
         capture_output=True,
         text=True,
@@ -48,7 +50,9 @@ def test_ranks_that_find_different_checkpoints_stop_at_once_saying_what_each_fou
     (tmp_path / "rank1.pt").unlink()
 
     second = subprocess.run(
-        torchrun_command(worker, str(tmp_path), "maskgit", "per-rank-checkpoints"),
+        torchrun_command(
+            worker, str(tmp_path), "maskgit", "per-rank-checkpoints", log_dir=tmp_path / "torchrun-second"
+        ),
         env=env,
         capture_output=True,
         text=True,

@@ -201,7 +201,11 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
 def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_path, quantizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = torchrun_command(
-        str(REPO / "tests" / "ddp_tokenizer_worker.py"), str(tiny_shards), str(tmp_path), quantizer
+        str(REPO / "tests" / "ddp_tokenizer_worker.py"),
+        str(tiny_shards),
+        str(tmp_path),
+        quantizer,
+        log_dir=tmp_path / "torchrun",
     )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
