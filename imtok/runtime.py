@@ -216,15 +216,23 @@ def run_fingerprint(values: Mapping[str, Any], ignore: frozenset[str] | set[str]
 def batches_from(loader: Any, start_step: int) -> Iterator[Any]:
     """Endless batches of ``loader`` (a ``ShardLoader``) as if ``start_step`` batches were already drawn.
 
-    Epoch e uses ``loader.set_epoch(e)``; resuming at step s replays epoch s // len(loader) and skips its
-    first s % len(loader) batches, so a resumed run sees the very batches an uninterrupted run would.
+    Epoch e uses ``loader.set_epoch(e)``. An epoch's length can differ from the next one's (under DDP
+    each epoch deals the shards to the ranks anew, and shards of unequal counts give the largest rank a
+    different number of batches), so resuming at step s walks the epochs, each at its own length, to the
+    one that holds step s and skips the batches of it already drawn: a resumed run sees the very batches
+    an uninterrupted run would.
     """
-    per_epoch = len(loader)
-    if per_epoch == 0:
-        raise ValueError(f"{loader.location}: the split yields no batches")
-    epoch, skip = divmod(start_step, per_epoch)
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
+    epoch, skip = 0, start_step
     while True:
         loader.set_epoch(epoch)
+        per_epoch = len(loader)
+        if per_epoch == 0:
+            raise ValueError(f"{loader.location}: the split yields no batches")
+        if skip >= per_epoch:
+            epoch, skip = epoch + 1, skip - per_epoch
+            continue
         for index, batch in enumerate(loader):
             if index >= skip:
                 yield batch

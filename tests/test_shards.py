@@ -333,3 +333,28 @@ def test_a_damaged_png_inside_a_shard_names_the_shard_and_the_sample_for_every_r
         list(iter_batches(tmp_path, 8))
     with pytest.raises(ShardError, match=message):
         list(ShardLoader(tmp_path, 8, shuffle=False))
+
+
+def test_a_resumed_rank_sees_the_batches_an_uninterrupted_one_would_when_epochs_differ_in_length(tmp_path):
+    from imtok.runtime import batches_from
+
+    source = SyntheticShapes(count=260, image_size=8, channels=1, seed=0, val_fraction=0.1)
+    write_split(source, "train", tmp_path, maxcount=50)  # shards of 50, 50, 50, 50 and a short last one
+    counts = [s["count"] for s in read_meta(tmp_path)["shards"]]
+    assert len(set(counts)) == 2
+
+    def loader() -> ShardLoader:
+        return ShardLoader(tmp_path, batch_size=8, rank=0, world_size=2, seed=1)
+
+    lengths = []
+    probe = loader()
+    for epoch in range(4):
+        probe.set_epoch(epoch)
+        lengths.append(len(probe))
+    assert len(set(lengths)) > 1, lengths  # the ranks' shares change from epoch to epoch
+    total = sum(lengths)
+    stream = batches_from(loader(), 0)
+    uninterrupted = [next(stream).keys for _ in range(total)]
+    for start in (lengths[0] - 1, lengths[0], lengths[0] + 3, lengths[0] + lengths[1] + 1, total - 1):
+        resumed = batches_from(loader(), start)
+        assert [next(resumed).keys for _ in range(total - start)] == uninterrupted[start:], start
