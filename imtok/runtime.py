@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -211,6 +212,28 @@ def run_fingerprint(values: Mapping[str, Any], ignore: frozenset[str] | set[str]
     kept = {key: value for key, value in values.items() if key not in ignore}
     canonical = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def code_digest(*extra: str | os.PathLike[str]) -> str:
+    """A short hash of the source of the ``imtok`` package and of ``extra`` files (a stage script).
+
+    Part of a training run's fingerprint: a run is its params, its data and the code that computes it.
+    Without it a finished run's checkpoint (kept at its last step) would be "resumed" after a fix to the
+    trainer, a loss or a quantizer, and the stage would export the old weights without training a step.
+    With it, changed code trains anew in its own checkpoint directory and the old one stays untouched.
+    Only ``.py`` files count (paths relative to the package, then contents), so caches and editor files
+    do not. Ranks running different code get different fingerprints, which the checkpoint agreement
+    reports instead of letting them train together.
+    """
+    package = pathlib.Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    files = sorted(package.rglob("*.py"), key=lambda path: path.relative_to(package).as_posix())
+    for path in [*files, *(pathlib.Path(item) for item in extra)]:
+        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
+        content = path.read_bytes()
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()[:12]
 
 
 def batches_from(loader: Any, start_step: int) -> Iterator[Any]:

@@ -7,7 +7,8 @@ which must agree between the splits and name the same tokenizer. Writes
 - ``models/prior/prior.pt`` (weights-only model file: kind, config, weights, and the tokenizer it was
   trained on: location, registry URI, SHA-256) and ``prior.json`` (summary, registered version);
 - ``reports/train_prior.json`` (DVC metrics: val loss, perplexity, masked-token accuracy);
-- checkpoints under ``checkpoints/prior/<fingerprint>/``; a re-run after a kill resumes.
+- checkpoints under ``checkpoints/prior/<fingerprint>/`` (params, token shards and code, as for the
+  tokenizer); a re-run after a kill resumes, a re-run after a code change trains anew.
 
 The MLflow run records the prior's params and the tokenizer's provenance as params; the model is
 registered as ``imtok-prior`` with alias ``candidate``.
@@ -24,7 +25,7 @@ from typing import Any
 from imtok.data.tokens import TokenSplit, load_token_split
 from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, PriorParams
-from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.runtime import Runtime, code_digest, run_fingerprint, setup_runtime, shutdown_runtime
 from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_prior")
@@ -85,7 +86,10 @@ def train(
     token_identity = json.dumps(
         {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
     )
-    run_key = run_fingerprint({**section.as_dict(), "tokens": token_identity}, PriorParams.RUNTIME_KEYS)
+    run_key = run_fingerprint(
+        {**section.as_dict(), "tokens": token_identity, "code": code_digest(__file__)},
+        PriorParams.RUNTIME_KEYS,
+    )
     checkpoint_dir = checkpoint_root / run_key
     provenance = tokenizer_provenance(meta)
     logged = {

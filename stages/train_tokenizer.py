@@ -8,8 +8,9 @@ Run from the repository root as ``python -m stages.train_tokenizer``, or on N GP
   the registered MLflow version), ``reconstructions.png`` (val inputs over their reconstructions);
 - ``reports/train_tokenizer.json`` (DVC metrics: full val split PSNR, codebook usage, perplexity);
 - checkpoints under ``checkpoints/tokenizer/<fingerprint>/``, the fingerprint hashing every param that
-  changes what is computed (not logging or checkpoint intervals) and the train split's meta.json. A
-  run killed midway and started again with the same params resumes from its newest checkpoint.
+  changes what is computed (not logging or checkpoint intervals), the train split's meta.json and the
+  code (``imtok.runtime.code_digest``). A run killed midway and started again with the same params and
+  code resumes from its newest checkpoint; after a code change it trains anew.
 
 MLflow: one run (resumed runs continue it) with all params, git commit and stage tags, train/ and val/
 metrics, reconstruction grids and system metrics; the model is registered as ``imtok-tokenizer`` with
@@ -29,7 +30,7 @@ from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, TokenizerParams
-from imtok.runtime import Runtime, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.runtime import Runtime, code_digest, run_fingerprint, setup_runtime, shutdown_runtime
 from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_tokenizer")
@@ -58,7 +59,13 @@ def data_shape(shards_dir: Path, downsample: int) -> tuple[int, int, dict[str, A
 
 def fingerprint(params: TokenizerParams, channels: int, image_size: int, train_meta: dict[str, Any]) -> str:
     data = json.dumps(train_meta, sort_keys=True)
-    values = {**params.as_dict(), "channels": channels, "image_size": image_size, "train_meta": data}
+    values = {
+        **params.as_dict(),
+        "channels": channels,
+        "image_size": image_size,
+        "train_meta": data,
+        "code": code_digest(__file__),
+    }
     return run_fingerprint(values, TokenizerParams.RUNTIME_KEYS)
 
 

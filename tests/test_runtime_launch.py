@@ -112,3 +112,35 @@ def test_a_malformed_launcher_variable_is_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match=r"^WORLD_SIZE: expected an integer in the environment, got 'two'"):
         setup_runtime("cpu", "fp32")
+
+
+def test_the_code_digest_follows_the_package_source_and_the_extra_files(tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "imtok", copy / "imtok", ignore=shutil.ignore_patterns("__pycache__"))
+    script = tmp_path / "stage.py"
+    script.write_text("print('a')\n")
+
+    def digest() -> str:
+        command = [
+            sys.executable,
+            "-c",
+            f"from imtok.runtime import code_digest; print(code_digest({str(script)!r}))",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True
+        )
+        return done.stdout.strip()
+
+    first = digest()
+    assert len(first) == 12 and digest() == first
+    (copy / "imtok" / "notes.txt").write_text("not code")  # caches and other files do not count
+    assert digest() == first
+    with (copy / "imtok" / "losses.py").open("a") as handle:
+        handle.write("# a fix to a loss\n")
+    second = digest()
+    assert second != first
+    script.write_text("print('b')\n")
+    assert digest() not in (first, second)
