@@ -2,13 +2,20 @@
 
 Failures of ``pull``/``push`` (network, remote storage) raise `DvcTransferError`, which the flows
 retry; any other failure raises `DvcCommandError` and is never retried.
+
+dvc runs in a process group of its own (`run_process_group`): when the call ends early (its timeout,
+Ctrl-C, a cancelled Prefect flow run, whose SIGTERM reaches only the flow's process) the whole group
+is stopped, so a stage that dvc started never outlives the flow run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -32,21 +39,87 @@ def environment() -> dict[str, str]:
     return env
 
 
+GRACE_S = 30.0
+"""Seconds a stopped command's process group gets between SIGTERM and SIGKILL: a stage's SIGTERM
+handler (`stages.common.terminate_gracefully`) unwinds, so its MLflow run ends FAILED and its last
+checkpoint stays for the re-run."""
+
+DRAIN_S = 5.0
+"""Seconds to collect the rest of the output once the group is killed (a process that left the group
+could hold the pipes open forever)."""
+
+
+def run_process_group(
+    command: Sequence[str],
+    *,
+    cwd: Path | str,
+    env: dict[str, str] | None,
+    timeout_s: float | None = None,
+    grace_s: float = GRACE_S,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a new session (its own process group), capturing stdout and stderr as text.
+
+    Whatever ends the wait early — ``timeout_s`` (`subprocess.TimeoutExpired`, carrying the output so
+    far), KeyboardInterrupt, SystemExit, a Prefect cancellation — the whole group gets SIGTERM, then up
+    to ``grace_s`` seconds to exit, then SIGKILL; the command is reaped and the exception re-raised.
+    """
+    process = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except BaseException as error:
+        stdout, stderr = _stop_group(process, grace_s)
+        if isinstance(error, subprocess.TimeoutExpired):
+            error.stdout, error.stderr = stdout, stderr
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(pgid, signum)
+
+
+def _stop_group(process: subprocess.Popen[str], grace_s: float) -> tuple[str, str]:
+    """SIGTERM the group (its id is the leader's pid), wait ``grace_s`` for its output pipes to close
+    and the leader to exit, SIGKILL whatever is left, reap the leader; returns the output read."""
+    output: tuple[str, str] | None = None
+    try:
+        _signal_group(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # also when a second interrupt arrives during the grace period
+        _signal_group(process.pid, signal.SIGKILL)
+        if output is None:
+            try:
+                output = process.communicate(timeout=DRAIN_S)
+            except subprocess.TimeoutExpired:
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
+        process.wait()
+    return output or ("", "")
+
+
 def dvc(project: Path, *arguments: str, timeout: float | None = None) -> str:
     """Run ``dvc <arguments>`` in ``project``; returns stdout + stderr, raises on failure."""
     command = [sys.executable, "-m", "dvc", *arguments]
     try:
-        done = subprocess.run(
-            command,
-            cwd=project,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        done = run_process_group(command, cwd=project, env=environment(), timeout_s=timeout)
     except subprocess.TimeoutExpired as error:
-        raise DvcCommandError(f"`dvc {' '.join(arguments)}` in {project}: timed out") from error
+        output = (error.stdout or "") + (error.stderr or "")
+        raise DvcCommandError(
+            f"`dvc {' '.join(arguments)}` in {project}: timed out after {timeout} s; its process group "
+            f"was stopped (SIGTERM, then SIGKILL within {GRACE_S:g} s):\n{output[-4000:]}"
+        ) from error
     output = done.stdout + done.stderr
     if done.returncode != 0:
         kind = DvcTransferError if arguments and arguments[0] in TRANSFERS else DvcCommandError
