@@ -175,32 +175,51 @@ class NonFiniteLossWatch:
         )
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of update number ``updates`` (0 for the first): ``min(decay, (1 + n) / (10 + n))``.
+
+    The warm-up keeps the weights a run starts from out of the average: with a fixed 0.999 they would
+    still weigh 0.999^400 = 0.67 after 400 steps, and for a quantizer whose codebook is set from the
+    first batch (k-means, data init) the averaged codebook would sit between the random start and the
+    trained codes. With the warm-up the start weighs under 1 % after a few dozen updates.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 class ModelEma:
-    """Exponential moving average of a module's parameters and buffers (pass the unwrapped module)."""
+    """Exponential moving average of a module's parameters (pass the unwrapped module); buffers are
+    copied, not averaged.
+
+    Buffers hold state the module keeps itself: an EMA codebook and its cluster statistics (already
+    moving averages, whose restarted dead codes must not be blended with the rows they replaced),
+    normalisation statistics, step counters and flags. Parameters use ``ema_decay_at``'s warm-up.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay: expected a number in [0, 1], got {decay}")
         self.decay = decay
         self.num_updates = 0
+        module = unwrap_model(model)
+        self.parameter_names = frozenset(name for name, _ in module.named_parameters(remove_duplicate=False))
         self.shadow: dict[str, Tensor] = {
-            name: value.detach().clone() for name, value in unwrap_model(model).state_dict().items()
+            name: value.detach().clone() for name, value in module.state_dict().items()
         }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * current; integer buffers are copied."""
+        """shadow <- d * shadow + (1 - d) * current for parameters (d = ``ema_decay_at``); buffers copied."""
         averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
         for name, value in unwrap_model(model).state_dict().items():
             shadow = self.shadow[name]
-            if shadow.is_floating_point() or shadow.is_complex():
+            if name in self.parameter_names and (shadow.is_floating_point() or shadow.is_complex()):
                 averaged[0].append(shadow)
                 averaged[1].append(value.detach())
             else:
                 shadow.copy_(value)
         if averaged[0]:
             # one multi-tensor kernel per dtype and device instead of a launch per tensor
-            torch._foreach_lerp_(averaged[0], averaged[1], 1.0 - self.decay)
+            torch._foreach_lerp_(averaged[0], averaged[1], 1.0 - ema_decay_at(self.decay, self.num_updates))
         self.num_updates += 1
 
     @torch.no_grad()

@@ -112,22 +112,61 @@ def test_ema_matches_hand_computation() -> None:
     ema = ModelEma(model, decay=0.9)
     set_weights(model, 3.0)
     model[1].num_batches_tracked.fill_(7)
-    ema.update(model)  # 0.9 * 1 + 0.1 * 3
+    model[1].running_mean.fill_(0.25)
+    ema.update(model)  # warm-up decay min(0.9, 1/10) = 0.1: 0.1 * 1 + 0.9 * 3 = 2.8
     set_weights(model, -2.0)
-    ema.update(model)  # 0.9 * 1.2 + 0.1 * -2
+    ema.update(model)  # min(0.9, 2/11): 2/11 * 2.8 + 9/11 * -2
+    expected = 2 / 11 * 2.8 + 9 / 11 * -2.0
     for name, _ in model.named_parameters():
-        assert torch.allclose(ema.shadow[name], torch.full_like(ema.shadow[name], 0.88))
-    assert ema.shadow["1.num_batches_tracked"].item() == 7  # integer buffers are copied, not averaged
+        assert torch.allclose(ema.shadow[name], torch.full_like(ema.shadow[name], expected))
+    assert ema.shadow["1.num_batches_tracked"].item() == 7  # buffers are copied, not averaged
+    assert torch.equal(ema.shadow["1.running_mean"], torch.full((2,), 0.25))
     assert ema.num_updates == 2
 
     evaluation_copy = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema.copy_to(evaluation_copy)
-    assert torch.allclose(evaluation_copy[0].weight, torch.full((2, 2), 0.88))
+    assert torch.allclose(evaluation_copy[0].weight, torch.full((2, 2), expected))
 
     restored = ModelEma(model, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.decay == 0.9 and restored.num_updates == 2
     assert all(torch.equal(restored.shadow[name], ema.shadow[name]) for name in ema.shadow)
+
+
+def test_ema_warm_up_leaves_the_starting_weights_out_of_the_average() -> None:
+    from imtok.training import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.5, 100) == 0.5
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    model = nn.Linear(4, 4)
+    ema = ModelEma(model, decay=0.999)
+    set_weights(model, 1.0)  # the trained values, far from the random start
+    for _ in range(100):
+        ema.update(model)
+    # a fixed 0.999 would still hold 0.999^100 = 90 % of the start; the warm-up holds under 1 %
+    assert torch.allclose(ema.shadow["weight"], torch.ones(4, 4), atol=0.01)
+
+
+def test_an_ema_of_a_vq_tokenizer_encodes_like_the_live_model_after_its_codebook_init() -> None:
+    from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    config = TokenizerConfig(
+        quantizer="vq", codebook_size=16, image_size=16, base_channels=8, num_res_blocks=1
+    )
+    tokenizer = Tokenizer(config)
+    ema = ModelEma(tokenizer, decay=0.999)
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    tokenizer.train()
+    tokenizer(images)  # the first training batch sets the codebook (k-means init)
+    for _ in range(50):
+        ema.update(tokenizer)
+    averaged = Tokenizer(config)
+    ema.copy_to(averaged)
+    tokenizer.eval(), averaged.eval()
+    assert torch.equal(averaged.quantizer.embed, tokenizer.quantizer.embed)  # the codebook is copied
+    agreement = (averaged.encode(images) == tokenizer.encode(images)).float().mean().item()
+    assert agreement > 0.9, agreement
 
 
 def test_ema_shadow_is_independent_of_the_model() -> None:
