@@ -358,3 +358,40 @@ def test_a_resumed_rank_sees_the_batches_an_uninterrupted_one_would_when_epochs_
     for start in (lengths[0] - 1, lengths[0], lengths[0] + 3, lengths[0] + lengths[1] + 1, total - 1):
         resumed = batches_from(loader(), start)
         assert [next(resumed).keys for _ in range(total - start)] == uninterrupted[start:], start
+
+
+def test_a_damaged_meta_json_names_the_file_and_what_to_do(tmp_path):
+    write_split(SyntheticShapes(count=20, image_size=8, seed=0), "train", tmp_path, maxcount=10)
+    meta = tmp_path / "meta.json"
+    for content in ("", '{"count": 3', "[1, 2]"):
+        meta.write_text(content)
+        with pytest.raises(ShardError, match=rf"^{meta}: .*write the split again"):
+            ShardLoader(tmp_path, 4)
+
+
+def test_a_missing_shard_says_it_is_missing(tmp_path):
+    write_split(SyntheticShapes(count=40, image_size=8, seed=0), "train", tmp_path, maxcount=10)
+    (tmp_path / "shard-000002.tar").unlink()
+    with pytest.raises(
+        ShardError, match=r"shard-000002\.tar: cannot read shard: .*No such file or directory"
+    ):
+        list(ShardLoader(tmp_path, 8, shuffle=False))
+
+
+def test_a_damaged_label_or_a_mixed_size_names_the_sample(tmp_path):
+    from imtok.data.shards import collate_images, decode_sample
+
+    sample = _raw_sample(tmp_path / "shard-000000.tar")
+    with pytest.raises(ShardError, match=r"sample 'k0' holds a class label b'x7' that is not an integer"):
+        decode_sample({**sample, "cls": b"x7"})
+    small = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    large = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ShardError, match=r"sample 'b' is a 1x16x16 image but sample 'a' .* is 1x8x8"):
+        collate_images([(small, 0, "a"), (large, 1, "b")])
+
+
+def _raw_sample(url: Path) -> dict:
+    """One raw sample as webdataset hands it to ``decode_sample`` (bytes fields)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buffer, format="PNG")
+    return {"__key__": "k0", "__url__": str(url), "png": buffer.getvalue(), "cls": b"3"}

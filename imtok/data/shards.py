@@ -84,9 +84,29 @@ def clear_split_dir(out_dir: Path) -> None:
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
+    """Write ``path`` through a partial file that is flushed to disk before the rename (and the rename
+    after it), so a crash leaves the old file or the whole new one, never an empty meta.json."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    with open(partial, "w") as handle:
+        handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(partial, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename on POSIX; a no-op where directories cannot be opened or synced."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def write_shards(
@@ -216,12 +236,23 @@ def read_meta(location: str | Path) -> dict[str, Any]:
     url = _join(location, META_NAME)
     try:
         with wds.gopen(url, "rb") as stream:
-            return json.loads(stream.read())
+            meta = json.loads(stream.read())
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{url} not found: {location} is not a complete split written by prepare "
             "(an interrupted prepare leaves no meta.json; run it again)"
         ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ShardError(
+            f"{url}: damaged, not JSON ({error}); write the split again with the stage that made it "
+            "(prepare for images, extract_tokens for tokens)"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise ShardError(
+            f"{url}: not a split's meta.json (no list of shards); write the split again with the stage "
+            "that made it (prepare for images, extract_tokens for tokens)"
+        )
+    return meta
 
 
 def shard_urls(location: str | Path, meta: dict[str, Any] | None = None) -> list[str]:
@@ -256,8 +287,11 @@ def _read_shards(
         except ShardError:
             raise
         except Exception as exc:
-            detail = exc.args[0] if exc.args else ""
-            raise ShardError(f"{url}: cannot read shard: {type(exc).__name__}: {detail}") from exc
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ShardError(
+                f"{url}: cannot read shard: {type(exc).__name__}: {detail}; check that the file or object "
+                "exists and is readable, or write the split again"
+            ) from exc
         if expected is not None and url in expected and count != expected[url]:
             raise ShardError(
                 f"{url}: holds {count} samples but meta.json lists {expected[url]}; the shard is "
@@ -330,19 +364,35 @@ def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
 
 def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
     """(uint8 image, label, key) of a raw shard sample; a PNG that does not decode names its shard."""
+    where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
     try:
         image = decode_png_uint8(sample["png"])
     except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for damaged image data
         raise ShardError(
-            f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r} holds a PNG that does not "
-            f"decode ({type(exc).__name__}: {exc}); the shard is damaged, write the split again"
+            f"{where} holds a PNG that does not decode ({type(exc).__name__}: {exc}); the shard is "
+            "damaged, write the split again"
         ) from None
-    return image, int(sample["cls"]), sample["__key__"]
+    try:
+        label = int(sample["cls"])
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise ShardError(
+            f"{where} holds a class label {sample['cls'][:20]!r} that is not an integer; the shard is "
+            "damaged, write the split again"
+        ) from None
+    return image, label, sample["__key__"]
 
 
 def collate_images(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:
     """(uint8 image, label, key) samples -> one Batch; the float conversion runs once per batch."""
     images, labels, keys = zip(*samples, strict=True)
+    shape = images[0].shape
+    for image, key in zip(images, keys, strict=True):
+        if image.shape != shape:
+            raise ShardError(
+                f"sample {key!r} is a {'x'.join(map(str, image.shape))} image but sample {keys[0]!r} of "
+                f"the same batch is {'x'.join(map(str, shape))}; a split holds one size and channel count: "
+                "write it again with prepare"
+            )
     return Batch(to_float(torch.stack(images)), torch.tensor(labels, dtype=torch.int64), list(keys))
 
 
