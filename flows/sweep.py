@@ -23,6 +23,7 @@ from prefect import flow
 
 from flows.pipeline import pipeline, project_root
 from imtok.overrides import validated
+from imtok.permissions import match_mode
 
 
 def flat_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def _write_text(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "w") as stream:
         stream.write(text)
+    match_mode(temporary, path)
     os.replace(temporary, path)
 
 

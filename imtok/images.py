@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from imtok.permissions import match_mode
+
 
 def paired_rows(images: Tensor, reconstructions: Tensor, per_row: int = 8) -> Tensor:
     """(2N, C, H, W): rows of ``per_row`` inputs, each followed by the row of their reconstructions."""
@@ -61,6 +63,7 @@ def save_grid(images: Tensor, path: str | os.PathLike[str], per_row: int = 8, pa
         temp = Path(f.name)
     try:
         Image.fromarray(pixels).save(temp, format="PNG")
+        match_mode(temp, path)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

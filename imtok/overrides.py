@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from imtok.params import Params
+from imtok.permissions import match_mode
 
 
 def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,5 +65,6 @@ def write_overrides(params_path: Path, overrides: dict[str, Any] | None) -> Para
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "w") as stream:
         stream.write(buffer.getvalue())
+    match_mode(temporary, path)
     os.replace(temporary, path)
     return params

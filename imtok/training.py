@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from imtok.permissions import match_mode
 from imtok.runtime import Runtime
 
 CHECKPOINT_FORMAT = 1
@@ -507,6 +508,7 @@ def atomic_save(payload: Any, path: str | os.PathLike[str]) -> None:
             handle.close()
             temp.unlink(missing_ok=True)
             raise
+    match_mode(temp, path)
     os.replace(temp, path)
     _fsync_directory(path.parent)
 

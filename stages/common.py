@@ -15,21 +15,47 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from imtok.permissions import match_mode
+
+STAGING_MARK = "staging-"
+RETIRED_MARK = "retired-"
+
 
 def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> None:
     """Let ``fill`` write a staging directory beside ``out_dir``, then swap it in.
 
-    Readers never see a half-written output: until the rename the old directory (or none) is there.
+    Readers never see a half-written output: until the swap the old directory (or none) is there. The
+    old one is renamed aside before the new one is renamed in, so it is gone only for the instant
+    between two renames (not for a whole ``rmtree``), and deleted after. Staging and retired
+    directories that a killed run left beside ``out_dir`` are removed first. The new directory gets the
+    old one's mode (or a plain ``mkdir``'s), not ``mkdtemp``'s private 0700.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for mark in (STAGING_MARK, RETIRED_MARK):
+        for leftover in parent.glob(f".{out_dir.name}.{mark}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING_MARK}", dir=parent))
+    retired = staging.with_name(staging.name.replace(STAGING_MARK, RETIRED_MARK, 1))
     try:
         fill(staging)
+        match_mode(staging, out_dir)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, retired)
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a file that does not parse raises a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path}: damaged, not JSON ({error}); run the stage that writes it again (dvc repro)"
+        ) from None
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
@@ -95,6 +121,8 @@ def stage_main(
     with sigterm_unwinds():
         try:
             report = work(load_params(args.params), args)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise  # a parser's message names no file: the traceback shows which read failed
         except (ValueError, FileNotFoundError, ShardError, ProcessGroupError) as exc:  # says why
             log.error("%s", exc)
             return 1

@@ -13,7 +13,6 @@ reports/extract_tokens.json holds count, codebook usage, perplexity and seconds 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from imtok.data.tokens import token_split_meta
 from imtok.extraction import Encode, channels_last_encode, extract_shards, gather_results, rank_shards
 from imtok.params import ExtractParams
 from imtok.runtime import Runtime, broadcast_object, setup_runtime, shutdown_runtime
-from stages.common import stage_main
+from stages.common import read_json, stage_main
 
 log = logging.getLogger("stages.extract_tokens")
 
@@ -41,7 +40,7 @@ def tokenizer_provenance(location: str, model_file: Path) -> dict[str, Any]:
     provenance = {"tokenizer": location, "tokenizer_sha256": file_sha256(model_file)}
     summary_path = model_file.parent / "tokenizer.json"
     if summary_path.is_file():
-        registered = json.loads(summary_path.read_text()).get("registered_model") or {}
+        registered = read_json(summary_path).get("registered_model") or {}
         provenance["tokenizer_uri"] = registered.get("uri")
     if location.startswith(("models:/", "runs:/")):
         provenance["tokenizer_uri"] = location

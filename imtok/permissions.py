@@ -1,0 +1,37 @@
+"""File modes for atomic writes: a temp file or directory renamed into place gets the mode a plain
+``open``/``mkdir`` would have given it (or the mode of the file it replaces), not the private 0600/0700
+that ``tempfile`` creates with, so outputs stay readable on shared checkouts and mounts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def process_umask() -> int:
+    """The process's umask, read from /proc where it can be (``os.umask`` must set one to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def creation_mode(directory: bool = False) -> int:
+    """What ``open(path, "w")`` (0o666) or ``mkdir`` (0o777) gives under the umask."""
+    return (0o777 if directory else 0o666) & ~process_umask()
+
+
+def match_mode(temporary: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Give ``temporary`` (about to be renamed over ``target``) ``target``'s mode if it exists, else the
+    mode a plain creation would have had."""
+    temporary, target = Path(temporary), Path(target)
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = creation_mode(temporary.is_dir())
+    os.chmod(temporary, mode)
