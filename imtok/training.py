@@ -469,10 +469,15 @@ def agreed_latest_checkpoint(directory: str | os.PathLike[str], runtime: Runtime
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints; return the deleted paths."""
+    """Delete all but the ``keep`` newest checkpoints, and the temp files of saves that never finished
+    (a run killed inside ``torch.save`` leaves one the size of a checkpoint); return the deleted paths.
+
+    Called by the one process that saves, right after a save returned, so no save is in flight.
+    """
     if keep < 1:
         raise ValueError(f"prune_checkpoints keep: expected an integer >= 1, got {keep}")
     doomed = list_checkpoints(directory)[:-keep]
+    doomed += sorted(Path(directory).glob(f".step-*.pt.*{TEMP_SUFFIX}"))
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

@@ -409,9 +409,14 @@ def test_latest_and_prune_order_by_step(tmp_path: Path) -> None:
     ]
     assert latest_checkpoint(tmp_path) == tmp_path / "step-123456789.pt"
     deleted = prune_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in deleted] == ["step-00000002.pt", "step-00000005.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    # the unfinished save's temp file goes too; other files stay
+    assert [p.name for p in deleted] == [
+        "step-00000002.pt",
+        "step-00000005.pt",
         ".step-999999999.pt.x1y2.tmp",
+    ]
+    assert (tmp_path / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
         "notes.txt",
         "step-00000100.pt",
         "step-123456789.pt",
