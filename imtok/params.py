@@ -543,6 +543,46 @@ class ClassifierParams:
         return _build_section(cls, raw, cls.SECTION)
 
 
+# The metrics `evaluate` computes that can decide a champion, and whether higher is better. Those in
+# PER_EXTRACTOR_METRICS also exist per domain classifier as ``<metric>_<classifier name>`` (fid_fmnist).
+TOKENIZER_METRICS: dict[str, bool] = {
+    "psnr": True,
+    "ssim": True,
+    "codebook_usage_pct": True,
+    "codes_used": True,
+    "perplexity": True,  # of the code histogram: higher is a more even use of the codebook
+    "rfid": False,
+}
+PRIOR_METRICS: dict[str, bool] = {"fid": False, "precision": True, "recall": True, "class_accuracy": True}
+PER_EXTRACTOR_METRICS = frozenset({"rfid", "fid", "precision", "recall"})
+
+
+def _metric_base(metric: str) -> str:
+    """``fid_fmnist`` -> ``fid``; a name without an extractor suffix is its own base."""
+    for base in PER_EXTRACTOR_METRICS:
+        if metric.startswith(f"{base}_") and len(metric) > len(base) + 1:
+            return base
+    return metric
+
+
+def _allowed_metrics(table: Mapping[str, bool]) -> str:
+    suffixed = [f"{name}_<classifier.name>" for name in table if name in PER_EXTRACTOR_METRICS]
+    return ", ".join([*table, *suffixed])
+
+
+def higher_is_better(metric: str, key: str = "metric") -> bool:
+    """Whether a larger value of the evaluate metric ``metric`` is the better model.
+
+    A name evaluate does not compute as a quality metric (``codebook_size``, ``samples``, a typo) is a
+    ValueError naming ``key`` and the metric.
+    """
+    table = TOKENIZER_METRICS | PRIOR_METRICS
+    base = _metric_base(metric)
+    if base not in table:
+        raise ValueError(f"{key}: unknown metric {metric!r}; known: {_allowed_metrics(table)}")
+    return table[base]
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     """The `evaluate` section: which features the metrics use and how champions are chosen."""
@@ -551,7 +591,7 @@ class EvaluateParams:
 
     inception_weights: str | None = None  # FID InceptionV3 weights; null: $IMTOK_INCEPTION_WEIGHTS, torch hub
     batch_size: int = 256
-    tokenizer_metric: str = "psnr"  # promotes imtok-tokenizer to champion (higher is better)
+    tokenizer_metric: str = "psnr"  # promotes imtok-tokenizer to champion (direction: higher_is_better)
     prior_metric: str | None = None  # null: fid when InceptionV3 is available, else fid_<classifier.name>
     promote: bool = True  # move the `champion` aliases
     device: str = "auto"
@@ -559,6 +599,15 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"{self.SECTION}.batch_size: must be >= 1, got {self.batch_size}")
+        for key, metric, table in (
+            ("tokenizer_metric", self.tokenizer_metric, TOKENIZER_METRICS),
+            ("prior_metric", self.prior_metric, PRIOR_METRICS),
+        ):
+            if metric is not None and _metric_base(metric) not in table:
+                raise ValueError(
+                    f"{self.SECTION}.{key}: {metric!r} is not a metric evaluate computes for this model; "
+                    f"use one of {_allowed_metrics(table)}"
+                )
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

@@ -14,8 +14,11 @@ reach with sets of that size) and val against as many train images (the train/va
 
 Writes ``metrics/tokenizer.json``, ``metrics/generation.json``, ``metrics/reference.json`` (DVC
 metrics) and ``plots/codebook_usage.csv``, ``plots/tokenizer_curves.csv``, ``plots/prior_curves.csv``
-(DVC plots), logs the metrics into the tokenizer's and the prior's MLflow runs and tags their registry
-versions, and moves the ``champion`` aliases (see ``imtok.tracking.promote_if_better``).
+(DVC plots), logs the metrics into the MLflow runs of the tokenizer and of the prior that made the
+samples (``sample.prior`` as ``data/samples/meta.json`` records it), tags their registry versions, and
+moves the ``champion`` aliases (see ``imtok.tracking.promote_if_better``), each in the direction of its
+metric (``imtok.params.higher_is_better``). Sample metrics of a prior that cannot be matched to one
+registry version promote nothing, and the report says why.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from typing import Any
 
 import torch
 
-from imtok.data.shards import iter_batches, read_meta
+from imtok.data.shards import META_NAME, iter_batches, read_meta
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import ExtractedFeatures, extract_features, feature_extractors, metric_name
 from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
 from imtok.metrics.recon import psnr, ssim
-from imtok.params import Params
+from imtok.params import Params, higher_is_better
 from imtok.runtime import resolve_device
 from stages.common import stage_main, write_json
 
@@ -48,6 +51,7 @@ CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 SSIM_MIN_SIZE = 11
+CLOCK_SLACK_S = 60.0  # file times and registry times come from different clocks (a remote server)
 
 
 def load_images(
@@ -203,47 +207,151 @@ def chosen_prior_metric(params: Params, generation: dict[str, float]) -> str | N
     return wanted
 
 
-def record_and_promote(
-    params: Params, tokenizer_summary: dict[str, Any], prior_summary: dict[str, Any], results: dict[str, Any]
+def sampled_prior_version(
+    client: Any, location: str | None, samples_written: float | None
+) -> tuple[Any, str]:
+    """The registry version (an MLflow ``ModelVersion``) of the prior that made the samples, or None, and
+    a sentence saying which version that is or why none can be named.
+
+    ``location`` is ``sample.prior`` as the samples' meta.json records it: ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, or a local directory (or its prior.pt) whose prior.json names the
+    version it registered. An alias and a directory are resolved now, so a version registered after
+    the samples were written (``samples_written``, seconds since the epoch) is refused: the alias has
+    moved, or the prior was retrained, since. Other URIs (``runs:/``, ``models:/<name>/latest``, a
+    logged model's ``models:/m-...``) do not name one registry version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not location:
+        return None, "the samples' meta.json records no prior (sample.prior); run the sample stage again"
+    text = str(location)
+    try:
+        if text.startswith("models:/"):
+            reference = text.removeprefix("models:/").rstrip("/")
+            name, at, alias = reference.partition("@")
+            if at and alias and "/" not in name:
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = reference.partition("/")
+                if not number.isdigit():
+                    return None, (
+                        f"sample.prior {text} names no registry version; sample from "
+                        "models:/<name>/<version>, models:/<name>@<alias> or a local directory"
+                    )
+                version = client.get_model_version(name, number)
+        elif text.startswith("runs:/"):
+            return None, (
+                f"sample.prior {text} is a run's model, not a registry version; sample from "
+                "models:/<name>/<version>, models:/<name>@<alias> or a local directory"
+            )
+        else:
+            path = Path(text)
+            directory = path if path.is_dir() else path.parent
+            registered = summary_of(directory, "prior.json").get("registered_model")
+            if not registered:
+                return None, f"sample.prior {text}: {directory / 'prior.json'} records no registered version"
+            version = client.get_model_version(registered["name"], str(registered["version"]))
+    except MlflowException as error:
+        return None, f"sample.prior {text} does not resolve to a registry version: {error}"
+    label = f"{version.name} version {version.version}"
+    created = version.creation_timestamp / 1000
+    if samples_written is not None and created > samples_written + CLOCK_SLACK_S:
+        return None, (
+            f"sample.prior {text} is now {label}, registered after the samples were written, so they "
+            "come from an earlier prior; run the sample stage again"
+        )
+    return version, f"sample.prior {text} is {label}"
+
+
+def log_eval_metrics(client: Any, run_id: str | None, metrics: dict[str, float]) -> None:
+    if run_id:
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                client.log_metric(run_id, f"eval/{name}", value)
+
+
+def tag_and_promote(
+    client: Any, name: str, version: str, metric: str, metrics: dict[str, float], key: str
 ) -> dict[str, Any]:
-    """Log metrics into the models' runs, tag their versions, move the champion aliases."""
+    """Tag ``eval.<metric>`` on the version for every metric, then move the champion alias if it wins."""
+    from imtok import tracking
+
+    higher = higher_is_better(metric, key=key)
+    for each, value in metrics.items():
+        client.set_model_version_tag(name, version, f"eval.{each}", f"{value:.6g}")
+    decision = tracking.promote_if_better(name, version, metric, metrics[metric], higher_is_better=higher)
+    return {
+        "metric": metric,
+        "higher_is_better": higher,
+        "version": f"{name}/{version}",
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+    }
+
+
+def record_and_promote(
+    params: Params,
+    tokenizer_summary: dict[str, Any],
+    results: dict[str, Any],
+    samples_dir: Path = SAMPLES_DIR,
+) -> dict[str, Any]:
+    """Log metrics into the models' runs, tag their versions, move the champion aliases.
+
+    The tokenizer metrics go to the version in ``tokenizer_summary`` (the one reconstructed with); the
+    sample metrics to the prior version that made the samples in ``samples_dir`` (see
+    ``sampled_prior_version``), and to none when that version cannot be named.
+    """
     from imtok import tracking
 
     mlflow = tracking.configure()
     client = mlflow.MlflowClient()
+    promote = params.evaluate.promote
     decisions: dict[str, Any] = {}
-    for summary, metrics, kind in (
-        (tokenizer_summary, results["tokenizer"], "tokenizer"),
-        (prior_summary, results.get("generation", {}), "prior"),
-    ):
-        run_id = summary.get("mlflow_run_id")
-        if run_id and metrics:
-            for name, value in metrics.items():
-                if math.isfinite(value):
-                    client.log_metric(run_id, f"eval/{name}", value)
-        registered = summary.get("registered_model")
-        if not registered or not params.evaluate.promote:
-            continue
-        if kind == "tokenizer":
-            metric, higher = params.evaluate.tokenizer_metric, True
-            if metric not in metrics:
-                raise ValueError(
-                    f"evaluate.tokenizer_metric: {metric!r} was not computed; available: "
-                    f"{', '.join(sorted(metrics))}"
-                )
-        else:
-            metric, higher = chosen_prior_metric(params, metrics), False
-            if metric is None:
-                decisions[kind] = {"promoted": False, "reason": "no sample metric to compare on"}
-                continue
-        for name, value in metrics.items():
-            client.set_model_version_tag(
-                registered["name"], registered["version"], f"eval.{name}", f"{value:.6g}"
+
+    metrics = results["tokenizer"]
+    log_eval_metrics(client, tokenizer_summary.get("mlflow_run_id"), metrics)
+    registered = tokenizer_summary.get("registered_model")
+    if registered and promote:
+        metric = params.evaluate.tokenizer_metric
+        if metric not in metrics:
+            raise ValueError(
+                f"evaluate.tokenizer_metric: {metric!r} was not computed; available: "
+                f"{', '.join(sorted(metrics))}"
             )
-        decision = tracking.promote_if_better(
-            registered["name"], registered["version"], metric, metrics[metric], higher_is_better=higher
+        decisions["tokenizer"] = tag_and_promote(
+            client,
+            registered["name"],
+            str(registered["version"]),
+            metric,
+            metrics,
+            "evaluate.tokenizer_metric",
         )
-        decisions[kind] = {"metric": metric, "promoted": decision.promoted, "reason": decision.reason}
+
+    generation = results.get("generation")
+    if not generation:
+        if promote:
+            decisions["prior"] = {"promoted": False, "reason": f"not promoted: no samples in {samples_dir}"}
+        return decisions
+    meta_path = samples_dir / META_NAME
+    version, which = sampled_prior_version(
+        client, read_meta(samples_dir).get("prior"), meta_path.stat().st_mtime
+    )
+    if version is None:
+        log.warning("sample metrics recorded on no prior version: %s", which)
+        if promote:
+            decisions["prior"] = {"promoted": False, "reason": f"not promoted: {which}"}
+        return decisions
+    log_eval_metrics(client, version.run_id, generation)
+    if promote:
+        metric = chosen_prior_metric(params, generation)
+        if metric is None:
+            reason = f"not promoted: {which}, and no sample metric to compare on"
+            decisions["prior"] = {"promoted": False, "reason": reason}
+        else:
+            decision = tag_and_promote(
+                client, version.name, str(version.version), metric, generation, "evaluate.prior_metric"
+            )
+            decisions["prior"] = decision | {"reason": f"{which}: {decision['reason']}"}
     return decisions
 
 
@@ -310,7 +418,7 @@ def evaluate(
         plots_dir / "prior_curves.csv",
     )
     if promote:
-        results["promotion"] = record_and_promote(params, tokenizer_summary, prior_summary, results)
+        results["promotion"] = record_and_promote(params, tokenizer_summary, results, samples_dir)
     return results
 
 
