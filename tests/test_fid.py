@@ -391,3 +391,18 @@ def test_classifier_features_are_named_after_the_classifier(no_cached_weights):
         extractor(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\)"):
         extractor(torch.rand(2, 3, 16, 16))
+
+
+def test_images_with_nan_pixels_are_refused_not_scored_as_black(weights_file):
+    extractor = InceptionFeatures(torch.load(weights_file, weights_only=True))
+    images = torch.zeros(3, 1, 32, 32)
+    images[1, 0, 4, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"images: 1 of 3 hold NaN or infinite pixels"):
+        extractor(images)
+
+
+def test_one_dimensional_features_have_a_one_by_one_covariance():
+    values = torch.randn(50, 1, generator=rng(21))
+    mu, sigma = feature_statistics(values)
+    assert mu.shape == (1,) and sigma.shape == (1, 1)
+    assert fid_from_features(values, values + 1.0) == pytest.approx(1.0, abs=1e-6)  # only the means differ

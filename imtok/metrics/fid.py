@@ -69,7 +69,7 @@ def feature_statistics(
         raise ValueError(
             f"{name}: a covariance needs at least 2 samples, got {values.shape[0]}; evaluate more images"
         )
-    return values.mean(axis=0), np.cov(values, rowvar=False)
+    return values.mean(axis=0), np.atleast_2d(np.cov(values, rowvar=False))  # (1, 1) when D is 1
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:

@@ -400,6 +400,12 @@ class InceptionFeatures(nn.Module):
         if images.dtype != torch.uint8:
             if not images.is_floating_point():
                 raise ValueError(f"images: expected uint8 or float in [-1, 1], got {images.dtype}")
+            finite = torch.isfinite(images).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"images: {int((~finite).sum())} of {len(images)} hold NaN or infinite pixels (a "
+                    "diverged generator or decoder), which would be scored as black images"
+                )
             images = to_uint8(images)
         device = next(self.network.parameters()).device
         return self.network(images.to(device).expand(-1, 3, -1, -1))
