@@ -78,3 +78,31 @@ def test_a_truncated_shard_on_s3_is_an_error_naming_its_url(local_split, s3_buck
 def test_s3_urls_are_read_only(s3_bucket):
     with pytest.raises(ValueError, match="read-only"):
         open_s3(f"s3://{s3_bucket}/x.tar", mode="wb")
+
+
+def test_replacing_a_split_leaves_no_old_meta_over_new_shards_and_no_stale_shards(
+    local_split, s3_bucket, tmp_path
+):
+    prefix = f"s3://{s3_bucket}/replaced/train"
+    upload_split(local_split, prefix)
+    assert len(read_meta(prefix)["shards"]) == 4
+
+    # an upload that fails midway: the old meta.json must not vouch for the mix of shards left
+    broken = tmp_path / "broken"
+    write_split(SyntheticShapes(count=70, image_size=8, channels=3, seed=4), "train", broken, maxcount=16)
+    (broken / "shard-000002.tar").unlink()
+    (broken / "shard-000002.tar").mkdir()  # unreadable as a file: its upload fails
+    with pytest.raises(OSError, match=r"shard-000002\.tar"):
+        upload_split(broken, prefix)
+    with pytest.raises(FileNotFoundError, match="not a complete split"):
+        read_meta(prefix)
+
+    # a smaller split uploaded over it: only its own shards remain
+    smaller = tmp_path / "smaller"
+    write_split(SyntheticShapes(count=30, image_size=8, channels=3, seed=5), "train", smaller, maxcount=16)
+    upload_split(smaller, prefix)
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="replaced/train/")
+    assert sorted(obj["Key"].rsplit("/", 1)[1] for obj in listed["Contents"]) == sorted(
+        path.name for path in smaller.iterdir()
+    )
+    assert list(iter_samples(prefix)) == list(iter_samples(smaller))

@@ -92,9 +92,12 @@ def read_bytes(url: str) -> bytes:
 
 
 def upload_split(local_dir: str | Path, url_prefix: str) -> list[str]:
-    """Upload a split's shards, then its meta.json (last, so a reader never sees meta without shards).
+    """Upload a split's shards, then its meta.json; returns the uploaded URLs. The bucket must exist.
 
-    Returns the uploaded URLs. The bucket must exist.
+    Replacing a split already under ``url_prefix``: its meta.json is deleted first, so while the upload
+    runs, or after it failed midway, readers find no meta.json ("not a complete split") instead of the
+    old one over a mix of new and old shards with matching counts. The new meta.json goes up last, and
+    then shards of the old split that the new one does not have are deleted.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -102,16 +105,47 @@ def upload_split(local_dir: str | Path, url_prefix: str) -> list[str]:
     bucket, prefix = split_s3_url(url_prefix.rstrip("/"))
     files = [*sorted(local_dir.glob("shard-*.tar")), local_dir / "meta.json"]
     client = s3_client()
-    urls = []
-    for path in files:
-        key = f"{prefix}/{path.name}" if prefix else path.name
-        url = f"s3://{bucket}/{key}"
-        log.info("uploading %s -> %s", path, url)
+
+    def key_of(name: str) -> str:
+        return f"{prefix}/{name}" if prefix else name
+
+    def call(url: str, action: str, function: Any, **arguments: Any) -> Any:
         try:
-            client.upload_file(str(path), bucket, key)
+            return function(**arguments)
         except (ClientError, BotoCoreError) as exc:
             raise _client_error(url, exc) from exc
         except Exception as exc:  # s3transfer wraps client errors in its own exception types
-            raise OSError(f"{url}: upload of {path} failed: {exc}") from exc
+            raise OSError(f"{url}: {action} failed: {exc}") from exc
+
+    meta_key = key_of("meta.json")
+    call(
+        f"s3://{bucket}/{meta_key}",
+        "delete of the old meta.json",
+        client.delete_object,
+        Bucket=bucket,
+        Key=meta_key,
+    )
+    urls = []
+    for path in files:
+        key = key_of(path.name)
+        url = f"s3://{bucket}/{key}"
+        log.info("uploading %s -> %s", path, url)
+        call(url, f"upload of {path}", client.upload_file, Filename=str(path), Bucket=bucket, Key=key)
         urls.append(url)
+    uploaded = {key_of(path.name) for path in files}
+    paginator = client.get_paginator("list_objects_v2")
+    pages = call(
+        url_prefix, "listing", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key_of("shard-")))
+    )
+    for page in pages:
+        for item in page.get("Contents", []):
+            if item["Key"] not in uploaded and item["Key"].endswith(".tar"):
+                log.info("deleting stale s3://%s/%s", bucket, item["Key"])
+                call(
+                    f"s3://{bucket}/{item['Key']}",
+                    "delete",
+                    client.delete_object,
+                    Bucket=bucket,
+                    Key=item["Key"],
+                )
     return urls
