@@ -395,3 +395,17 @@ def _raw_sample(url: Path) -> dict:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buffer, format="PNG")
     return {"__key__": "k0", "__url__": str(url), "png": buffer.getvalue(), "cls": b"3"}
+
+
+def test_unequal_shares_of_shards_over_ranks_are_warned_about(tmp_path, caplog):
+    write_split(
+        SyntheticShapes(count=67, image_size=8, seed=0, val_fraction=0.1), "train", tmp_path, maxcount=10
+    )
+    assert [shard["count"] for shard in read_meta(tmp_path)["shards"]] == [10] * 6
+    with caplog.at_level("WARNING", logger="imtok.data.shards"):
+        even = ShardLoader(tmp_path, batch_size=4, rank=0, world_size=3)  # 6 shards, 2 per rank
+        assert even.repeated_samples() == 0 and not caplog.records
+        uneven = ShardLoader(tmp_path, batch_size=4, rank=0, world_size=4)  # 2, 2, 1, 1 shards
+    assert uneven.repeated_samples() == 4 * 20 - 60
+    (record,) = caplog.records
+    assert "6 shards over 4 ranks" in record.getMessage() and "20 of 60 samples (33%)" in record.getMessage()

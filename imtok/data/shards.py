@@ -469,6 +469,21 @@ class ShardLoader:
                 f"{self.location} has {len(self.urls)} shard(s) for {self.world_size} ranks; every rank "
                 "needs at least one: write smaller shards (lower prepare.maxcount)"
             )
+        if self.rank == 0 and self.world_size > 1:
+            repeated = self.repeated_samples()
+            if repeated > self.batch_size * self.world_size:
+                log.warning(
+                    "%s: %d shards over %d ranks give the ranks unequal shares, so %d of %d samples "
+                    "(%.0f%%) are read twice per epoch to keep the ranks in step; write a number of "
+                    "shards that is a multiple of %d (prepare.maxcount)",
+                    self.location,
+                    len(self.urls),
+                    self.world_size,
+                    repeated,
+                    sum(self.counts),
+                    100.0 * repeated / sum(self.counts),
+                    self.world_size,
+                )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -487,6 +502,10 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return math.ceil(max(self.samples_per_rank()) / self.batch_size)
+
+    def repeated_samples(self) -> int:
+        """Samples this epoch's ranks read beyond the split to end with the same number of batches."""
+        return len(self) * self.batch_size * self.world_size - sum(self.counts)
 
     def _one_pass(self, shards: list[int], repeat: int) -> Any:
         urls = [self.urls[i] for i in shards]
