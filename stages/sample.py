@@ -2,7 +2,8 @@
 
 Reads the ``sample`` params section. The prior comes from ``sample.prior`` (``models/prior`` or an
 MLflow URI); the tokenizer is ``sample.tokenizer`` or, when null, the one the prior was trained on as
-its metadata records. A tokenizer whose checksum, codebook or grid differs from the prior's is refused.
+its metadata records. A tokenizer whose checksum (when the prior records one) or codebook size differs
+from the prior's is refused; images come out at the prior's token grid times the tokenizer's factor f.
 A class-conditional prior makes ``per_class`` images of every class, an unconditional one ``count``.
 MaskGIT decodes in ``steps`` parallel steps, GPT samples token by token with its KV cache; both take a
 seeded generator, so the same params give the same images.
