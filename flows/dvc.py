@@ -82,9 +82,15 @@ def run_process_group(
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def _signal_group(pgid: int, signum: int) -> None:
+def _signal_group(process: subprocess.Popen[str], name: str) -> None:
+    """Send SIGTERM or SIGKILL (``name``) to the process group led by ``process``; where there are no
+    process groups (Windows) to the process alone."""
+    if not hasattr(os, "killpg"):
+        with contextlib.suppress(OSError):
+            process.terminate() if name == "SIGTERM" else process.kill()
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
-        os.killpg(pgid, signum)
+        os.killpg(process.pid, getattr(signal, name))
 
 
 def _stop_group(process: subprocess.Popen[str], grace_s: float) -> tuple[str, str]:
@@ -92,12 +98,12 @@ def _stop_group(process: subprocess.Popen[str], grace_s: float) -> tuple[str, st
     and the leader to exit, SIGKILL whatever is left, reap the leader; returns the output read."""
     output: tuple[str, str] | None = None
     try:
-        _signal_group(process.pid, signal.SIGTERM)
+        _signal_group(process, "SIGTERM")
         output = process.communicate(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     finally:  # also when a second interrupt arrives during the grace period
-        _signal_group(process.pid, signal.SIGKILL)
+        _signal_group(process, "SIGKILL")
         if output is None:
             try:
                 output = process.communicate(timeout=DRAIN_S)

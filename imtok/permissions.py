@@ -5,6 +5,7 @@ that ``tempfile`` creates with, so outputs stay readable on shared checkouts and
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -34,4 +35,6 @@ def match_mode(temporary: str | os.PathLike[str], target: str | os.PathLike[str]
         mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = creation_mode(temporary.is_dir())
+        if temporary.is_dir():  # keep the set-group-ID bit a shared parent passed on
+            mode |= temporary.stat().st_mode & stat.S_ISGID
     os.chmod(temporary, mode)

@@ -221,19 +221,47 @@ def code_digest(*extra: str | os.PathLike[str]) -> str:
     Without it a finished run's checkpoint (kept at its last step) would be "resumed" after a fix to the
     trainer, a loss or a quantizer, and the stage would export the old weights without training a step.
     With it, changed code trains anew in its own checkpoint directory and the old one stays untouched.
-    Only ``.py`` files count (paths relative to the package, then contents), so caches and editor files
-    do not. Ranks running different code get different fingerprints, which the checkpoint agreement
-    reports instead of letting them train together.
+    Only regular ``.py`` files count (paths relative to the package, then contents), outside hidden
+    files and directories, so caches, editor lock files and notebook checkpoints do not. Ranks that run
+    different code get different fingerprints, which ``agreed_fingerprint`` refuses.
     """
     package = pathlib.Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    files = sorted(package.rglob("*.py"), key=lambda path: path.relative_to(package).as_posix())
+    files = sorted(
+        (
+            path
+            for path in package.rglob("*.py")
+            if path.is_file()
+            and not path.is_symlink()
+            and not any(part.startswith(".") for part in path.relative_to(package).parts)
+        ),
+        key=lambda path: path.relative_to(package).as_posix(),
+    )
     for path in [*files, *(pathlib.Path(item) for item in extra)]:
         name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
         content = path.read_bytes()
         digest.update(f"{name}\0{len(content)}\0".encode())
         digest.update(content)
     return digest.hexdigest()[:12]
+
+
+def agreed_fingerprint(fingerprint: str, runtime: Runtime, key: str) -> str:
+    """``fingerprint`` when every rank computed the same one; else every rank raises the same ValueError.
+
+    Ranks that differ run different code (another checkout on some node) or read different params or
+    data; training them together would average gradients of different models or objectives.
+    """
+    if not runtime.distributed:
+        return fingerprint
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, fingerprint)
+    if len(set(gathered)) > 1:
+        listing = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(gathered))
+        raise ValueError(
+            f"{key}: the ranks computed different run fingerprints ({listing}); they run different code, "
+            "params or data: start every rank from one checkout, params.yaml and data"
+        )
+    return fingerprint
 
 
 def batches_from(loader: Any, start_step: int) -> Iterator[Any]:

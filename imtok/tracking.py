@@ -258,7 +258,7 @@ def load_tokenizer(
             tokenizer.load_state_dict(payload["state_dict"])
         except (TypeError, RuntimeError) as error:
             raise ValueError(
-                f"{path}: the stored tokenizer does not match this version of imtok: {error}"
+                f"{location}: the stored tokenizer does not match this version of imtok: {error}"
             ) from None
     return tokenizer.eval(), payload
 
@@ -275,7 +275,7 @@ def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> 
             prior.load_state_dict(payload["state_dict"])
         except (TypeError, KeyError, RuntimeError) as error:
             raise ValueError(
-                f"{path}: the stored prior does not match this version of imtok: {error}"
+                f"{location}: the stored prior does not match this version of imtok: {error}"
             ) from None
     return prior.eval(), payload
 

@@ -193,7 +193,8 @@ class ModelEma:
 
     Buffers hold state the module keeps itself: an EMA codebook and its cluster statistics (already
     moving averages, whose restarted dead codes must not be blended with the rows they replaced),
-    normalisation statistics, step counters and flags. Parameters use ``ema_decay_at``'s warm-up.
+    normalisation statistics, step counters and flags. Parameters use ``ema_decay_at``'s warm-up; a
+    codebook that is a parameter (VQ without EMA, RegVQ) is averaged like any other weight.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:

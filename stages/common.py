@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -32,9 +33,12 @@ def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> None:
     """
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    for mark in (STAGING_MARK, RETIRED_MARK):
-        for leftover in parent.glob(f".{out_dir.name}.{mark}*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    name = glob.escape(out_dir.name)
+    retired_before = sorted(parent.glob(f".{name}.{RETIRED_MARK}*"), key=lambda path: path.stat().st_mtime)
+    if retired_before and not out_dir.exists():  # killed between the two renames: the old output is back
+        os.replace(retired_before.pop(), out_dir)
+    for leftover in [*parent.glob(f".{name}.{STAGING_MARK}*"), *retired_before]:
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING_MARK}", dir=parent))
     retired = staging.with_name(staging.name.replace(STAGING_MARK, RETIRED_MARK, 1))
     try:
@@ -42,7 +46,12 @@ def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> None:
         match_mode(staging, out_dir)
         if out_dir.exists():
             os.replace(out_dir, retired)
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            if retired.exists() and not out_dir.exists():
+                os.replace(retired, out_dir)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)

@@ -24,7 +24,6 @@ registry version promote nothing, and the report says why.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -39,7 +38,7 @@ from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
 from imtok.metrics.recon import psnr, ssim
 from imtok.params import Params, higher_is_better
 from imtok.runtime import resolve_device
-from stages.common import stage_main, write_json
+from stages.common import read_json, stage_main, write_json
 
 log = logging.getLogger("stages.evaluate")
 
@@ -180,7 +179,7 @@ def write_curves(run_id: str | None, names: list[str], path: Path) -> None:
 
 def summary_of(directory: Path, name: str) -> dict[str, Any]:
     path = directory / name
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def check_same_shape(samples_dir: Path, samples: torch.Tensor, val_images: torch.Tensor) -> None:

@@ -25,7 +25,14 @@ from typing import Any
 from imtok.data.tokens import TokenSplit, load_token_split
 from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, PriorParams
-from imtok.runtime import Runtime, code_digest, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.runtime import (
+    Runtime,
+    agreed_fingerprint,
+    code_digest,
+    run_fingerprint,
+    setup_runtime,
+    shutdown_runtime,
+)
 from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_prior")
@@ -90,6 +97,7 @@ def train(
         {**section.as_dict(), "tokens": token_identity, "code": code_digest(__file__)},
         PriorParams.RUNTIME_KEYS,
     )
+    run_key = agreed_fingerprint(run_key, runtime, "prior")
     checkpoint_dir = checkpoint_root / run_key
     provenance = tokenizer_provenance(meta)
     logged = {

@@ -30,7 +30,14 @@ from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, TokenizerParams
-from imtok.runtime import Runtime, code_digest, run_fingerprint, setup_runtime, shutdown_runtime
+from imtok.runtime import (
+    Runtime,
+    agreed_fingerprint,
+    code_digest,
+    run_fingerprint,
+    setup_runtime,
+    shutdown_runtime,
+)
 from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
 
 log = logging.getLogger("stages.train_tokenizer")
@@ -132,7 +139,7 @@ def train(
     runtime = runtime or setup_runtime(
         section.device, section.precision, dist_timeout_s=section.dist_timeout_s
     )
-    run_key = fingerprint(section, channels, image_size, train_meta)
+    run_key = agreed_fingerprint(fingerprint(section, channels, image_size, train_meta), runtime, "tokenizer")
     checkpoint_dir = checkpoint_root / run_key
     commit = tracking.git_commit()
     tags = {"imtok.fingerprint": run_key, "imtok.quantizer": section.quantizer}

@@ -74,3 +74,25 @@ def test_a_damaged_json_file_is_named(tmp_path):
     path.write_text('{"registered_model": ')
     with pytest.raises(ValueError, match=rf"^{path}: damaged, not JSON"):
         read_json(path)
+
+
+def test_a_setgid_parent_passes_its_group_bit_on_to_a_new_output(tmp_path, umask_022):
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(0o2775)
+    replace_directory(parent / "tokenizer", lambda staging: (staging / "a.txt").write_text("x"))
+    assert stat.S_IMODE((parent / "tokenizer").stat().st_mode) & stat.S_ISGID
+
+
+def test_an_output_renamed_aside_by_a_killed_swap_is_restored_not_deleted(tmp_path):
+    out = tmp_path / "models" / "tokenizer"
+    retired = tmp_path / "models" / ".tokenizer.retired-dead"
+    retired.mkdir(parents=True)
+    (retired / "tokenizer.pt").write_text("the old model")  # killed between the two renames
+
+    def failing(staging: Path) -> None:
+        raise RuntimeError("this run fails too")
+
+    with pytest.raises(RuntimeError):
+        replace_directory(out, failing)
+    assert (out / "tokenizer.pt").read_text() == "the old model" and not retired.exists()

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import yaml
-from conftest import free_port
+from conftest import free_port, spawn_ranks
 
 from imtok.runtime import ProcessGroupError, setup_runtime
 
@@ -137,6 +139,9 @@ def test_the_code_digest_follows_the_package_source_and_the_extra_files(tmp_path
     first = digest()
     assert len(first) == 12 and digest() == first
     (copy / "imtok" / "notes.txt").write_text("not code")  # caches and other files do not count
+    (copy / "imtok" / ".#losses.py").symlink_to("root@host.123:456")  # an editor's lock: a dangling link
+    (copy / "imtok" / ".ipynb_checkpoints").mkdir()
+    (copy / "imtok" / ".ipynb_checkpoints" / "losses-checkpoint.py").write_text("x = 1\n")
     assert digest() == first
     with (copy / "imtok" / "losses.py").open("a") as handle:
         handle.write("# a fix to a loss\n")
@@ -144,3 +149,30 @@ def test_the_code_digest_follows_the_package_source_and_the_extra_files(tmp_path
     assert second != first
     script.write_text("print('b')\n")
     assert digest() not in (first, second)
+
+
+def _fingerprint_rank(rank: int, world_size: int, port: int, out_dir: str, same: bool) -> None:
+    from imtok.runtime import Runtime, agreed_fingerprint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, owns_process_group=True)
+    try:
+        result = agreed_fingerprint("aaaa" if same or rank == 0 else "bbbb", runtime, "tokenizer")
+    except ValueError as error:
+        result = f"error: {error}"
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.txt").write_text(result)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_with_different_fingerprints_all_stop_naming_each(tmp_path, same):
+    spawn_ranks(_fingerprint_rank, 2, 2, free_port(), str(tmp_path), same, limit_s=90)
+    results = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    if same:
+        assert results == ["aaaa", "aaaa"]
+    else:
+        assert results[0] == results[1]
+        assert results[0].startswith("error: tokenizer: the ranks computed different run fingerprints")
+        assert "rank 0: aaaa, rank 1: bbbb" in results[0]

@@ -94,7 +94,8 @@ def read_bytes(url: str) -> bytes:
 def upload_split(local_dir: str | Path, url_prefix: str) -> list[str]:
     """Upload a split's shards, then its meta.json; returns the uploaded URLs. The bucket must exist.
 
-    Replacing a split already under ``url_prefix``: its meta.json is deleted first, so while the upload
+    The credentials need s3:PutObject, s3:DeleteObject and s3:ListBucket on the prefix. Replacing a
+    split already under ``url_prefix``: its meta.json is deleted first, so while the upload
     runs, or after it failed midway, readers find no meta.json ("not a complete split") instead of the
     old one over a mix of new and old shards with matching counts. The new meta.json goes up last, and
     then shards of the old split that the new one does not have are deleted.
@@ -113,7 +114,11 @@ def upload_split(local_dir: str | Path, url_prefix: str) -> list[str]:
         try:
             return function(**arguments)
         except (ClientError, BotoCoreError) as exc:
-            raise _client_error(url, exc) from exc
+            error = _client_error(url, exc)
+            raise type(error)(
+                f"{error} ({action}; replacing a split needs s3:PutObject, s3:DeleteObject and "
+                "s3:ListBucket on its prefix)"
+            ) from exc
         except Exception as exc:  # s3transfer wraps client errors in its own exception types
             raise OSError(f"{url}: {action} failed: {exc}") from exc
 
