@@ -38,3 +38,17 @@ def match_mode(temporary: str | os.PathLike[str], target: str | os.PathLike[str]
         if temporary.is_dir():  # keep the set-group-ID bit a shared parent passed on
             mode |= temporary.stat().st_mode & stat.S_ISGID
     os.chmod(temporary, mode)
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Persist a rename on POSIX; a no-op where directories cannot be opened or synced (Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

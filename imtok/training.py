@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from imtok.permissions import match_mode
+from imtok.permissions import fsync_directory, match_mode
 from imtok.runtime import Runtime
 
 CHECKPOINT_FORMAT = 1
@@ -484,20 +484,6 @@ def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[
     return doomed
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename on POSIX; a no-op where directories cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def atomic_save(payload: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -516,7 +502,7 @@ def atomic_save(payload: Any, path: str | os.PathLike[str]) -> None:
             raise
     match_mode(temp, path)
     os.replace(temp, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def save_checkpoint(

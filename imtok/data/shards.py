@@ -38,6 +38,7 @@ from webdataset.tariterators import tarfile_samples
 from imtok.data.encoding import SkippedImage, encoded_items
 from imtok.data.s3 import register_s3_scheme
 from imtok.data.sources import Source, SourceItem
+from imtok.permissions import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +93,7 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename on POSIX; a no-op where directories cannot be opened or synced."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    fsync_directory(path.parent)
 
 
 def write_shards(
