@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,8 @@ import yaml
 from prefect import flow
 
 from flows.pipeline import pipeline, project_root
+from imtok.atomic import write_text_atomic
 from imtok.overrides import validated
-from imtok.permissions import match_mode
 
 
 def flat_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -47,15 +45,6 @@ def check_points(params_path: Path, points: list[dict[str, Any]]) -> None:
             raise ValueError(f"sweep point {point['name']!r}: {error}") from error
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    match_mode(temporary, path)
-    os.replace(temporary, path)
-
-
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     """The rows as CSV (columns: the union of every row's keys, in first-seen order)."""
     columns: list[str] = []
@@ -65,7 +54,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 @flow(name="imtok-sweep", log_prints=True)
@@ -85,7 +74,7 @@ def sweep(
     rows = []
     try:
         for point in points:
-            _write_text(params_path, baseline)
+            write_text_atomic(params_path, baseline)
             result = pipeline(
                 project=str(root),
                 stages=stages,
@@ -106,7 +95,7 @@ def sweep(
             )
             write_table(rows, root / table)  # a partial table survives a failing point
     finally:
-        _write_text(params_path, baseline)
+        write_text_atomic(params_path, baseline)
     return rows
 
 

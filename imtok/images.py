@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from imtok.permissions import match_mode
+from imtok.atomic import match_mode
 
 
 def paired_rows(images: Tensor, reconstructions: Tensor, per_row: int = 8) -> Tensor:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from imtok.atomic import write_text_atomic
 from imtok.params import Params
-from imtok.permissions import match_mode
 
 
 def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -62,9 +60,5 @@ def write_overrides(params_path: Path, overrides: dict[str, Any] | None) -> Para
             document[section][key] = value
     buffer = io.StringIO()
     round_trip.dump(document, buffer)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(buffer.getvalue())
-    match_mode(temporary, path)
-    os.replace(temporary, path)
+    write_text_atomic(path, buffer.getvalue())
     return params

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from imtok.permissions import fsync_directory, match_mode
+from imtok.atomic import fsync_directory, match_mode
 from imtok.runtime import Runtime
 
 CHECKPOINT_FORMAT = 1

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imtok.permissions import match_mode
+from imtok.atomic import match_mode, write_text_atomic
 
 STAGING_MARK = "staging-"
 RETIRED_MARK = "retired-"
@@ -68,11 +68,8 @@ def read_json(path: Path) -> Any:
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temp, path)
+    """Write JSON atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def terminate_gracefully(signum: int, _frame: Any) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from imtok.atomic import creation_mode, process_umask
 from imtok.images import save_grid
 from imtok.overrides import write_overrides
-from imtok.permissions import creation_mode, process_umask
 from imtok.training import atomic_save
 from stages.common import read_json, replace_directory
 
@@ -96,3 +96,14 @@ def test_an_output_renamed_aside_by_a_killed_swap_is_restored_not_deleted(tmp_pa
     with pytest.raises(RuntimeError):
         replace_directory(out, failing)
     assert (out / "tokenizer.pt").read_text() == "the old model" and not retired.exists()
+
+
+def test_an_atomic_text_write_keeps_the_old_file_whole_when_it_fails(tmp_path, umask_022):
+    from imtok.atomic import write_text_atomic
+
+    path = tmp_path / "reports" / "train.json"
+    write_text_atomic(path, "old\n")
+    assert mode(path) == 0o644 and path.read_text() == "old\n"
+    with pytest.raises(TypeError):
+        write_text_atomic(path, b"not text")  # fails inside the write
+    assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == ["train.json"]

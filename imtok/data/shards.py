@@ -35,10 +35,10 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from imtok.atomic import write_text_atomic
 from imtok.data.encoding import SkippedImage, encoded_items
 from imtok.data.s3 import register_s3_scheme
 from imtok.data.sources import Source, SourceItem
-from imtok.permissions import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,15 @@ def clear_split_dir(out_dir: Path) -> None:
     """Remove what an earlier (possibly killed) run wrote: meta first, so no reader trusts the rest."""
     (out_dir / META_NAME).unlink(missing_ok=True)
     (out_dir / (META_NAME + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+    for stale in out_dir.glob(f".{META_NAME}.*.tmp"):  # a write_text_atomic that a kill interrupted
+        stale.unlink()
     for stale in [*out_dir.glob("shard-*.tar"), *out_dir.glob(f"shard-*.tar{PARTIAL_SUFFIX}")]:
         stale.unlink()
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    """Write ``path`` through a partial file that is flushed to disk before the rename (and the rename
-    after it), so a crash leaves the old file or the whole new one, never an empty meta.json."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(partial, "w") as handle:
-        handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    fsync_directory(path.parent)
+    """Write a meta.json with ``write_text_atomic``: a crash leaves the old file or the whole new one."""
+    write_text_atomic(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def write_shards(

@@ -1,11 +1,15 @@
-"""File modes for atomic writes: a temp file or directory renamed into place gets the mode a plain
-``open``/``mkdir`` would have given it (or the mode of the file it replaces), not the private 0600/0700
-that ``tempfile`` creates with, so outputs stay readable on shared checkouts and mounts."""
+"""Atomic writes: a temp file beside the target, flushed to disk, renamed over it, the rename synced.
+
+The renamed file or directory gets the mode a plain ``open``/``mkdir`` would have given it (or the mode
+of the file it replaces), not the private 0600/0700 that ``tempfile`` creates with, so outputs stay
+readable on shared checkouts and mounts.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -52,3 +56,22 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the whole new one, never a
+    partial or empty one; the parent directory is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        match_mode(temporary, path)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
