@@ -358,7 +358,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
         label = int(sample["cls"])
     except (TypeError, ValueError, UnicodeDecodeError):
         raise ShardError(
-            f"{where} holds a class label {sample['cls'][:20]!r} that is not an integer; the shard is "
+            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the shard is "
             "damaged, write the split again"
         ) from None
     return image, label, sample["__key__"]
