@@ -233,7 +233,7 @@ class TokenizerParams:
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     channels_last: bool = True  # NHWC convolutions: 1.13-1.28x faster steps on 2 CPU cores (benchmarks.train)
     # run settings (RUNTIME_KEYS)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
+    device: str = "auto"  # auto | cpu | cuda (torchrun: the local rank's GPU) | cuda:N (one process a node)
     num_workers: int = 0
     compile: bool = False
     log_every: int = 25

@@ -79,18 +79,59 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def resolve_device(device: str, local_rank: int = 0, key: str = "device") -> torch.device:
-    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` (the local rank's GPU) or ``cuda:N``."""
+def cuda_index(device: str, local_rank: int, local_world_size: int, device_count: int, key: str) -> int:
+    """The GPU a process takes for ``cuda`` or ``cuda:N``, given its ``LOCAL_RANK``, the number of
+    processes on its node and the GPUs it sees.
+
+    ``cuda`` is the local rank's GPU, or GPU 0 when the process sees exactly one (a launcher such as
+    ``srun --gpus-per-task 1`` gives each process its own). ``cuda:N`` pins one GPU, so it is refused
+    when several processes of this node see several GPUs: every rank would train on GPU N.
+    """
+    if device_count < 1:
+        raise ValueError(f"{key}: {device!r} was asked for but no CUDA device is visible; use auto or cpu")
+    if device == "cuda":
+        if device_count == 1:
+            return 0
+        if local_rank >= device_count:
+            raise ValueError(
+                f"{key}: LOCAL_RANK {local_rank} has no GPU of its own: this process sees {device_count} "
+                f"GPUs; start at most {device_count} processes per node (torchrun --nproc-per-node) or "
+                "set CUDA_VISIBLE_DEVICES per process"
+            )
+        return local_rank
+    suffix = device.removeprefix("cuda:")
+    if not suffix.isdigit():
+        raise ValueError(f"{key}: unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    index = int(suffix)
+    if index >= device_count:
+        raise ValueError(
+            f"{key}: {device!r} but this process sees {device_count} GPU(s) (cuda:0 to "
+            f"cuda:{device_count - 1}); check CUDA_VISIBLE_DEVICES"
+        )
+    if local_world_size > 1 and device_count > 1:
+        raise ValueError(
+            f"{key}: {device!r} would put all {local_world_size} processes of this node on GPU {index}; "
+            "use cuda or auto, so that each process takes the GPU of its LOCAL_RANK"
+        )
+    return index
+
+
+def resolve_device(
+    device: str, local_rank: int = 0, key: str = "device", local_world_size: int = 1
+) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` (the local rank's GPU) or ``cuda:N``
+    (refused when several processes of a node would share it; see ``cuda_index``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return torch.device("cpu")
-    if device.startswith("cuda"):
+    if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError(
                 f"{key}: {device!r} was asked for but CUDA is not available here; use auto or cpu"
             )
-        return torch.device(device if ":" in device else f"cuda:{local_rank}")
+        index = cuda_index(device, local_rank, local_world_size, torch.cuda.device_count(), key)
+        return torch.device("cuda", index)
     raise ValueError(f"{key}: unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
@@ -155,7 +196,9 @@ def setup_runtime(
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    resolved = resolve_device(device, local_rank, key=f"{prefix}.device")
+    # torchrun sets LOCAL_WORLD_SIZE; other launchers may not, and then every rank may share the node
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    resolved = resolve_device(device, local_rank, key=f"{prefix}.device", local_world_size=local_world_size)
     owns = False
     if world_size > 1 and not dist.is_initialized():
         if resolved.type == "cuda":

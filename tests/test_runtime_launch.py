@@ -176,3 +176,60 @@ def test_ranks_with_different_fingerprints_all_stop_naming_each(tmp_path, same):
         assert results[0] == results[1]
         assert results[0].startswith("error: tokenizer: the ranks computed different run fingerprints")
         assert "rank 0: aaaa, rank 1: bbbb" in results[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which GPU each process takes: a pure function of the launch, so it is checked here without a GPU.
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "local_world_size", "device_count", "expected"),
+    [
+        ("cuda", 0, 1, 1, 0),
+        ("cuda", 5, 8, 8, 5),  # torchrun --nproc-per-node 8: rank 5 on GPU 5
+        ("cuda", 3, 4, 1, 0),  # srun --gpus-per-task 1: each process sees only its own GPU
+        ("cuda:3", 0, 1, 8, 3),  # one process a node may pin any GPU
+        ("cuda:0", 2, 4, 1, 0),  # pinning the one visible GPU is what the launcher gave it
+    ],
+)
+def test_cuda_index_gives_each_process_its_gpu(device, local_rank, local_world_size, device_count, expected):
+    from imtok.runtime import cuda_index
+
+    assert cuda_index(device, local_rank, local_world_size, device_count, "tokenizer.device") == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "local_world_size", "device_count", "message"),
+    [
+        ("cuda:0", 3, 8, 8, r"tokenizer\.device: 'cuda:0' would put all 8 processes of this node on GPU 0"),
+        ("cuda", 8, 16, 8, r"LOCAL_RANK 8 has no GPU of its own: this process sees 8 GPUs"),
+        ("cuda:4", 0, 1, 2, r"'cuda:4' but this process sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"),
+        ("cuda:x", 0, 1, 2, r"unknown device 'cuda:x'"),
+        ("cuda", 0, 1, 0, r"no CUDA device is visible"),
+    ],
+)
+def test_cuda_index_refuses_a_gpu_that_ranks_would_share_or_that_is_not_there(
+    device, local_rank, local_world_size, device_count, message
+):
+    from imtok.runtime import cuda_index
+
+    with pytest.raises(ValueError, match=message):
+        cuda_index(device, local_rank, local_world_size, device_count, "tokenizer.device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_resolve_device_without_cuda_names_the_key(device):
+    from imtok.runtime import resolve_device
+
+    expected = rf"prior\.device: '{device}' was asked for but CUDA is not available"
+    with pytest.raises(ValueError, match=expected):
+        resolve_device(device, key="prior.device")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cudax", "mps0"])
+def test_resolve_device_refuses_unknown_names(device):
+    from imtok.runtime import resolve_device
+
+    with pytest.raises(ValueError, match=rf"sample\.device: unknown device '{device}'"):
+        resolve_device(device, key="sample.device")
