@@ -407,3 +407,76 @@ def test_data_init_uses_every_code_on_the_seeding_batch():
         usage[data_init] = quantizer.eval()(z).stats["usage"].item()
     assert usage[True] == 1.0  # each code is a latent of z, so it is that latent's nearest code
     assert usage[True] > usage[False]
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.distributed: two CPU processes with the gloo backend
+
+DDP_WORLD_SIZE = 2
+
+
+def ddp_latents(rank: int) -> torch.Tensor:
+    """Each rank's half of one batch, from different regions, so its own assignments are lopsided."""
+    generator = torch.Generator().manual_seed(17 + rank)
+    return torch.randn(2, 4, 3, 3, generator=generator) + (3.0 if rank == 0 else -3.0)
+
+
+def regvq_ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=DDP_WORLD_SIZE, timeout=timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)  # the same codebook on both ranks, as DDP's first broadcast makes it
+        quantizer = RegularizedVQ(8, 4, mask_ratio=0.0, data_init=False, prior_weight=1.0).train()
+        z = ddp_latents(rank).requires_grad_()
+        out = quantizer(z)
+        out.loss.backward()
+        # The all-reduce is traced into a compiled step's graph, not a break in it.
+        torch._dynamo.reset()
+        breaks = torch._dynamo.explain(quantizer)(z.detach()).graph_break_count
+        eval_kl = quantizer.eval()(z.detach()).stats["prior_kl"]  # eval mode: this rank's batch alone
+        torch.save(
+            {
+                "kl": out.stats["prior_kl"],
+                "eval_kl": eval_kl,
+                "breaks": breaks,
+                "codebook_grad": quantizer.codebook.grad,
+                "z_grad": z.grad,
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_prior_kl_and_its_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    from conftest import free_port, spawn_ranks
+
+    spawn_ranks(regvq_ddp_worker, DDP_WORLD_SIZE, free_port(), str(tmp_path), limit_s=90)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(DDP_WORLD_SIZE)]
+
+    torch.manual_seed(0)
+    single = RegularizedVQ(8, 4, mask_ratio=0.0, data_init=False, prior_weight=1.0).train()
+    z = torch.cat([ddp_latents(rank) for rank in range(DDP_WORLD_SIZE)]).requires_grad_()
+    out = single(z)
+    out.loss.backward()
+
+    assert [result["breaks"] for result in ranks] == [0] * DDP_WORLD_SIZE
+    # Every rank's KL is the KL of the whole batch's mean assignment, not of its own half.
+    for result in ranks:
+        assert torch.allclose(result["kl"], out.stats["prior_kl"], atol=1e-6)
+    own = [float(result["eval_kl"]) for result in ranks]
+    assert min(own) > float(out.stats["prior_kl"]) + 0.1  # each half alone is far more lopsided
+    # DDP averages the ranks' parameter gradients: that average is the one-process gradient.
+    mean_grad = torch.stack([result["codebook_grad"] for result in ranks]).mean(dim=0)
+    assert torch.allclose(mean_grad, single.codebook.grad, atol=1e-5)
+    # A rank's loss averages over its half, so its input gradient is world_size times its share.
+    halves = z.grad.chunk(DDP_WORLD_SIZE)
+    for result, half in zip(ranks, halves, strict=True):
+        assert torch.allclose(result["z_grad"] / DDP_WORLD_SIZE, half, atol=1e-6)

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,7 +18,7 @@ from imtok.quantizers.common import (
     track_initialization,
 )
 from imtok.quantizers.search import squared_distances
-from imtok.quantizers.vq import broadcast_from_first, sample_rows
+from imtok.quantizers.vq import broadcast_from_first, distributed_world, sample_rows
 
 # The paper's ablation finds about 40% stochastically quantized positions best: fewer barely
 # regularize, more make the decoder train mostly on codes the deterministic path never produces.
@@ -52,13 +53,36 @@ def posterior_logits(latents: Tensor, codebook: Tensor, temperature: float) -> T
     return squared_distances(latents, codebook).div(-temperature)  # (N, K)
 
 
-def prior_kl(assignment_probs: Tensor) -> Tensor:
-    """KL(P_post || uniform) = log K - H(P_post), with P_post the mean of the (..., K) assignment rows.
+def posterior_mean(assignment_probs: Tensor, *, across_ranks: bool = False) -> Tensor:
+    """P_post (K,): the mean of the (..., K) assignment rows; with ``across_ranks`` under
+    ``torch.distributed``, the mean over every rank's rows, differentiable for each rank's own.
+
+    One all-reduce of the row sums and the row count, so ranks of unequal batches are weighted by
+    their rows. Its backward all-reduces the gradient, so with DDP's gradient averaging the update
+    equals one process's on the concatenated batch: the KL of the mean is not the mean of the ranks'
+    KLs (it is convex), and per-rank means would push each rank's small batch to use every code.
+    """
+    num_codes = assignment_probs.shape[-1]
+    rows = assignment_probs.reshape(-1, num_codes)  # (N, K)
+    if not (across_ranks and distributed_world()):
+        return rows.mean(dim=0)
+    # The functional collective: differentiable (its backward all-reduces the gradient) and traced
+    # by torch.compile into the step's graph, where torch.distributed.nn's would break it.
+    from torch.distributed import _functional_collectives as funcol
+
+    count = rows.new_full((1,), float(rows.shape[0]))  # a constant: no gradient through the count
+    totals = funcol.all_reduce(torch.cat([rows.sum(dim=0), count]), "sum", dist.group.WORLD)  # (K + 1,)
+    return totals[:num_codes] / totals[num_codes:].clamp_min(1.0)
+
+
+def prior_kl(assignment_probs: Tensor, *, across_ranks: bool = False) -> Tensor:
+    """KL(P_post || uniform) = log K - H(P_post), with P_post the mean of the (..., K) assignment rows
+    (over all ranks with ``across_ranks``; see ``posterior_mean``).
 
     0 when the positions spread evenly over the codes, log K when they all put their mass on one.
     """
     num_codes = assignment_probs.shape[-1]
-    posterior = assignment_probs.reshape(-1, num_codes).mean(dim=0)  # (K,)
+    posterior = posterior_mean(assignment_probs, across_ranks=across_ranks)  # (K,)
     return (posterior * (posterior.clamp_min(PROB_FLOOR).log() + math.log(num_codes))).sum()
 
 
@@ -104,8 +128,8 @@ class RegularizedVQ(nn.Module):
     has no gradient; this softmax does, so the term below trains the encoder and the codebook. The
     temperature sets how soft the assignment is: near 0 it approaches the one-hot nearest code, large
     values spread it over codes whose distances differ by less than about the temperature. P_post is
-    its average over all positions in the batch, and ``prior_weight * KL(P_post || uniform)`` is added
-    to the loss, pushing the batch to use all codes.
+    its average over all positions in the batch (every rank's, under ``torch.distributed`` in training),
+    and ``prior_weight * KL(P_post || uniform)`` is added to the loss, pushing the batch to use all codes.
 
     Stochastic mask regularization (training mode only): a uniformly random ``mask_ratio`` of the
     batch's positions (``round(mask_ratio * N)`` of N) take a code sampled from that softmax by hard
@@ -227,7 +251,8 @@ class RegularizedVQ(nn.Module):
             # Logits up to a per-row constant, which neither the softmax nor the argmax sees.
             logits = _assignment_scores(latents, self.codebook, self.prior_temperature)  # (N, K)
             argmax_indices = logits.detach().argmax(dim=1)  # (N,)
-            kl = prior_kl(logits.softmax(dim=1))
+            # In training the batch is every rank's batch together, as one process would see it.
+            kl = prior_kl(logits.softmax(dim=1), across_ranks=self.training)
             nearest = F.embedding(argmax_indices, self.codebook)  # (N, D)
             # Both VQ-VAE terms use the nearest code: a sampled code is noise, not a target to pull to.
             codebook_loss = F.mse_loss(latents.detach(), nearest)
