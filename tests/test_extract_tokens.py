@@ -92,6 +92,19 @@ def test_large_codebooks_are_stored_as_int32_and_round_trip(tmp_path):
     assert split.labels.tolist() == [0, 1, 2, 0, 1]
 
 
+@pytest.mark.parametrize("codebook_size", [1000, 65536, 2**18])
+def test_a_loaded_split_holds_int32_ids_for_every_stored_dtype(tmp_path, codebook_size):
+    # int32 on the host: half of int64's memory for a whole split, and every id still fits
+    rng = np.random.default_rng(1)
+    top = np.array([[codebook_size - 1, 0]])  # the largest id survives the load
+    samples = [TokenSample("k0", top, 0)]
+    samples += [TokenSample(f"k{i}", rng.integers(0, codebook_size, size=(1, 2)), 1) for i in range(1, 4)]
+    write_token_split(samples, tmp_path / "s", codebook_size=codebook_size, grid=(1, 2), meta={})
+    split = load_token_split(tmp_path / "s")
+    assert split.tokens.dtype == torch.int32
+    assert split.tokens.tolist() == [s.tokens.tolist() for s in samples]
+
+
 def test_tokens_outside_the_grid_or_codebook_are_refused_naming_the_sample(tmp_path):
     with pytest.raises(ValueError, match=r"k0: tokens of shape \(2, 2\), expected the grid \(2, 3\)"):
         write_token_split(

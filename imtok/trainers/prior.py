@@ -141,7 +141,7 @@ def evaluate_prior(
         for index, start in enumerate(range(0, len(split.tokens), batch_size)):
             if max_batches is not None and index >= max_batches:
                 break
-            tokens = split.tokens[start : start + batch_size].to(device)
+            tokens = split.tokens[start : start + batch_size].to(device=device, dtype=torch.int64)
             labels = split.labels[start : start + batch_size].to(device) if conditional else None
             loss, correct, count = validation_metrics(kind, model, tokens, labels, generator)
             total_loss += float(loss)
