@@ -276,6 +276,13 @@ class TokenizerParams:
             ),
             (self.pcl_temperature > 0, "pcl_temperature", f"must be > 0, got {self.pcl_temperature}"),
             (self.gan_start_step >= 0, "gan_start_step", f"must be >= 0, got {self.gan_start_step}"),
+            (
+                self.gan_weight == 0 or self.gan_start_step < self.total_steps,
+                "gan_start_step",
+                f"{self.gan_start_step} is not before total_steps ({self.total_steps}), so the "
+                f"discriminator (gan_weight {self.gan_weight}) would never train; lower gan_start_step "
+                "or set gan_weight to 0",
+            ),
         ]
         checks += [
             (
@@ -531,6 +538,12 @@ class ClassifierParams:
 
     def __post_init__(self) -> None:
         checks = [
+            (
+                len(self.widths) >= 1 and all(width >= 1 for width in self.widths),
+                "widths",
+                f"must list one or more channel counts >= 1 (one per stage), got {list(self.widths)}",
+            ),
+            (self.embed_dim >= 1, "embed_dim", f"must be >= 1, got {self.embed_dim}"),
             (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
