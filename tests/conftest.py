@@ -34,6 +34,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def join_gloo(rank: int, world_size: int, port: int, timeout_s: float = 30) -> None:
+    """Join a gloo process group of ``world_size`` CPU ranks meeting on 127.0.0.1:``port`` (in a rank
+    that ``spawn_ranks`` started; the caller destroys the group)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
 def spawn_ranks(function: Callable[..., None], ranks: int, *args: object, limit_s: float = 90) -> None:
     """``function(rank, *args)`` in ``ranks`` spawned processes, joined; the test fails when they have
     not all finished within ``limit_s``, and no process outlives the call."""

@@ -422,15 +422,11 @@ def ddp_latents(rank: int) -> torch.Tensor:
 
 
 def regvq_ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
-    from datetime import timedelta
-
     import torch.distributed as dist
+    from conftest import join_gloo
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=DDP_WORLD_SIZE, timeout=timedelta(seconds=30))
+    join_gloo(rank, DDP_WORLD_SIZE, port)
     try:
         torch.manual_seed(0)  # the same codebook on both ranks, as DDP's first broadcast makes it
         quantizer = RegularizedVQ(8, 4, mask_ratio=0.0, data_init=False, prior_weight=1.0).train()

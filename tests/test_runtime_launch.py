@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import free_port, spawn_ranks
+from conftest import free_port, join_gloo, spawn_ranks
 
 from imtok.runtime import ProcessGroupError, setup_runtime
 
@@ -154,8 +153,7 @@ def test_the_code_digest_follows_the_package_source_and_the_extra_files(tmp_path
 def _fingerprint_rank(rank: int, world_size: int, port: int, out_dir: str, same: bool) -> None:
     from imtok.runtime import Runtime, agreed_fingerprint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    join_gloo(rank, world_size, port, timeout_s=60)
     runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, owns_process_group=True)
     try:
         result = agreed_fingerprint("aaaa" if same or rank == 0 else "bbbb", runtime, "tokenizer")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -270,9 +268,9 @@ def test_more_ranks_than_shards_is_an_error(tmp_path):
 def _ddp_rank(rank: int, world_size: int, port: int, location: str, out_dir: str) -> None:
     """One DDP rank: read an epoch through ShardLoader with 2 workers and record what it saw."""
     import torch.distributed as dist
+    from conftest import join_gloo
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    join_gloo(rank, world_size, port, timeout_s=60)
     try:
         # torch.multiprocessing's spawned ranks default to spawning DataLoader workers too (torchrun's
         # ranks fork them); forking keeps the test fast

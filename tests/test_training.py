@@ -2,10 +2,8 @@
 
 import itertools
 import math
-import os
 import random
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -493,8 +491,9 @@ AGREE_RANKS = 2
 
 def _agree_rank(rank: int, port: int, root: str) -> None:
     """Rank 0 holds a real step-5 checkpoint; rank 1's of the same name is a link to a deleted file."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=AGREE_RANKS, timeout=timedelta(seconds=30))
+    from conftest import join_gloo
+
+    join_gloo(rank, AGREE_RANKS, port)
     try:
         runtime = Runtime(torch.device("cpu"), rank=rank, world_size=AGREE_RANKS)
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -139,9 +138,9 @@ WATCH_RANKS = 2
 
 
 def _watch_rank(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    timeout = timedelta(seconds=30)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WATCH_RANKS, timeout=timeout)
+    from conftest import join_gloo
+
+    join_gloo(rank, WATCH_RANKS, port)
     try:
         watch = NonFiniteLossWatch("train_x", "ck", "advice")
         for step in range(6):

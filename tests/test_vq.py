@@ -1,7 +1,5 @@
 """Properties of the chunked nearest-code search and the EMA / learned vector quantizer."""
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -465,10 +463,10 @@ def ddp_batch(rank: int, step: int) -> torch.Tensor:
 
 
 def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    from conftest import join_gloo
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=30))
+    join_gloo(rank, WORLD_SIZE, port)
     try:
         torch.manual_seed(0)
         plain = VectorQuantizer(16, 4, kmeans_init=False, restart_after_steps=None, decay=0.7)
