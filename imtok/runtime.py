@@ -110,8 +110,9 @@ def cuda_index(device: str, local_rank: int, local_world_size: int, device_count
         )
     if local_world_size > 1 and device_count > 1:
         raise ValueError(
-            f"{key}: {device!r} would put all {local_world_size} processes of this node on GPU {index}; "
-            "use cuda or auto, so that each process takes the GPU of its LOCAL_RANK"
+            f"{key}: {device!r} would put all {local_world_size} processes of this node (LOCAL_WORLD_SIZE, "
+            f"else WORLD_SIZE) on GPU {index}; use cuda or auto, so that each process takes the GPU of its "
+            "LOCAL_RANK (or set LOCAL_WORLD_SIZE=1 where each node runs one process)"
         )
     return index
 
