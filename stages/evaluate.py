@@ -26,15 +26,16 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from imtok.data.shards import META_NAME, iter_batches, read_meta
+from imtok.data.shards import META_NAME, Batch, iter_batches, read_meta
 from imtok.metrics.codebook import CodeCounter
-from imtok.metrics.features import ExtractedFeatures, extract_features, feature_extractors, metric_name
-from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
+from imtok.metrics.features import ExtractedFeatures, FeatureCollector, feature_extractors, metric_name
+from imtok.metrics.fid import class_matches, fid_from_features, sample_metrics
 from imtok.metrics.recon import psnr, ssim
 from imtok.params import Params, higher_is_better
 from imtok.runtime import resolve_device
@@ -53,91 +54,154 @@ SSIM_MIN_SIZE = 11
 CLOCK_SLACK_S = 60.0  # file times and registry times come from different clocks (a remote server)
 
 
-def load_images(
-    location: Path, batch_size: int, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, H, W) in [-1, 1] and labels (N,) of a split, in stored order."""
-    images, labels, count = [], [], 0
+def split_batches(location: Path, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+    """The split's images (float in [-1, 1]) and labels batch by batch in stored order, the first
+    ``limit`` only when given; a ValueError naming the split when it holds none."""
+    count = 0
     for batch in iter_batches(location, batch_size):
-        images.append(batch.images)
-        labels.append(batch.labels)
-        count += len(batch.keys)
+        if limit is not None and count + len(batch.keys) > limit:
+            keep = limit - count
+            batch = Batch(batch.images[:keep], batch.labels[:keep], batch.keys[:keep])
+        if len(batch.keys):
+            count += len(batch.keys)
+            yield batch
         if limit is not None and count >= limit:
             break
-    if not images:
+    if count == 0:
         raise ValueError(f"{location}: the split holds no images")
-    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+
+
+class ReconstructionTotals:
+    """Per-image PSNR and SSIM summed over batches (float64), for their means over a whole split."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.psnr_sum = 0.0
+        self.ssim_sum: float | None = 0.0  # None once a batch is too small for SSIM's window
+
+    def add(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        self.count += images.shape[0]
+        self.psnr_sum += float(psnr(images, reconstructions).clamp(max=100.0).double().sum())
+        if self.ssim_sum is not None and min(images.shape[-2:]) >= SSIM_MIN_SIZE:
+            self.ssim_sum += float(ssim(images, reconstructions).double().sum())
+        else:
+            self.ssim_sum = None
+
+    def metrics(self) -> dict[str, float]:
+        """Mean PSNR, and mean SSIM where the images are at least SSIM's window."""
+        if self.count == 0:
+            raise ValueError("no reconstructions were measured")
+        means = {"psnr": self.psnr_sum / self.count}
+        if self.ssim_sum is not None:
+            means["ssim"] = self.ssim_sum / self.count
+        return means
+
+
+class TokenizerPass(NamedTuple):
+    """What one pass of the tokenizer over the val split measured; no images are kept."""
+
+    totals: ReconstructionTotals
+    counter: CodeCounter
+    real: dict[str, ExtractedFeatures]  # the val images' features, per extractor name
+    reconstructed: dict[str, ExtractedFeatures]  # their reconstructions' features
 
 
 @torch.no_grad()
-def reconstruct(
-    tokenizer: Any, images: torch.Tensor, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, CodeCounter]:
-    """decode(encode(images)) batch by batch, and the histogram of the codes used."""
+def tokenizer_pass(
+    tokenizer: Any, batches: Iterable[Batch], extractors: list[Any], device: torch.device
+) -> TokenizerPass:
+    """``decode(encode(images))`` batch by batch: PSNR and SSIM, the histogram of the codes, and every
+    extractor's features of the images and of their reconstructions.
+
+    Memory holds a batch of images and the (N, D) features, whatever the split's size: 50,000 val
+    images at 256x256 RGB would be 39 GB as one float tensor, and as much again reconstructed.
+    """
+    totals = ReconstructionTotals()
     counter = CodeCounter(tokenizer.codebook_size)
-    outputs = []
-    for chunk in images.split(batch_size):
-        indices = tokenizer.encode(chunk.to(device))
+    real = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
+    reconstructed = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
+    for batch in batches:
+        images = batch.images.to(device)
+        indices = tokenizer.encode(images)
         counter.update(indices)
-        outputs.append(tokenizer.decode(indices).cpu())
-    return torch.cat(outputs), counter
+        reconstructions = tokenizer.decode(indices)
+        totals.add(images, reconstructions)
+        for name in real:
+            real[name].add(images)
+            reconstructed[name].add(reconstructions)
+    return TokenizerPass(
+        totals,
+        counter,
+        {name: collector.result() for name, collector in real.items()},
+        {name: collector.result() for name, collector in reconstructed.items()},
+    )
 
 
 def tokenizer_metrics(
-    images: torch.Tensor,
-    reconstructions: torch.Tensor,
+    totals: ReconstructionTotals,
     counter: CodeCounter,
     real: dict[str, ExtractedFeatures],
-    extractors: list[Any],
-    batch_size: int,
+    reconstructed: dict[str, ExtractedFeatures],
 ) -> dict[str, float]:
-    """PSNR, SSIM, usage and perplexity of the reconstructions, and rFID against ``real`` (the images'
-    features per extractor name, computed once and shared with the generation metrics)."""
-    metrics = {"psnr": float(psnr(images, reconstructions).clamp(max=100.0).mean())}
-    if min(images.shape[-2:]) >= SSIM_MIN_SIZE:
-        metrics["ssim"] = float(ssim(images, reconstructions).mean())
+    """PSNR, SSIM, usage and perplexity of the reconstructions, and rFID per extractor between the
+    images' features (shared with the generation metrics) and the reconstructions'."""
+    metrics = totals.metrics()
     metrics["codebook_usage_pct"] = 100.0 * counter.usage()
     metrics["perplexity"] = counter.perplexity()
     metrics["codes_used"] = float((counter.counts > 0).sum())
     metrics["codebook_size"] = float(counter.codebook_size)
-    for extractor in extractors:
-        fake = extract_features(extractor, reconstructions, batch_size).features
-        metrics[metric_name("rfid", extractor)] = fid_from_features(real[extractor.name].features, fake)
+    for name, features in reconstructed.items():
+        metrics[metric_name("rfid", name)] = fid_from_features(real[name].features, features.features)
     return metrics
+
+
+def collect_features(extractors: list[Any], batches: Iterable[Batch]) -> dict[str, ExtractedFeatures]:
+    """Every extractor's features of an image set, in one pass over its batches."""
+    collectors = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
+    for batch in batches:
+        for collector in collectors.values():
+            collector.add(batch.images)
+    return {name: collector.result() for name, collector in collectors.items()}
 
 
 def generation_metrics(
     real: dict[str, ExtractedFeatures],
-    samples: torch.Tensor,
-    sample_labels: torch.Tensor,
+    batches: Iterable[Batch],
     extractors: list[Any],
     classifier: Any,
-    batch_size: int,
 ) -> dict[str, float]:
-    metrics: dict[str, float] = {"samples": float(len(samples))}
-    for extractor in extractors:
-        fake = extract_features(extractor, samples, batch_size)
-        metrics.update(sample_metrics(real[extractor.name], fake))
-    if classifier is not None and bool((sample_labels >= 0).all()):
-        metrics["class_accuracy"] = class_accuracy(classifier, samples, sample_labels)
+    """Sample metrics per extractor against ``real`` and, when every sample asked for a class, the
+    domain classifier's accuracy on it; the samples are read batch by batch, never held."""
+    collectors = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
+    count, matches, labelled = 0, 0, True
+    for batch in batches:
+        count += len(batch.keys)
+        for collector in collectors.values():
+            collector.add(batch.images)
+        labelled = labelled and bool((batch.labels >= 0).all())
+        if classifier is not None and labelled:
+            matches += class_matches(classifier, batch.images, batch.labels)
+    metrics: dict[str, float] = {"samples": float(count)}
+    for name, collector in collectors.items():
+        metrics.update(sample_metrics(real[name], collector.result()))
+    if classifier is not None and labelled and count:
+        metrics["class_accuracy"] = matches / count
     return metrics
 
 
 def reference_rows(
-    real: dict[str, ExtractedFeatures], train_images: torch.Tensor, extractors: list[Any], batch_size: int
+    real: dict[str, ExtractedFeatures], train: dict[str, ExtractedFeatures]
 ) -> dict[str, dict[str, float]]:
-    """The same sample metrics between two val halves, and between val and train images."""
+    """The same sample metrics between two val halves, and between val and as many train images."""
     rows: dict[str, dict[str, float]] = {"val_half_vs_half": {}, "val_vs_train": {}}
-    for extractor in extractors:
-        features = real[extractor.name]
+    for name, features in real.items():
         half = len(features.features) // 2
         first = ExtractedFeatures(features.features[:half], features.extractor, features.image_shape)
         second = ExtractedFeatures(
             features.features[half : 2 * half], features.extractor, features.image_shape
         )
         rows["val_half_vs_half"].update(sample_metrics(first, second))
-        train = extract_features(extractor, train_images, batch_size)
-        rows["val_vs_train"].update(sample_metrics(features, train))
+        rows["val_vs_train"].update(sample_metrics(features, train[name]))
     return rows
 
 
@@ -182,12 +246,18 @@ def summary_of(directory: Path, name: str) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def check_same_shape(samples_dir: Path, samples: torch.Tensor, val_images: torch.Tensor) -> None:
-    """Samples must have the val images' (C, H, W); else a ValueError naming the directory."""
-    if tuple(samples.shape[1:]) != tuple(val_images.shape[1:]):
+def check_same_shape(samples_dir: Path, samples_meta: dict[str, Any], val_meta: dict[str, Any]) -> None:
+    """Samples must have the val images' (C, H, W), as their meta.json files say; else a ValueError
+    naming the directory (checked before any sample is read)."""
+
+    def shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+        size = int(meta["image_size"])
+        return int(meta["channels"]), size, size
+
+    if shape(samples_meta) != shape(val_meta):
         raise ValueError(
-            f"{samples_dir}: samples are {tuple(samples.shape[1:])} (C, H, W) but val images are "
-            f"{tuple(val_images.shape[1:])}; sample with a tokenizer trained on these shards"
+            f"{samples_dir}: samples are {shape(samples_meta)} (C, H, W) but val images are "
+            f"{shape(val_meta)}; sample with a tokenizer trained on these shards"
         )
 
 
@@ -373,31 +443,29 @@ def evaluate(
     batch = settings.batch_size
     tokenizer, _ = load_tokenizer(tokenizer_dir)
     tokenizer = tokenizer.to(device)
-    val_images, _ = load_images(shards_dir / "val", batch)
     available = feature_extractors(
         settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
     )
     extractors = available.extractors
     classifier = next((e.classifier for e in extractors if hasattr(e, "classifier")), None)
-    reconstructions, counter = reconstruct(tokenizer, val_images, batch, device)
-    real = {extractor.name: extract_features(extractor, val_images, batch) for extractor in extractors}
+    val = tokenizer_pass(tokenizer, split_batches(shards_dir / "val", batch), extractors, device)
+    counter, real = val.counter, val.real
     results: dict[str, Any] = {
         "features": {
             "used": [extractor.name for extractor in extractors],
             "skipped": available.skipped,
         },
-        "tokenizer": tokenizer_metrics(val_images, reconstructions, counter, real, extractors, batch),
+        "tokenizer": tokenizer_metrics(val.totals, counter, real, val.reconstructed),
     }
     if (samples_dir / "meta.json").is_file():
         sample_meta = read_meta(samples_dir)
-        samples, sample_labels = load_images(samples_dir, batch)
-        check_same_shape(samples_dir, samples, val_images)
+        check_same_shape(samples_dir, sample_meta, read_meta(shards_dir / "val"))
         results["generation"] = generation_metrics(
-            real, samples, sample_labels, extractors, classifier, batch
+            real, split_batches(samples_dir, batch), extractors, classifier
         )
         results["generation"]["conditional"] = float(bool(sample_meta.get("conditional")))
-    train_images, _ = load_images(shards_dir / "train", batch, limit=len(val_images))
-    results["reference"] = reference_rows(real, train_images, extractors, batch)
+    train = collect_features(extractors, split_batches(shards_dir / "train", batch, limit=val.totals.count))
+    results["reference"] = reference_rows(real, train)
 
     metrics_dir.mkdir(parents=True, exist_ok=True)
     write_json(metrics_dir / "tokenizer.json", results["tokenizer"])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from imtok.data.shards import META_NAME, write_json_atomic, write_shards
 from imtok.params import Params
-from stages.evaluate import check_same_shape, chosen_prior_metric, load_images
+from stages.evaluate import check_same_shape, chosen_prior_metric, split_batches
 
 
 def test_an_empty_sample_set_is_an_error_naming_the_directory(tmp_path):
@@ -18,16 +17,16 @@ def test_an_empty_sample_set_is_an_error_naming_the_directory(tmp_path):
     meta = {"count": 0, "image_size": 28, "channels": 1, "shards": shards}
     write_json_atomic(empty / META_NAME, meta)
     with pytest.raises(ValueError, match=r"samples.*(no images|empty|no samples)"):
-        load_images(empty, batch_size=8)
+        list(split_batches(empty, batch_size=8))
 
 
 def test_samples_of_another_size_or_channel_count_are_refused(tmp_path):
-    val = torch.zeros(4, 1, 28, 28)
-    check_same_shape(tmp_path, torch.zeros(2, 1, 28, 28), val)
+    val = {"image_size": 28, "channels": 1}
+    check_same_shape(tmp_path, {"image_size": 28, "channels": 1, "count": 2}, val)
     with pytest.raises(ValueError, match=r"\(1, 32, 32\).*\(1, 28, 28\)"):
-        check_same_shape(tmp_path, torch.zeros(2, 1, 32, 32), val)
+        check_same_shape(tmp_path, {"image_size": 32, "channels": 1}, val)
     with pytest.raises(ValueError, match=r"\(3, 28, 28\)"):
-        check_same_shape(tmp_path, torch.zeros(2, 3, 28, 28), val)
+        check_same_shape(tmp_path, {"image_size": 28, "channels": 3}, val)
 
 
 def test_a_promotion_metric_that_was_not_computed_names_the_key_and_what_exists():

@@ -17,7 +17,7 @@ from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import STANDARD_NAME, ExtractedFeatures, metric_name
 from imtok.metrics.fid import fid_from_features, sample_metrics
 from imtok.params import Params, higher_is_better
-from stages.evaluate import record_and_promote, tokenizer_metrics
+from stages.evaluate import ReconstructionTotals, record_and_promote, tokenizer_metrics
 
 BOOKKEEPING = {"codebook_size", "samples", "conditional"}  # computed, but no measure of quality
 
@@ -30,7 +30,10 @@ def model_metrics(quality: str) -> tuple[dict[str, float], dict[str, float]]:
     reconstructions = (images + noise * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
     counter = CodeCounter(16)
     counter.update(torch.arange(16).repeat(8) if quality == "good" else torch.zeros(128, dtype=torch.long))
-    tokenizer = tokenizer_metrics(images, reconstructions, counter, {}, [], batch_size=8)
+    totals = ReconstructionTotals()
+    for chunk, reconstructed in zip(images.split(8), reconstructions.split(8), strict=True):
+        totals.add(chunk, reconstructed)
+    tokenizer = tokenizer_metrics(totals, counter, {}, {})
     real = torch.randn(300, 8, generator=generator)
     fake = torch.randn(300, 8, generator=generator) + (0.0 if quality == "good" else 3.0)
     generation: dict[str, float] = {}

@@ -88,6 +88,37 @@ class ExtractedFeatures(NamedTuple):
     image_shape: tuple[int, int, int]
 
 
+class FeatureCollector:
+    """The features of one image set fed batch by batch (``add``), kept on the CPU: only (N, D)
+    features grow with the set, never the images, so sets of any image size fit in memory."""
+
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
+        self.image_shape: tuple[int, int, int] | None = None
+        self._features: list[Tensor] = []
+
+    def add(self, batch: Tensor) -> None:
+        """Extract the features of ``batch`` (B, C, H, W); every batch of a set has one (C, H, W)."""
+        if batch.ndim != 4:
+            raise ValueError(f"images: expected batches of shape (B, C, H, W), got {tuple(batch.shape)}")
+        shape = tuple(batch.shape[1:])
+        if self.image_shape is None:
+            self.image_shape = shape  # type: ignore[assignment]
+        elif shape != self.image_shape:
+            raise ValueError(
+                f"images: batch of (C, H, W) = {shape} after batches of {self.image_shape}; one image set "
+                "must hold images of one size and channel count"
+            )
+        if batch.shape[0]:
+            self._features.append(self.extractor(batch).cpu())
+
+    def result(self) -> ExtractedFeatures:
+        """The features (N, D) of every image added; ValueError when there were none."""
+        if self.image_shape is None or not self._features:
+            raise ValueError(f"images: the set is empty; no {self.extractor.name} features to compute")
+        return ExtractedFeatures(torch.cat(self._features), self.extractor.name, self.image_shape)
+
+
 def extract_features(
     extractor: FeatureExtractor,
     images: Tensor | Iterable[Tensor],
@@ -97,25 +128,10 @@ def extract_features(
 
     Every batch must have one (C, H, W); the set must not be empty.
     """
-    batches = images.split(batch_size) if isinstance(images, Tensor) else images
-    features: list[Tensor] = []
-    image_shape: tuple[int, ...] | None = None
-    for batch in batches:
-        if batch.ndim != 4:
-            raise ValueError(f"images: expected batches of shape (B, C, H, W), got {tuple(batch.shape)}")
-        shape = tuple(batch.shape[1:])
-        if image_shape is None:
-            image_shape = shape
-        elif shape != image_shape:
-            raise ValueError(
-                f"images: batch of (C, H, W) = {shape} after batches of {image_shape}; one image set "
-                "must hold images of one size and channel count"
-            )
-        if batch.shape[0]:
-            features.append(extractor(batch).cpu())
-    if image_shape is None or not features:
-        raise ValueError(f"images: the set is empty; no {extractor.name} features to compute")
-    return ExtractedFeatures(torch.cat(features), extractor.name, image_shape)  # type: ignore[arg-type]
+    collector = FeatureCollector(extractor)
+    for batch in images.split(batch_size) if isinstance(images, Tensor) else images:
+        collector.add(batch)
+    return collector.result()
 
 
 class AvailableExtractors(NamedTuple):

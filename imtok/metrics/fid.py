@@ -254,8 +254,9 @@ def sample_metrics(
     }
 
 
-def class_accuracy(classifier: Classifier, images: Tensor, requested_labels: Tensor) -> float:
-    """Fraction of class-conditional samples (N, C, H, W) in [-1, 1] classified as the class requested."""
+def class_matches(classifier: Classifier, images: Tensor, requested_labels: Tensor) -> int:
+    """How many of the class-conditional samples (N, C, H, W) in [-1, 1] the classifier assigns to
+    the class requested for them (summed batch by batch for sets that do not fit in memory)."""
     requested_labels = torch.as_tensor(requested_labels)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images: expected a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
@@ -270,4 +271,9 @@ def class_accuracy(classifier: Classifier, images: Tensor, requested_labels: Ten
     ):
         raise ValueError(f"requested_labels: expected integer class ids in [0, {num_classes})")
     predictions = predict(classifier, images)
-    return float((predictions == requested_labels.cpu()).double().mean())
+    return int((predictions == requested_labels.cpu()).sum())
+
+
+def class_accuracy(classifier: Classifier, images: Tensor, requested_labels: Tensor) -> float:
+    """Fraction of class-conditional samples (N, C, H, W) in [-1, 1] classified as the class requested."""
+    return class_matches(classifier, images, requested_labels) / images.shape[0]
