@@ -25,18 +25,12 @@ from typing import Any
 import torch
 
 from imtok.data.encoding import encode_png
-from imtok.data.shards import (
-    META_NAME,
-    clear_split_dir,
-    to_uint8,
-    write_json_atomic,
-    write_shards,
-)
+from imtok.data.shards import META_NAME, to_uint8, write_json_atomic, write_shards
 from imtok.images import save_grid
 from imtok.params import Params, SampleParams
 from imtok.runtime import resolve_device
 from imtok.sampling import autoregressive_sample, gpt_next_token_logits, maskgit_decode
-from stages.common import stage_main
+from stages.common import replace_directory, stage_main
 
 log = logging.getLogger("stages.sample")
 
@@ -119,19 +113,27 @@ def generate_tokens(
     return flat.view(batch, *config.grid)
 
 
-def class_rows(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> tuple[torch.Tensor, int]:
-    """The first ``per_row`` images of each class, class by class (or the first images), and the row width."""
+def grid_positions(labels: torch.Tensor | None, total: int, per_row: int) -> tuple[list[int], int]:
+    """Which samples the grid shows, in grid order, and its row width: the first ``per_row`` of each
+    requested class, class by class, cut to the rarest class's count (or the first ``per_row`` rows
+    of ``per_row`` when no class was requested)."""
     if labels is None:
-        return images[: per_row * per_row], per_row
-    rows = [images[labels == label][:per_row] for label in labels.unique(sorted=True)]
+        return list(range(min(total, per_row * per_row))), per_row
+    rows = [torch.nonzero(labels == label).flatten()[:per_row] for label in labels.unique(sorted=True)]
     width = min(per_row, min(len(row) for row in rows))
-    return torch.cat([row[:width] for row in rows]), width
+    return [int(position) for row in rows for position in row[:width]], width
 
 
 def sample(
     params: SampleParams, *, samples_dir: Path = SAMPLES_DIR, grid_path: Path = GRID_PATH
 ) -> dict[str, Any]:
-    """Generate, decode and write the samples; returns the stage report."""
+    """Generate, decode and write the samples; returns the stage report.
+
+    Batch by batch: each batch is decoded, turned into PNG records and written to the shards before
+    the next one is generated, so memory holds one batch of images (and the few the grid shows),
+    not the whole set: 50,000 samples at 256x256 RGB would be 39 GB as float images. The shards go to
+    a staging directory that replaces ``samples_dir`` once meta.json is written.
+    """
     from imtok.tracking import load_prior
 
     started = time.perf_counter()
@@ -142,47 +144,53 @@ def sample(
     prior, tokenizer = prior.to(device), tokenizer.to(device)
     labels = requested_labels(params, prior.config.num_classes)
     total = params.count if labels is None else len(labels)
+    shown, width = grid_positions(labels, total, params.grid_per_class)
+    grid_images: dict[int, torch.Tensor] = {}
+    image_shape: list[int] = []
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    images, classes = [], []
-    for start in range(0, total, params.batch_size):
-        size = min(params.batch_size, total - start)
-        batch_labels = None if labels is None else labels[start : start + size].to(device)
-        tokens = generate_tokens(prior, kind, params, batch_labels, size, generator)
-        images.append(tokenizer.decode(tokens).cpu())
-        classes.append(torch.full((size,), -1) if batch_labels is None else batch_labels.cpu())
-    all_images, all_labels = torch.cat(images), torch.cat(classes)
-    pixels = to_uint8(all_images)  # (N, C, H, W) uint8
 
-    def encoded() -> Iterator[dict[str, Any]]:
-        for index in range(total):
-            array = pixels[index].permute(1, 2, 0).squeeze(-1).numpy()  # (H, W) or (H, W, 3)
-            yield {
-                "__key__": f"sample_{index:06d}",
-                "png": encode_png(array),
-                "cls": str(int(all_labels[index])).encode(),
-            }
+    def records() -> Iterator[dict[str, Any]]:
+        for start in range(0, total, params.batch_size):
+            size = min(params.batch_size, total - start)
+            batch_labels = None if labels is None else labels[start : start + size].to(device)
+            tokens = generate_tokens(prior, kind, params, batch_labels, size, generator)
+            images = tokenizer.decode(tokens).cpu()  # (B, C, H, W) in [-1, 1]
+            image_shape[:] = images.shape[1:]
+            for position in shown:
+                if start <= position < start + size:
+                    grid_images[position] = images[position - start]
+            pixels = to_uint8(images)  # (B, C, H, W) uint8
+            classes = [-1] * size if batch_labels is None else batch_labels.tolist()
+            for offset in range(size):
+                array = pixels[offset].permute(1, 2, 0).squeeze(-1).numpy()  # (H, W) or (H, W, 3)
+                yield {
+                    "__key__": f"sample_{start + offset:06d}",
+                    "png": encode_png(array),
+                    "cls": str(int(classes[offset])).encode(),
+                }
 
-    clear_split_dir(samples_dir)
-    shards = write_shards(encoded(), samples_dir, maxcount=params.maxcount)
-    meta = {
-        "version": 1,
-        "split": "samples",
-        "count": total,
-        "image_size": int(all_images.shape[-1]),
-        "channels": int(all_images.shape[1]),
-        "class_names": list(prior_meta.get("class_names") or []),
-        "source": "prior",
-        "conditional": labels is not None,
-        "prior": params.prior,
-        "prior_kind": kind,
-        "tokenizer": tokenizer_location,
-        "sample_params": dataclasses.asdict(params),
-        "shards": shards,
-        "sample": {"png": "8-bit PNG", "cls": "requested class index (-1: unconditional), ASCII"},
-    }
-    write_json_atomic(samples_dir / META_NAME, meta)
-    grid_images, width = class_rows(all_images, None if labels is None else all_labels, params.grid_per_class)
-    save_grid(grid_images, grid_path, per_row=width)
+    def fill(staging: Path) -> None:
+        shards = write_shards(records(), staging, maxcount=params.maxcount)
+        meta = {
+            "version": 1,
+            "split": "samples",
+            "count": total,
+            "image_size": int(image_shape[-1]),
+            "channels": int(image_shape[0]),
+            "class_names": list(prior_meta.get("class_names") or []),
+            "source": "prior",
+            "conditional": labels is not None,
+            "prior": params.prior,
+            "prior_kind": kind,
+            "tokenizer": tokenizer_location,
+            "sample_params": dataclasses.asdict(params),
+            "shards": shards,
+            "sample": {"png": "8-bit PNG", "cls": "requested class index (-1: unconditional), ASCII"},
+        }
+        write_json_atomic(staging / META_NAME, meta)
+
+    replace_directory(samples_dir, fill)
+    save_grid(torch.stack([grid_images[position] for position in shown]), grid_path, per_row=width)
     seconds = time.perf_counter() - started
     return {
         "count": total,

@@ -97,7 +97,7 @@ def test_a_tiny_prior_learns_the_tokens_and_is_registered_with_its_tokenizer(
 
 @pytest.mark.parametrize("kind", ["maskgit", "gpt"])
 def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
-    kind, tiny_tokens, mlflow_store, tmp_path, one_thread
+    kind, tiny_tokens, mlflow_store, tmp_path, one_thread, monkeypatch
 ):
     train(
         prior_params(kind, total_steps=20, val_batches=0),
@@ -118,6 +118,41 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
     assert [s["cls"] for s in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     sample(params, samples_dir=tmp_path / "b", grid_path=tmp_path / "b.png")
     assert [s["png"] for s in first] == [s["png"] for s in iter_samples(tmp_path / "b")]
+
+    # A run that fails part-way (here at its third batch) leaves the samples it was to replace.
+    import stages.sample
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory at batch 3")
+        return real_generate(*args, **kwargs)
+
+    real_generate = stages.sample.generate_tokens
+    monkeypatch.setattr(stages.sample, "generate_tokens", failing)
+    with pytest.raises(RuntimeError, match="batch 3"):
+        sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "c.png")
+    assert read_meta(tmp_path / "a") == meta
+    assert [s["png"] for s in iter_samples(tmp_path / "a")] == [s["png"] for s in first]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".a.")) == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "total", "per_row", "expected", "width"),
+    [
+        (None, 20, 3, list(range(9)), 3),
+        (None, 5, 3, list(range(5)), 3),
+        ([0, 0, 0, 1, 1, 1], 6, 2, [0, 1, 3, 4], 2),
+        ([2, 0, 1, 0, 2, 1, 0], 7, 5, [1, 3, 2, 5, 0, 4], 2),  # class by class; the rarest sets the width
+    ],
+)
+def test_grid_positions_pick_the_first_samples_of_each_class(labels, total, per_row, expected, width):
+    from stages.sample import grid_positions
+
+    tensor = None if labels is None else torch.tensor(labels)
+    assert grid_positions(tensor, total, per_row) == (expected, width)
 
 
 def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
