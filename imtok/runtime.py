@@ -79,16 +79,33 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def cuda_index(device: str, local_rank: int, local_world_size: int, device_count: int, key: str) -> int:
+def cuda_index(
+    device: str,
+    local_rank: int,
+    local_world_size: int,
+    device_count: int,
+    key: str,
+    visible_devices: str | None = None,
+) -> int:
     """The GPU a process takes for ``cuda`` or ``cuda:N``, given its ``LOCAL_RANK``, the number of
     processes on its node and the GPUs it sees.
 
-    ``cuda`` is the local rank's GPU, or GPU 0 when the process sees exactly one (a launcher such as
-    ``srun --gpus-per-task 1`` gives each process its own). ``cuda:N`` pins one GPU, so it is refused
-    when several processes of this node see several GPUs: every rank would train on GPU N.
+    ``cuda`` is the local rank's GPU, or GPU 0 when the process sees exactly one. ``cuda:N`` pins one
+    GPU, so it is refused when several processes of this node see several GPUs: every rank would
+    train on GPU N. Several processes of a node that each see one GPU are fine only when a launcher
+    gave each its own through ``CUDA_VISIBLE_DEVICES`` (``visible_devices``; ``srun --gpus-per-task 1``
+    does); without it they would all share the node's one GPU, which NCCL refuses at its first
+    collective with less to go on.
     """
     if device_count < 1:
         raise ValueError(f"{key}: {device!r} was asked for but no CUDA device is visible; use auto or cpu")
+    own_gpu = visible_devices is not None and len([d for d in visible_devices.split(",") if d.strip()]) == 1
+    if device_count == 1 and local_world_size > 1 and not own_gpu:
+        raise ValueError(
+            f"{key}: the {local_world_size} processes of this node (LOCAL_WORLD_SIZE, else WORLD_SIZE) "
+            "would all share its one visible GPU; start one process per GPU (torchrun --nproc-per-node 1) "
+            "or give each process its own GPU through CUDA_VISIBLE_DEVICES"
+        )
     if device == "cuda":
         if device_count == 1:
             return 0
@@ -131,7 +148,14 @@ def resolve_device(
             raise ValueError(
                 f"{key}: {device!r} was asked for but CUDA is not available here; use auto or cpu"
             )
-        index = cuda_index(device, local_rank, local_world_size, torch.cuda.device_count(), key)
+        index = cuda_index(
+            device,
+            local_rank,
+            local_world_size,
+            torch.cuda.device_count(),
+            key,
+            visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
         return torch.device("cuda", index)
     raise ValueError(f"{key}: unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 

@@ -125,7 +125,8 @@ def tokenizer_pass(
         indices = tokenizer.encode(images)
         counter.update(indices)
         reconstructions = tokenizer.decode(indices)
-        totals.add(images, reconstructions)
+        # PSNR and SSIM on the CPU: the same numbers on any device (no TF32 convolutions in SSIM)
+        totals.add(batch.images, reconstructions.cpu())
         for name in real:
             real[name].add(images)
             reconstructed[name].add(reconstructions)

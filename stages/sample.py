@@ -158,7 +158,8 @@ def sample(
             image_shape[:] = images.shape[1:]
             for position in shown:
                 if start <= position < start + size:
-                    grid_images[position] = images[position - start]
+                    # a copy: a view would keep its whole batch alive until the grid is saved
+                    grid_images[position] = images[position - start].clone()
             pixels = to_uint8(images)  # (B, C, H, W) uint8
             classes = [-1] * size if batch_labels is None else batch_labels.tolist()
             for offset in range(size):

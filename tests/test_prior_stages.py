@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +121,27 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
     sample(params, samples_dir=tmp_path / "b", grid_path=tmp_path / "b.png")
     assert [s["png"] for s in first] == [s["png"] for s in iter_samples(tmp_path / "b")]
 
-    # A run that fails part-way (here at its third batch) leaves the samples it was to replace.
     import stages.sample
+
+    # Batch by batch: when a batch is encoded, no earlier batch of float images is still alive
+    # (neither kept whole nor through a view that the grid holds).
+    earlier_alive: list[int] = []
+    batches: list[weakref.ref] = []
+
+    def tracking_to_uint8(images):
+        gc.collect()
+        earlier_alive.append(sum(ref() is not None for ref in batches))
+        batches.append(weakref.ref(images))
+        return real_to_uint8(images)
+
+    real_to_uint8 = stages.sample.to_uint8
+    monkeypatch.setattr(stages.sample, "to_uint8", tracking_to_uint8)
+    sample(params, samples_dir=tmp_path / "d", grid_path=tmp_path / "d.png")
+    monkeypatch.setattr(stages.sample, "to_uint8", real_to_uint8)
+    assert earlier_alive == [0, 0, 0]  # 12 samples in batches of 5, each holding a grid pick
+    assert (tmp_path / "d.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+
+    # A run that fails part-way (here at its third batch) leaves the samples it was to replace.
 
     calls = []
 

@@ -181,19 +181,22 @@ def test_ranks_with_different_fingerprints_all_stop_naming_each(tmp_path, same):
 
 
 @pytest.mark.parametrize(
-    ("device", "local_rank", "local_world_size", "device_count", "expected"),
+    ("device", "local_rank", "local_world_size", "device_count", "visible", "expected"),
     [
-        ("cuda", 0, 1, 1, 0),
-        ("cuda", 5, 8, 8, 5),  # torchrun --nproc-per-node 8: rank 5 on GPU 5
-        ("cuda", 3, 4, 1, 0),  # srun --gpus-per-task 1: each process sees only its own GPU
-        ("cuda:3", 0, 1, 8, 3),  # one process a node may pin any GPU
-        ("cuda:0", 2, 4, 1, 0),  # pinning the one visible GPU is what the launcher gave it
+        ("cuda", 0, 1, 1, None, 0),
+        ("cuda", 5, 8, 8, None, 5),  # torchrun --nproc-per-node 8: rank 5 on GPU 5
+        ("cuda", 3, 4, 1, "3", 0),  # srun --gpus-per-task 1: each process sees only its own GPU
+        ("cuda:3", 0, 1, 8, None, 3),  # one process a node may pin any GPU
+        ("cuda:0", 2, 4, 1, "GPU-5e1f", 0),  # pinning the one GPU the launcher gave it
     ],
 )
-def test_cuda_index_gives_each_process_its_gpu(device, local_rank, local_world_size, device_count, expected):
+def test_cuda_index_gives_each_process_its_gpu(
+    device, local_rank, local_world_size, device_count, visible, expected
+):
     from imtok.runtime import cuda_index
 
-    assert cuda_index(device, local_rank, local_world_size, device_count, "tokenizer.device") == expected
+    key = "tokenizer.device"
+    assert cuda_index(device, local_rank, local_world_size, device_count, key, visible) == expected
 
 
 @pytest.mark.parametrize(
@@ -204,6 +207,8 @@ def test_cuda_index_gives_each_process_its_gpu(device, local_rank, local_world_s
         ("cuda:4", 0, 1, 2, r"'cuda:4' but this process sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"),
         ("cuda:x", 0, 1, 2, r"unknown device 'cuda:x'"),
         ("cuda", 0, 1, 0, r"no CUDA device is visible"),
+        ("cuda", 1, 2, 1, r"the 2 processes of this node .* would all share its one visible GPU"),
+        ("cuda:0", 0, 2, 1, r"would all share its one visible GPU"),
     ],
 )
 def test_cuda_index_refuses_a_gpu_that_ranks_would_share_or_that_is_not_there(
