@@ -2,6 +2,7 @@
 # Every GPU figure of benchmarks/RESULTS.md, part by part, each part's table saved as OUT_DIR/<part>.md.
 #
 #   benchmarks/gpu.sh [OUT_DIR] [PART ...]      parts: machine fsq vq8 vq256 vqoom vqchunked train extract
+#                                              metrics
 #                                              (default: all)
 #
 # Not yet timed on a GPU; expected on one H100/H200: machine fsq vq8 vqoom vq256 vqchunked about
@@ -15,7 +16,7 @@
 # runs nothing (the tests check every command against its module's options that way).
 set -uo pipefail
 
-all_parts=(machine fsq vq8 vq256 vqoom vqchunked train extract)
+all_parts=(machine fsq vq8 vq256 vqoom vqchunked train extract metrics)
 out=${1:-benchmarks/gpu-results}
 shift || true
 parts=("$@")
@@ -75,6 +76,7 @@ for part in "${parts[@]}"; do
 	vq256) run vq256 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 256 ;;
 	vqoom) run vqoom benchmarks.quantizers --device cuda --repeats 5 --skip-fsq --vq-vectors 262144 ;;
 	vqchunked) run vqchunked benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-search chunked ;;
+	metrics) run metrics benchmarks.metrics --device cuda --batch-size 256 --repeats 10 ;;
 	train)
 		run train benchmarks.train "${model[@]}" --batch-size 32 --compile --steps 20 --rounds 2 \
 			--workers 8 --loader-images 1024

@@ -21,7 +21,7 @@ from benchmarks.common import UtilisationSampler, parse_nvidia_smi_utilisation, 
 from benchmarks.quantizers import memory_floor_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_PARTS = {"fsq", "vq8", "vq256", "vqoom", "vqchunked", "train", "extract"}
+GPU_PARTS = {"fsq", "vq8", "vq256", "vqoom", "vqchunked", "train", "extract", "metrics"}
 
 
 def gpu_script(*args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
@@ -172,6 +172,19 @@ def test_data_and_codebook_benchmarks_run_at_tiny_sizes():
     )  # fmt: skip
     (row,) = table(codebooks, "codes")
     assert row[0] == "256" and all(number(cell) for cell in row[1:])
+
+
+def test_the_ssim_benchmark_compares_with_its_peer_and_the_float64_reference():
+    out = run_benchmark(
+        "benchmarks.metrics", "--shapes", "1x16x16", "3x12x20", "--batch-size", "4", "--repeats", "1"
+    )
+    rows = table(out, "image (CxHxW)")
+    assert [row[0] for row in rows] == ["1x16x16", "3x12x20"]
+    for row in rows:
+        assert row[1] == "4" and all(number(cell) for cell in row[2:5])
+        assert row[5] == row[6] == "-"  # no peak memory on a CPU
+        assert float(row[7]) < 1e-5 and float(row[8]) < 1e-3  # both agree with torchmetrics in float64
+    assert "peer: torchmetrics" in out
 
 
 def test_the_memory_floor_counts_reading_z_writing_codes_and_int32_indices():
