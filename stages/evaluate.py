@@ -36,7 +36,7 @@ from imtok.data.shards import META_NAME, Batch, iter_batches, read_meta
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import ExtractedFeatures, FeatureCollector, feature_extractors, metric_name
 from imtok.metrics.fid import class_matches, fid_from_features, sample_metrics
-from imtok.metrics.recon import psnr, ssim
+from imtok.metrics.recon import ReconstructionTotals
 from imtok.params import Params, higher_is_better
 from imtok.runtime import resolve_device
 from stages.common import read_json, stage_main, write_json
@@ -50,7 +50,6 @@ PRIOR_DIR = Path("models/prior")
 CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
-SSIM_MIN_SIZE = 11
 CLOCK_SLACK_S = 60.0  # file times and registry times come from different clocks (a remote server)
 
 
@@ -69,32 +68,6 @@ def split_batches(location: Path, batch_size: int, limit: int | None = None) -> 
             break
     if count == 0:
         raise ValueError(f"{location}: the split holds no images")
-
-
-class ReconstructionTotals:
-    """Per-image PSNR and SSIM summed over batches (float64), for their means over a whole split."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.psnr_sum = 0.0
-        self.ssim_sum: float | None = 0.0  # None once a batch is too small for SSIM's window
-
-    def add(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        self.count += images.shape[0]
-        self.psnr_sum += float(psnr(images, reconstructions).clamp(max=100.0).double().sum())
-        if self.ssim_sum is not None and min(images.shape[-2:]) >= SSIM_MIN_SIZE:
-            self.ssim_sum += float(ssim(images, reconstructions).double().sum())
-        else:
-            self.ssim_sum = None
-
-    def metrics(self) -> dict[str, float]:
-        """Mean PSNR, and mean SSIM where the images are at least SSIM's window."""
-        if self.count == 0:
-            raise ValueError("no reconstructions were measured")
-        means = {"psnr": self.psnr_sum / self.count}
-        if self.ssim_sum is not None:
-            means["ssim"] = self.ssim_sum / self.count
-        return means
 
 
 class TokenizerPass(NamedTuple):
@@ -173,20 +146,22 @@ def generation_metrics(
 ) -> dict[str, float]:
     """Sample metrics per extractor against ``real`` and, when every sample asked for a class, the
     domain classifier's accuracy on it; the samples are read batch by batch, never held."""
-    collectors = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
-    count, matches, labelled = 0, 0, True
-    for batch in batches:
-        count += len(batch.keys)
-        for collector in collectors.values():
-            collector.add(batch.images)
-        labelled = labelled and bool((batch.labels >= 0).all())
-        if classifier is not None and labelled:
-            matches += class_matches(classifier, batch.images, batch.labels)
-    metrics: dict[str, float] = {"samples": float(count)}
-    for name, collector in collectors.items():
-        metrics.update(sample_metrics(real[name], collector.result()))
-    if classifier is not None and labelled and count:
-        metrics["class_accuracy"] = matches / count
+    seen = {"count": 0, "matches": 0, "labelled": True}
+
+    def classified(batches: Iterable[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            seen["count"] += len(batch.keys)
+            seen["labelled"] = seen["labelled"] and bool((batch.labels >= 0).all())
+            if classifier is not None and seen["labelled"]:
+                seen["matches"] += class_matches(classifier, batch.images, batch.labels)
+            yield batch
+
+    fake = collect_features(extractors, classified(batches))
+    metrics: dict[str, float] = {"samples": float(seen["count"])}
+    for name, features in fake.items():
+        metrics.update(sample_metrics(real[name], features))
+    if classifier is not None and seen["labelled"] and seen["count"]:
+        metrics["class_accuracy"] = seen["matches"] / seen["count"]
     return metrics
 
 
@@ -247,18 +222,27 @@ def summary_of(directory: Path, name: str) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def check_same_shape(samples_dir: Path, samples_meta: dict[str, Any], val_meta: dict[str, Any]) -> None:
+def check_same_shape(
+    samples_dir: Path, samples_meta: dict[str, Any], val_dir: Path, val_meta: dict[str, Any]
+) -> None:
     """Samples must have the val images' (C, H, W), as their meta.json files say; else a ValueError
     naming the directory (checked before any sample is read)."""
 
-    def shape(meta: dict[str, Any]) -> tuple[int, int, int]:
-        size = int(meta["image_size"])
-        return int(meta["channels"]), size, size
+    def shape(meta: dict[str, Any], location: Path) -> tuple[int, int, int]:
+        try:
+            size = int(meta["image_size"])
+            return int(meta["channels"]), size, size
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{location / META_NAME}: no valid image_size and channels ({error!r}); write the split "
+                "again with the stage that makes it (prepare or sample)"
+            ) from None
 
-    if shape(samples_meta) != shape(val_meta):
+    samples_shape, val_shape = shape(samples_meta, samples_dir), shape(val_meta, val_dir)
+    if samples_shape != val_shape:
         raise ValueError(
-            f"{samples_dir}: samples are {shape(samples_meta)} (C, H, W) but val images are "
-            f"{shape(val_meta)}; sample with a tokenizer trained on these shards"
+            f"{samples_dir}: samples are {samples_shape} (C, H, W) but val images are "
+            f"{val_shape}; sample with a tokenizer trained on these shards"
         )
 
 
@@ -460,7 +444,7 @@ def evaluate(
     }
     if (samples_dir / "meta.json").is_file():
         sample_meta = read_meta(samples_dir)
-        check_same_shape(samples_dir, sample_meta, read_meta(shards_dir / "val"))
+        check_same_shape(samples_dir, sample_meta, shards_dir / "val", read_meta(shards_dir / "val"))
         results["generation"] = generation_metrics(
             real, split_batches(samples_dir, batch), extractors, classifier
         )

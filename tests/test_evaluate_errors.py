@@ -22,11 +22,18 @@ def test_an_empty_sample_set_is_an_error_naming_the_directory(tmp_path):
 
 def test_samples_of_another_size_or_channel_count_are_refused(tmp_path):
     val = {"image_size": 28, "channels": 1}
-    check_same_shape(tmp_path, {"image_size": 28, "channels": 1, "count": 2}, val)
+    samples, val_dir = tmp_path / "samples", tmp_path / "val"
+    check_same_shape(samples, {"image_size": 28, "channels": 1, "count": 2}, val_dir, val)
     with pytest.raises(ValueError, match=r"\(1, 32, 32\).*\(1, 28, 28\)"):
-        check_same_shape(tmp_path, {"image_size": 32, "channels": 1}, val)
+        check_same_shape(samples, {"image_size": 32, "channels": 1}, val_dir, val)
     with pytest.raises(ValueError, match=r"\(3, 28, 28\)"):
-        check_same_shape(tmp_path, {"image_size": 28, "channels": 3}, val)
+        check_same_shape(samples, {"image_size": 28, "channels": 3}, val_dir, val)
+
+
+@pytest.mark.parametrize("broken", [{"channels": 1}, {"image_size": "big", "channels": 1}])
+def test_a_meta_json_without_a_usable_image_size_is_named(tmp_path, broken):
+    with pytest.raises(ValueError, match=r"samples/meta\.json: no valid image_size and channels"):
+        check_same_shape(tmp_path / "samples", broken, tmp_path / "val", {"image_size": 28, "channels": 1})
 
 
 def test_a_promotion_metric_that_was_not_computed_names_the_key_and_what_exists():

@@ -105,3 +105,24 @@ def test_bad_inputs_raise():
         ssim(x[..., :8, :8], x[..., :8, :8])
     with pytest.raises(ValueError, match="empty"):
         psnr(x[:0], x[:0])
+
+
+def test_reconstruction_totals_give_the_means_of_the_whole_set_batch_by_batch():
+    from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(10, 3, 16, 16, generator=generator) * 2 - 1
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
+    noisy[0] = images[0]  # an exact copy: +inf dB, capped
+    totals = ReconstructionTotals()
+    for start in (0, 4, 8):
+        totals.add(images[start : start + 4], noisy[start : start + 4])
+    means = totals.metrics()
+    assert totals.count == 10
+    assert means["psnr"] == pytest.approx(float(psnr(images, noisy).clamp(max=MAX_PSNR_DB).mean()), rel=1e-6)
+    assert means["ssim"] == pytest.approx(float(ssim(images, noisy).mean()), rel=1e-6)
+    small = ReconstructionTotals()
+    small.add(images[:, :, :8, :8], noisy[:, :, :8, :8])  # under SSIM's 11x11 window: left out, not 0
+    assert set(small.metrics()) == {"psnr"}
+    with pytest.raises(ValueError, match="no reconstructions"):
+        ReconstructionTotals().metrics()

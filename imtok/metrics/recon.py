@@ -23,6 +23,8 @@ DATA_RANGE = 2.0  # images live in [-1, 1]
 SSIM_KERNEL_SIZE = 11  # the window of Wang et al.; images must be at least this large
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+# PSNR of an image reproduced exactly is +inf; capped so that means over a set stay finite.
+MAX_PSNR_DB = 100.0
 
 
 def _check_pair(images: Tensor, reconstructions: Tensor) -> None:
@@ -118,3 +120,31 @@ def reconstruction_metrics(images: Tensor, reconstructions: Tensor) -> dict[str,
         "psnr": float(psnr(images, reconstructions).mean()),
         "ssim": float(ssim(images, reconstructions).mean()),
     }
+
+
+class ReconstructionTotals:
+    """Per-image PSNR (capped at ``MAX_PSNR_DB``) and SSIM summed over batches in float64, for their
+    means over a whole split; SSIM only for images at least its window's size."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.psnr_sum = 0.0
+        self.ssim_sum: float | None = 0.0  # None: the images are smaller than SSIM's window
+
+    def add(self, images: Tensor, reconstructions: Tensor) -> None:
+        self.count += images.shape[0]
+        self.psnr_sum += float(psnr(images, reconstructions).clamp(max=MAX_PSNR_DB).double().sum())
+        if self.ssim_sum is not None and min(images.shape[-2:]) >= SSIM_KERNEL_SIZE:
+            self.ssim_sum += float(ssim(images, reconstructions).double().sum())
+        else:
+            self.ssim_sum = None
+
+    def metrics(self) -> dict[str, float]:
+        """Mean PSNR, and mean SSIM where the images are at least SSIM's window (left out, not 0,
+        for smaller ones)."""
+        if self.count == 0:
+            raise ValueError("no reconstructions were measured")
+        means = {"psnr": self.psnr_sum / self.count}
+        if self.ssim_sum is not None:
+            means["ssim"] = self.ssim_sum / self.count
+        return means

@@ -50,7 +50,7 @@ from imtok.losses import (
     reconstruction_loss,
 )
 from imtok.metrics.codebook import CodeCounter
-from imtok.metrics.recon import psnr, ssim
+from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals, psnr
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
@@ -162,10 +162,6 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# PSNR of an image reproduced exactly is +inf; capped so that means over a set stay finite.
-MAX_PSNR_DB = 100.0
-
-
 @torch.no_grad()
 def evaluate_tokenizer(
     model: Tokenizer,
@@ -183,7 +179,8 @@ def evaluate_tokenizer(
     and perplexity are over all evaluated images.
     """
     counter = CodeCounter(model.codebook_size)
-    totals = {"recon": 0.0, "psnr": 0.0, "ssim": 0.0, "mse": 0.0}
+    quality = ReconstructionTotals()  # PSNR and SSIM
+    totals = {"recon": 0.0, "mse": 0.0}
     count = 0
     first = None
     with evaluating(model):
@@ -198,17 +195,13 @@ def evaluate_tokenizer(
             size = images.shape[0]
             totals["recon"] += float(reconstruction_loss(reconstruction, images, recon_kind)) * size  # type: ignore[arg-type]
             totals["mse"] += float((reconstruction - images).pow(2).mean()) * size
-            totals["psnr"] += float(psnr(images, reconstruction).clamp(max=MAX_PSNR_DB).sum())
-            if min(images.shape[-2:]) >= 11:  # SSIM's window
-                totals["ssim"] += float(ssim(images, reconstruction).sum())
+            quality.add(images, reconstruction)
             count += size
             if first is None:
                 first = (images.cpu(), reconstruction.cpu())
     if count == 0:
         raise ValueError("validation: the split holds no images")
-    metrics = {name: value / count for name, value in totals.items()}
-    if first is not None and min(first[0].shape[-2:]) < 11:
-        del metrics["ssim"]  # too small for SSIM's 11x11 window: not computed, not reported as 0
+    metrics = {name: value / count for name, value in totals.items()} | quality.metrics()
     metrics["codebook_usage_pct"] = 100.0 * counter.usage()
     metrics["perplexity"] = counter.perplexity()
     metrics["images"] = float(count)
