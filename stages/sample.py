@@ -68,6 +68,18 @@ def matching_tokenizer(
     return tokenizer, location
 
 
+def check_decoding_steps(params: SampleParams, kind: str, num_tokens: int, prior: str) -> None:
+    """Refuse MaskGIT decoding in more steps than the grid has tokens (each step fixes one at least),
+    before the tokenizer is fetched and anything is generated. GPT samples one token per step and
+    does not read ``steps``."""
+    if kind == "maskgit" and params.steps > num_tokens:
+        raise ValueError(
+            f"sample.steps: {params.steps} MaskGIT decoding steps for the prior {prior}, whose grid has "
+            f"{num_tokens} tokens; each step fixes one token at least, so set sample.steps to at most "
+            f"{num_tokens}"
+        )
+
+
 def requested_labels(params: SampleParams, num_classes: int) -> torch.Tensor | None:
     """Class of every image to generate (per_class of each), or None for an unconditional prior."""
     if num_classes == 0:
@@ -139,6 +151,7 @@ def sample(
     started = time.perf_counter()
     prior, payload = load_prior(params.prior)
     kind, prior_meta = payload["config"]["kind"], payload["meta"]
+    check_decoding_steps(params, kind, prior.config.num_tokens, params.prior)
     tokenizer, tokenizer_location = matching_tokenizer(params, prior_meta, prior.config)
     device = resolve_device(params.device, key="sample.device")
     prior, tokenizer = prior.to(device), tokenizer.to(device)

@@ -208,6 +208,32 @@ def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
         sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
 
 
+def test_more_maskgit_steps_than_tokens_are_refused_before_the_tokenizer_is_fetched(
+    tiny_tokens, tmp_path, one_thread
+):
+    train(
+        prior_params("maskgit", total_steps=2, warmup_steps=1, val_batches=0),
+        tokens_dir=tiny_tokens / "tokens",
+        out_dir=tmp_path / "prior",
+        checkpoint_root=tmp_path / "checkpoints",
+        register=False,
+        runtime=CPU,
+    )
+    tokens = read_meta(tiny_tokens / "tokens" / "train")["grid"]
+    num_tokens = tokens[0] * tokens[1]
+    # A tokenizer that is not there: the steps are refused before it would be looked for.
+    params = SampleParams(
+        prior=str(tmp_path / "prior"),
+        tokenizer=str(tmp_path / "absent"),
+        per_class=1,
+        steps=num_tokens + 1,
+        device="cpu",
+    )
+    with pytest.raises(ValueError, match=rf"sample\.steps: {num_tokens + 1} .* at most {num_tokens}$"):
+        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
+    assert not (tmp_path / "s").exists()
+
+
 def test_token_splits_from_different_tokenizers_are_refused(tiny_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     shutil.copytree(tiny_tokens / "tokens" / "train", tokens / "train")
