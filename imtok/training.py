@@ -7,13 +7,14 @@ every state-dict entry plus the caller's config), so that resuming continues the
 checkpoint written under other params is refused with a message naming the differing key.
 """
 
+import contextlib
 import hashlib
 import math
 import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,23 @@ class ModelEma:
 
 # ---------------------------------------------------------------------------------------------------
 # RNG states
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device) -> Iterator[None]:
+    """Run the block with torch's generators (CPU, and ``device``'s when it is a GPU) put back after it.
+
+    For what a run does beside training, such as validation: building an evaluation copy of a model
+    draws its initial weights, and a resumed run must draw what an unbroken one draws whatever
+    ``val_every`` is (it is not part of the run's fingerprint).
+    """
+    gpus = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=gpus):
+        yield
 
 
 def rng_states() -> dict[str, Any]:

@@ -234,6 +234,28 @@ def test_more_maskgit_steps_than_tokens_are_refused_before_the_tokenizer_is_fetc
     assert not (tmp_path / "s").exists()
 
 
+def test_how_often_a_prior_validates_does_not_change_its_weights(tiny_tokens, tmp_path, one_thread):
+    # val_every is not part of the run's fingerprint; with EMA, validation builds an evaluation copy,
+    # whose initial weights must not come from the generator that training's masks and dropout use.
+    states = []
+    for val_every in (4, 12):
+        train(
+            prior_params(
+                "maskgit", total_steps=12, warmup_steps=2, dropout=0.1, ema_decay=0.9, val_every=val_every
+            ),
+            tokens_dir=tiny_tokens / "tokens",
+            out_dir=tmp_path / f"prior-{val_every}",
+            checkpoint_root=tmp_path / f"checkpoints-{val_every}",
+            register=False,
+            runtime=CPU,
+        )
+        states.append(
+            torch.load(tmp_path / f"prior-{val_every}" / "prior.pt", weights_only=True)["state_dict"]
+        )
+    for name, value in states[0].items():
+        assert torch.equal(states[1][name], value), name
+
+
 def test_token_splits_from_different_tokenizers_are_refused(tiny_tokens, tmp_path):
     tokens = tmp_path / "tokens"
     shutil.copytree(tiny_tokens / "tokens" / "train", tokens / "train")

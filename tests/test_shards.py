@@ -358,6 +358,20 @@ def test_a_resumed_rank_sees_the_batches_an_uninterrupted_one_would_when_epochs_
         assert [next(resumed).keys for _ in range(total - start)] == uninterrupted[start:], start
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_reading_batches_leaves_torchs_global_generator_alone(tmp_path, num_workers):
+    # A resumed run starts a loader iterator mid-epoch that an unbroken run did not: were its seed drawn
+    # from the global generator, every later random draw of training would differ from the unbroken run's.
+    write_split(SyntheticShapes(count=40, image_size=8, seed=0), "train", tmp_path, maxcount=10)
+    loader = ShardLoader(tmp_path, 8, num_workers=num_workers, seed=3)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    first = [batch.keys for batch in loader]
+    assert torch.equal(torch.rand(4), expected)
+    assert [batch.keys for batch in loader] == first  # the reading itself is still seeded
+
+
 def test_a_damaged_meta_json_names_the_file_and_what_to_do(tmp_path):
     write_split(SyntheticShapes(count=20, image_size=8, seed=0), "train", tmp_path, maxcount=10)
     meta = tmp_path / "meta.json"

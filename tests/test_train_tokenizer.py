@@ -197,6 +197,55 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
         assert torch.equal(resumed_state[name], value), name
 
 
+def _trained_state(params: Params, shards: Path, checkpoint_dir: Path) -> tuple[dict, int]:
+    from imtok.trainers.tokenizer import train_tokenizer
+
+    result = train_tokenizer(
+        params.tokenizer,
+        params.tokenizer_config(1, 16),
+        train_dir=shards / "train",
+        val_dir=shards / "val",
+        checkpoint_dir=checkpoint_dir,
+        runtime=CPU,
+    )
+    return {name: value.clone() for name, value in result.model.state_dict().items()}, result.start_step
+
+
+RANDOM_TRAINING = {"total_steps": 12, "checkpoint_every": 4, "keep_checkpoints": 10, "perceptual_weight": 0.0}
+
+
+@pytest.mark.parametrize("settings", [{"quantizer": "regvq"}, {"dropout": 0.1}], ids=["regvq", "dropout"])
+def test_a_run_that_draws_random_numbers_resumes_mid_epoch_to_the_uninterrupted_weights(
+    tiny_shards, tmp_path, one_thread, settings
+):
+    # 15 batches an epoch, so step 8 is mid-epoch: the resumed run starts a loader iterator there that
+    # the unbroken run did not, and its Gumbel samples or dropout masks must still be the same.
+    params = tiny_params(**RANDOM_TRAINING, val_every=4, **settings)
+    reference, _ = _trained_state(params, tiny_shards, tmp_path / "unbroken")
+    (tmp_path / "killed").mkdir()
+    shutil.copy(tmp_path / "unbroken" / "step-00000008.pt", tmp_path / "killed")
+    resumed, start = _trained_state(params, tiny_shards, tmp_path / "killed")
+    assert start == 8
+    assert reference.keys() == resumed.keys()
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_how_often_a_run_validates_does_not_change_its_weights(tiny_shards, tmp_path, one_thread):
+    # val_every is left out of the run's fingerprint, so a run may resume under another value; building
+    # the EMA evaluation copy used to draw from the generator that dropout then drew from.
+    states = [
+        _trained_state(
+            tiny_params(**RANDOM_TRAINING, dropout=0.1, ema_decay=0.9, val_every=val_every, val_batches=1),
+            tiny_shards,
+            tmp_path / str(val_every),
+        )[0]
+        for val_every in (4, 12)
+    ]
+    for name, value in states[0].items():
+        assert torch.equal(states[1][name], value), name
+
+
 @pytest.mark.parametrize("quantizer", ["vq"])
 def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_path, quantizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

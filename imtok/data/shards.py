@@ -491,19 +491,25 @@ class ShardLoader:
 
     def _one_pass(self, shards: list[int], repeat: int) -> Any:
         urls = [self.urls[i] for i in shards]
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, repeat]).generate_state(1)[0])
         pipeline = batch_pipeline(
             urls,
             self.batch_size,
             shuffle_buffer=self.shuffle_buffer,
-            seed=int(np.random.SeedSequence([self.seed, self.epoch, self.rank, repeat]).generate_state(1)[0]),
+            seed=seed,
             expected_counts={self.urls[i]: self.counts[i] for i in shards},
         )
+        # Its own generator: a DataLoader draws its workers' base seed when an iterator starts, from
+        # torch's global generator unless given one. A run resumed mid-epoch starts an iterator that an
+        # unbroken run did not, so every later random draw of training (dropout, Gumbel samples, code
+        # restarts) would differ from the unbroken run's.
         return wds.WebLoader(
             pipeline,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             multiprocessing_context=self.multiprocessing_context,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def _pieces(self, shards: list[int]) -> Iterator[Batch]:

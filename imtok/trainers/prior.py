@@ -46,6 +46,7 @@ from imtok.training import (
     NonFiniteLossWatch,
     agreed_latest_checkpoint,
     clip_gradients,
+    isolated_rng,
     load_checkpoint,
     make_scheduler,
     prune_checkpoints,
@@ -302,19 +303,20 @@ def train_prior(
                     if on_metrics is not None:
                         on_metrics(means, done)
             if runtime.is_main and val is not None and p.val_batches and (done % p.val_every == 0 or last):
-                evaluated = model
-                if ema is not None:
-                    evaluated = build_prior(p.kind, config).to(device)
-                    ema.copy_to(evaluated)
-                metrics = evaluate_prior(
-                    p.kind,
-                    evaluated,
-                    val,
-                    device,
-                    batch_size=p.batch_size,
-                    max_batches=p.val_batches,
-                    conditional=p.conditional,
-                )
+                with isolated_rng(device):  # validation draws nothing that training then misses
+                    evaluated = model
+                    if ema is not None:
+                        evaluated = build_prior(p.kind, config).to(device)
+                        ema.copy_to(evaluated)
+                    metrics = evaluate_prior(
+                        p.kind,
+                        evaluated,
+                        val,
+                        device,
+                        batch_size=p.batch_size,
+                        max_batches=p.val_batches,
+                        conditional=p.conditional,
+                    )
                 result.val = {f"val/{name}": value for name, value in metrics.items()}
                 if on_metrics is not None:
                     on_metrics(result.val, done)

@@ -60,6 +60,7 @@ from imtok.training import (
     NonFiniteLossWatch,
     agreed_latest_checkpoint,
     clip_gradients,
+    isolated_rng,
     load_checkpoint,
     make_scheduler,
     prune_checkpoints,
@@ -336,18 +337,21 @@ def train_tokenizer(
     bar = progress_bar(p.total_steps, start, runtime, "train_tokenizer")
 
     def validate(step: int) -> dict[str, float]:
-        evaluated = model
-        if ema is not None:  # evaluate the averaged weights, which are what gets exported
-            evaluated = Tokenizer(config).to(device)
-            ema.copy_to(evaluated)
-        metrics, pair = evaluate_tokenizer(
-            evaluated,
-            iter_batches(val_dir, p.batch_size),
-            device,
-            max_batches=p.val_batches,
-            recon_kind=p.recon_loss,
-            autocast=runtime.autocast,
-        )
+        # Isolated: validation draws nothing that training then misses (val_every is not in the run's
+        # fingerprint, so a run resumed with another value must still continue identically).
+        with isolated_rng(device):
+            evaluated = model
+            if ema is not None:  # evaluate the averaged weights, which are what gets exported
+                evaluated = Tokenizer(config).to(device)
+                ema.copy_to(evaluated)
+            metrics, pair = evaluate_tokenizer(
+                evaluated,
+                iter_batches(val_dir, p.batch_size),
+                device,
+                max_batches=p.val_batches,
+                recon_kind=p.recon_loss,
+                autocast=runtime.autocast,
+            )
         if on_grid is not None and pair is not None:
             on_grid(pair[0][: p.grid_images], pair[1][: p.grid_images], step)
         return metrics
