@@ -485,6 +485,16 @@ def _init_gan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def patch_logits_size(image_size: int, n_layers: int) -> int:
+    """The side of ``PatchDiscriminator``'s logit map for square images of ``image_size`` pixels: each
+    stride-2 4x4 convolution (padding 1) maps s to s // 2, each stride-1 one to s - 1. Below 1 the
+    images are too small for that many layers (the convolutions would fail)."""
+    size = image_size // 2  # the first convolution
+    for n in range(1, n_layers + 1):
+        size = size // 2 if n < n_layers else size - 1
+    return size - 1  # the convolution to one channel
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN discriminator: a (B, 1, H', W') map of real/fake logits, one per receptive field.
 

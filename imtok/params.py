@@ -651,6 +651,23 @@ class Params:
                 f"({factor}); use a multiple of {factor} such as {suggestion}"
             )
 
+        if self.tokenizer.gan_weight > 0:
+            from imtok.losses import patch_logits_size
+
+            layers = self.tokenizer.disc_layers
+            if patch_logits_size(self.prepare.image_size, layers) < 1:
+                fitting = [n for n in range(1, layers) if patch_logits_size(self.prepare.image_size, n) >= 1]
+                advice = (
+                    f"use tokenizer.disc_layers <= {fitting[-1]}"
+                    if fitting
+                    else "use larger images or set tokenizer.gan_weight to 0"
+                )
+                raise ValueError(
+                    f"tokenizer.disc_layers: {layers} discriminator layers shrink "
+                    f"prepare.image_size={self.prepare.image_size} images below one logit, so training "
+                    f"would fail when the GAN starts (step {self.tokenizer.gan_start_step}); {advice}"
+                )
+
     def tokenizer_config(self, channels: int, image_size: int) -> Any:
         """The ``TokenizerConfig`` these params describe for images of ``channels`` x ``image_size``^2."""
         from imtok.models.autoencoder import TokenizerConfig  # torch is only needed from here on

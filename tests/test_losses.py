@@ -30,6 +30,7 @@ from imtok.losses import (
     generator_adversarial_loss,
     hinge_d_loss,
     load_vgg_weights,
+    patch_logits_size,
     patch_nce,
     read_vgg_weights,
     reconstruction_loss,
@@ -366,3 +367,15 @@ def test_discriminator_output_shape(channels, norm_layer):
     # 32 -> 16 -> 8 -> 4 (stride 2), -> 3 (stride 1), -> 2 (final conv)
     assert logits.shape == (2, 1, 2, 2) and torch.isfinite(logits).all()
     assert any(isinstance(m, norm_layer) for m in disc.modules())
+
+
+def test_patch_logits_size_is_the_discriminators_output_size_and_below_one_where_it_cannot_run():
+    for n_layers in range(1, 5):
+        discriminator = PatchDiscriminator(in_channels=1, base_channels=4, n_layers=n_layers).eval()
+        for size in range(2, 50):
+            expected = patch_logits_size(size, n_layers)
+            if expected >= 1:
+                assert discriminator(torch.zeros(2, 1, size, size)).shape[-2:] == (expected, expected)
+            else:
+                with pytest.raises(RuntimeError):
+                    discriminator(torch.zeros(2, 1, size, size))

@@ -53,6 +53,10 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"grad_clip": 0}}, "tokenizer.grad_clip"),
         ({"tokenizer": {"dist_timeout_s": 0}}, "tokenizer.dist_timeout_s"),
         ({"tokenizer": {"gan_weight": 0.1, "gan_start_step": 400}}, "tokenizer.gan_start_step"),
+        (
+            {"prepare": {"image_size": 16}, "tokenizer": {"gan_weight": 0.1, "disc_layers": 3}},
+            "tokenizer.disc_layers",
+        ),
         ({"classifier": {"widths": []}}, "classifier.widths"),
         ({"classifier": {"widths": [16, 0]}}, "classifier.widths"),
         ({"classifier": {"embed_dim": 0}}, "classifier.embed_dim"),
@@ -82,6 +86,18 @@ def test_errors_name_the_offending_key(raw, key):
 def test_divisibility_error_says_what_to_use():
     with pytest.raises(ValueError, match=r"tokenizer\.downsample \(4\).*such as 28"):
         Params.from_dict({"prepare": {"image_size": 30}})
+
+
+def test_a_discriminator_too_deep_for_the_images_says_how_deep_it_may_be():
+    with pytest.raises(ValueError, match=r"image_size=16 .* \(step 0\); use tokenizer\.disc_layers <= 2$"):
+        Params.from_dict({"prepare": {"image_size": 16}, "tokenizer": {"gan_weight": 0.1}})
+    with pytest.raises(ValueError, match=r"use larger images or set tokenizer\.gan_weight to 0$"):
+        tiny = {"gan_weight": 0.1, "downsample": 1, "channel_multipliers": [1]}
+        Params.from_dict({"prepare": {"image_size": 4}, "tokenizer": tiny})
+    # Without a GAN the discriminator is never built, so its depth does not matter.
+    assert Params.from_dict({"prepare": {"image_size": 16}}).tokenizer.disc_layers == 3
+    shallow = {"gan_weight": 0.1, "disc_layers": 2}
+    assert Params.from_dict({"prepare": {"image_size": 16}, "tokenizer": shallow})
 
 
 def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
