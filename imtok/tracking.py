@@ -85,15 +85,19 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _existing_run(client: Any, run_id: str | None) -> str | None:
-    """``run_id`` when this store holds that run, else None (a checkpoint from another store)."""
+    """``run_id`` when this store holds that run and it can go on, else None: a checkpoint from another
+    store, or a run someone deleted (MLflow refuses to restart a deleted run)."""
     if not run_id:
         return None
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         log.warning("MLflow run %s is not in %s: starting a new run", run_id, tracking_uri())
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        log.warning("MLflow run %s was deleted from %s: starting a new run", run_id, tracking_uri())
         return None
     return run_id
 

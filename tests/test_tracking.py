@@ -76,3 +76,20 @@ def test_local_model_files_are_passed_through_untouched(tmp_path):
     with tracking.fetched_model_file(tmp_path / "tokenizer.pt", "ignored.pt") as path:
         assert path == tmp_path / "tokenizer.pt"
     assert (tmp_path / "tokenizer.pt").read_bytes() == b"weights"
+
+
+def test_a_stage_resumes_its_run_unless_the_run_is_gone_or_deleted(mlflow_store, caplog):
+    import mlflow
+
+    with tracking.stage_run("probe", {"a": 1}, system_metrics=False) as run:
+        first = run.info.run_id
+    with tracking.stage_run("probe", {"a": 1}, resume_run_id=first, system_metrics=False) as run:
+        assert run.info.run_id == first
+    mlflow.MlflowClient().delete_run(first)  # a failed run cleaned up in the UI
+    with tracking.stage_run("probe", {"a": 1}, resume_run_id=first, system_metrics=False) as run:
+        second = run.info.run_id
+    assert second != first
+    assert f"MLflow run {first} was deleted" in caplog.text
+    assert mlflow.MlflowClient().get_run(second).info.status == "FINISHED"
+    with tracking.stage_run("probe", {"a": 1}, resume_run_id="0" * 32, system_metrics=False) as run:
+        assert run.info.run_id not in (first, second)
