@@ -168,11 +168,37 @@ def test_noise_is_off_by_default_and_dithers_within_the_bin_when_on():
         ([True, 3], r"levels\[0\]"),
         ("855", "levels"),
         (8, "levels"),
+        ([5, 1002], r"levels\[1\]: 1002 levels in one channel; at most 1001"),
     ],
 )
 def test_bad_levels_raise_value_error_naming_the_argument(levels, message):
     with pytest.raises(ValueError, match=message):
         FSQ(levels)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("level", [2, 999, 1000, 1001])
+def test_saturated_latents_land_on_the_outermost_levels_up_to_the_largest_level_count(level, symmetric):
+    quantizer = FSQ([level, 3], symmetric=symmetric, fused=False).eval()
+    z = torch.tensor([-1e4, -30.0, -9.0, 0.0, 9.0, 30.0, 1e4]).view(1, 1, 1, -1).expand(1, 2, 1, -1)
+    out = quantizer(z.contiguous())
+    digits = out.indices.flatten() % level
+    assert digits.tolist()[:2] == [0, 0] and digits.tolist()[-2:] == [level - 1, level - 1]
+    assert out.codes.abs().max() <= 1.0
+    assert torch.equal(quantizer.indices_to_codes(out.indices), out.codes)
+
+
+def test_codes_too_coarse_for_their_levels_are_refused_rather_than_misread():
+    for level, refused in [(513, False), (514, True)]:
+        quantizer = FSQ([level, 2])
+        indices = torch.arange(quantizer.codebook_size).view(1, 1, -1)
+        codes = quantizer.indices_to_codes(indices)
+        assert torch.equal(quantizer.codes_to_indices(codes.half()), indices)  # float16 holds 1001 levels
+        if refused:
+            with pytest.raises(ValueError, match=r"codes: torch.bfloat16 cannot tell apart the 514 levels"):
+                quantizer.codes_to_indices(codes.bfloat16())
+        else:
+            assert torch.equal(quantizer.codes_to_indices(codes.bfloat16()), indices)
 
 
 def test_mismatched_channels_and_bad_noise_raise_value_error():

@@ -31,6 +31,10 @@ RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
 # the same value as the paper's reference code, so odd-level indices agree with it.
 BOUND_EPS = 1e-3
 
+# The most levels a channel may have: a saturated tanh reaches eps * (L - 1) / 2 beyond the outermost
+# level, which rounds back onto it only while that is at most 1/2 (at 1/2, round-half-to-even does).
+MAX_LEVELS = 1001
+
 
 def validate_levels(levels: Sequence[int]) -> list[int]:
     """Check that ``levels`` is a non-empty list of integers >= 2 and return it as a list."""
@@ -43,6 +47,12 @@ def validate_levels(levels: Sequence[int]) -> list[int]:
             raise ValueError(f"levels[{position}]: expected an integer >= 2, got {level!r}")
         if level < 2:
             raise ValueError(f"levels[{position}]: expected an integer >= 2, got {level}")
+        if level > MAX_LEVELS:
+            raise ValueError(
+                f"levels[{position}]: {level} levels in one channel; at most {MAX_LEVELS} are supported "
+                "(beyond that the bound, widened by BOUND_EPS, rounds a saturated latent past the "
+                "outermost level). Spread the codebook over more channels with fewer levels each"
+            )
     return [int(level) for level in levels]
 
 
@@ -159,8 +169,8 @@ class FSQ(nn.Module):
     def _round_to_levels(self, bounded: Tensor) -> Tensor:
         """Nearest level value of each bounded value (integers, or half-integers for symmetric even L).
 
-        No clamp is needed: ``eps * (L - 1) / 2 < 1/2`` for every L < 1001, so even a saturated tanh
-        rounds onto the outermost level.
+        No clamp is needed: ``eps * (L - 1) / 2 <= 1/2`` for every L up to ``MAX_LEVELS``, so even a
+        saturated tanh rounds onto the outermost level.
         """
         if self._has_half_integer_levels:
             return torch.round(bounded - self._center) + self._center
@@ -234,8 +244,17 @@ class FSQ(nn.Module):
         return run_fast_path(FUSED_PATH, fused, lambda: self._quantize_eager(z), requested=bool(self.fused))
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid (any float dtype)."""
+        """Exact integer indices (B, H, W) for codes (B, C, H, W) on the grid.
+
+        Codes in a float type too coarse to tell neighbouring levels apart near +-1 (bfloat16 beyond 513
+        levels in a channel) are refused: their indices would be wrong.
+        """
         check_channels(codes, self.dim, "codes")
+        if codes.is_floating_point() and torch.finfo(codes.dtype).eps * float(self._scale.max()) > 2:
+            raise ValueError(
+                f"codes: {codes.dtype} cannot tell apart the {max(self.levels)} levels of a channel; pass "
+                "float32 codes (quantize float32 latents) to recover their indices"
+            )
         with torch.autocast(device_type=codes.device.type, enabled=False):
             digits = torch.round(codes.float() * self._scale + self._scale).long()
             digits = digits.clamp_(min=0).minimum(self._levels.long() - 1)  # codes off the grid snap to it
