@@ -104,6 +104,18 @@ class Pending(NamedTuple):
     ready: Any  # a CUDA event, or None on the CPU
 
 
+def check_flip_keys(piece: ShardPiece) -> None:
+    """Refuse image keys that already end in ``FLIP_SUFFIX``: with ``extract.flip`` their key and a
+    flipped twin's could be one key twice in the token split, which no reader can load."""
+    taken = [key for key in piece.keys if key.endswith(FLIP_SUFFIX)]
+    if taken:
+        raise ValueError(
+            f"extract.flip: image {taken[0]!r} (shard {piece.shard} of the split's meta.json) ends in "
+            f"{FLIP_SUFFIX!r}, the suffix of flipped twins' keys, so two token samples could share a key; "
+            "rename such images and prepare the shards again, or set extract.flip to false"
+        )
+
+
 @torch.no_grad()
 def encode_pieces(
     encode: Encode,
@@ -135,6 +147,8 @@ def encode_pieces(
             yield done.piece.shard, collected.pop(done.piece.shard)
 
     for current in pieces:
+        if flip:
+            check_flip_keys(current)
         images = to_float(current.images.to(device, non_blocking=cuda))
         views = [images, images.flip(-1)] if flip else [images]
         indices = []

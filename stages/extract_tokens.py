@@ -7,7 +7,8 @@ image shard (same name, same samples in stored order) plus a meta.json recording
 location, registry URI and SHA-256. ``extract.num_workers`` loader processes decode shards while the model
 encodes; under ``torchrun`` each process encodes its share of the shards (``imtok.extraction``), and
 the output is byte-identical whatever the process and worker counts. With ``extract.flip`` the train
-split also gets the tokens of each image flipped left-right (key suffix ``_hflip``).
+split also gets the tokens of each image flipped left-right (key suffix ``_hflip``; image keys that
+already end so are refused).
 reports/extract_tokens.json holds count, codebook usage, perplexity and seconds per split.
 """
 

@@ -125,6 +125,47 @@ def test_a_truncated_token_shard_names_the_file(tmp_path):
         load_token_split(tmp_path / "s")
 
 
+def _rewrite_member(shard: Path, name: str, change) -> None:
+    """Rewrite the tar ``shard`` with member ``name``'s bytes replaced by ``change(bytes)``: an intact
+    archive holding one damaged sample."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+    with tarfile.open(shard, "w") as archive:
+        for member, data in members:
+            data = change(data) if member.name == name else data
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("member", "change", "message"),
+    [
+        ("k4.tokens.npy", lambda data: b"XXXXXX" + data[6:], "holds tokens.npy that does not load"),
+        ("k4.tokens.npy", lambda data: data[:-5], "holds tokens.npy that does not load"),
+        ("k4.tokens.npy", lambda data: _npy(np.zeros((4, 4))), "holds tokens of dtype float64"),
+        ("k4.cls", lambda data: b"x", r"holds a class label b'x' that is not an integer"),
+    ],
+)
+def test_a_damaged_token_sample_names_its_shard_and_key(tmp_path, member, change, message):
+    samples = [TokenSample(f"k{i}", np.full((4, 4), i), 0) for i in range(10)]
+    write_token_split(samples, tmp_path / "s", codebook_size=64, grid=(4, 4), meta={})
+    _rewrite_member(tmp_path / "s" / "shard-000000.tar", member, change)
+    expected = rf"shard-000000\.tar: sample 'k4' {message}.*run extract_tokens again"
+    with pytest.raises(ShardError, match=expected):
+        load_token_split(tmp_path / "s")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def test_image_shards_are_not_mistaken_for_tokens(tiny_shards):
     with pytest.raises(ValueError, match="not token shards"):
         load_token_split(tiny_shards / "val")

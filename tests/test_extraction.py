@@ -267,3 +267,20 @@ def test_the_stage_ends_on_a_damaged_shard_with_one_line_and_exit_code_1(
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and victim.name in errors[0] and "write the split again" in errors[0]
     assert not (tmp_path / "reports" / "extract_tokens.json").exists()
+
+
+def test_an_image_key_that_ends_like_a_flipped_twins_is_refused_when_flipping():
+    from imtok.extraction import ShardPiece
+
+    keys = ["shirts_a", "shirts_a_hflip"]
+    piece = ShardPiece(0, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [0, 0], keys, True)
+
+    def run(flip: bool) -> list:
+        encode = lambda images: torch.zeros(images.shape[0], 2, 2, dtype=torch.int64)  # noqa: E731
+        pieces = iter([piece])
+        return list(encode_pieces(encode, pieces, device=torch.device("cpu"), autocast_dtype=None, flip=flip))
+
+    [(_, samples)] = run(False)
+    assert [sample.key for sample in samples] == ["shirts_a", "shirts_a_hflip"]
+    with pytest.raises(ValueError, match=r"^extract\.flip: image 'shirts_a_hflip' \(shard 0 of"):
+        run(True)

@@ -295,7 +295,19 @@ def _split_samples(location: str | Path) -> Iterator[dict[str, Any]]:
 def iter_samples(location: str | Path) -> Iterator[dict[str, Any]]:
     """Every raw sample of a split in stored order: ``{"__key__", "png" (bytes), "cls" (int)}``."""
     for sample in _split_samples(location):
-        yield {"__key__": sample["__key__"], "png": sample["png"], "cls": int(sample["cls"])}
+        yield {"__key__": sample["__key__"], "png": sample["png"], "cls": sample_label(sample)}
+
+
+def sample_label(sample: dict[str, Any]) -> int:
+    """The integer class label of a raw shard sample; one that is not an integer names its sample."""
+    try:
+        return int(sample["cls"])
+    except (TypeError, ValueError, UnicodeDecodeError):
+        where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
+        raise ShardError(
+            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the shard is "
+            "damaged, write the split again"
+        ) from None
 
 
 def decode_png_uint8(data: bytes) -> torch.Tensor:
@@ -354,14 +366,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
             f"{where} holds a PNG that does not decode ({type(exc).__name__}: {exc}); the shard is "
             "damaged, write the split again"
         ) from None
-    try:
-        label = int(sample["cls"])
-    except (TypeError, ValueError, UnicodeDecodeError):
-        raise ShardError(
-            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the shard is "
-            "damaged, write the split again"
-        ) from None
-    return image, label, sample["__key__"]
+    return image, sample_label(sample), sample["__key__"]
 
 
 def collate_images(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:

@@ -207,6 +207,31 @@ def read_token_meta(location: str | Path) -> dict[str, Any]:
     return meta
 
 
+def decode_token_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """(integer token ids, label) of a raw token-shard sample; damaged data names its shard and sample."""
+    where = f"{sample.get('__url__', 'a token shard')}: sample {sample['__key__']!r}"
+    try:
+        array = decode_tokens(sample["tokens.npy"])
+    except (ValueError, OSError, EOFError) as exc:  # what np.load raises for damaged .npy data
+        raise ShardError(
+            f"{where} holds tokens.npy that does not load ({type(exc).__name__}: {exc}); the token shard "
+            "is damaged, run extract_tokens again"
+        ) from None
+    if array.dtype.kind not in "iu":
+        raise ShardError(
+            f"{where} holds tokens of dtype {array.dtype}, not integer code ids; the token shard is "
+            "damaged or not from extract_tokens, run extract_tokens again"
+        )
+    try:
+        label = int(sample["cls"])
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise ShardError(
+            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the token "
+            "shard is damaged, run extract_tokens again"
+        ) from None
+    return array, label
+
+
 def load_token_split(location: str | Path) -> TokenSplit:
     """The whole split in memory, each sample checked against the split's grid and codebook."""
     meta = read_token_meta(location)
@@ -217,7 +242,7 @@ def load_token_split(location: str | Path) -> TokenSplit:
     labels: list[int] = []
     keys: list[str] = []
     for sample in _read_shards(iter({"url": url} for url in urls), expected, TOKEN_FIELDS):
-        array = decode_tokens(sample["tokens.npy"])
+        array, label = decode_token_sample(sample)
         if array.shape != grid:
             raise ShardError(
                 f"{location}: sample {sample['__key__']!r} has tokens of shape {array.shape}, but meta.json "
@@ -226,7 +251,7 @@ def load_token_split(location: str | Path) -> TokenSplit:
         if len(keys) >= len(tokens):
             raise ShardError(f"{location}: holds more samples than the {meta['count']} meta.json lists")
         tokens[len(keys)] = array
-        labels.append(int(sample["cls"]))
+        labels.append(label)
         keys.append(sample["__key__"])
     if len(keys) != meta["count"]:
         raise ShardError(f"{location}: holds {len(keys)} samples but meta.json lists {meta['count']}")
