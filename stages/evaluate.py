@@ -332,7 +332,8 @@ def tag_and_promote(
 
     higher = higher_is_better(metric, key=key)
     for each, value in metrics.items():
-        client.set_model_version_tag(name, version, f"eval.{each}", f"{value:.6g}")
+        # full precision: a later evaluation on another metric compares against these tags
+        client.set_model_version_tag(name, version, f"eval.{each}", repr(float(value)))
     decision = tracking.promote_if_better(name, version, metric, metrics[metric], higher_is_better=higher)
     return {
         "metric": metric,

@@ -93,3 +93,23 @@ def test_a_stage_resumes_its_run_unless_the_run_is_gone_or_deleted(mlflow_store,
     assert mlflow.MlflowClient().get_run(second).info.status == "FINISHED"
     with tracking.stage_run("probe", {"a": 1}, resume_run_id="0" * 32, system_metrics=False) as run:
         assert run.info.run_id not in (first, second)
+
+
+def test_every_metric_is_tagged_at_full_precision_so_a_later_switch_of_metric_compares_exactly(
+    mlflow_store, tmp_path
+):
+    import mlflow
+
+    from stages.evaluate import tag_and_promote
+
+    client = mlflow.MlflowClient()
+    first, second = (new_version(client, "imtok-tokenizer", tmp_path) for _ in range(2))
+    key = "evaluate.tokenizer_metric"
+    tag_and_promote(client, "imtok-tokenizer", first, "psnr", {"psnr": 30.0, "ssim": 0.91234549}, key)
+    # Worse in the seventh digit, which a 6-digit tag of the champion's ssim would hide.
+    decision = tag_and_promote(
+        client, "imtok-tokenizer", second, "ssim", {"psnr": 29.0, "ssim": 0.9123454}, key
+    )
+    assert not decision["promoted"], decision["reason"]
+    assert str(client.get_model_version_by_alias("imtok-tokenizer", "champion").version) == first
+    assert float(client.get_model_version("imtok-tokenizer", first).tags["eval.ssim"]) == 0.91234549
