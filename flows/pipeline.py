@@ -6,7 +6,7 @@ the stage's inputs are pulled first and its outputs pushed after, so a stage fin
 host whose checkout has the same dvc.lock. Pull and push retry (remote storage is I/O); a stage
 that fails is not retried. Stage tasks carry a ``gpu`` or ``cpu`` tag (``gpu`` for stages with a
 ``device`` param) for tag concurrency limits; the deployments in prefect.yaml place the pipeline
-on the ``gpu`` work pool.
+on the ``gpu`` work pool (the ``prepare`` deployment on ``cpu``).
 
     python -m flows.pipeline                       # every stage, here, Prefect's local API
     python -m flows.pipeline --stage train_prior   # one stage (its inputs must be current)

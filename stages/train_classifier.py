@@ -1,8 +1,9 @@
 """DVC stage `train_classifier`: the domain feature network, trained on the real image shards.
 
-When the standard FID InceptionV3 weights are not on the machine, generation metrics use the
-embedding of this classifier instead, under their own names (``fid_<classifier.name>``, never
-``fid``). It also scores class-conditional samples (accuracy on the requested class). Trains on
+Generation and reconstruction metrics are also computed on the embedding of this classifier,
+always, under their own names (``fid_<classifier.name>``, never ``fid``); the standard InceptionV3
+metrics come beside them only when its weights are on the machine. It also scores class-conditional
+samples (accuracy on the requested class). Trains on
 ``data/shards/train``, measures accuracy on ``data/shards/val`` and fails when it stays below
 ``classifier.min_accuracy``: features of a weak classifier would make the metrics mislead. Writes
 ``models/classifier/classifier.pt`` and ``reports/train_classifier.json``.
