@@ -111,6 +111,8 @@ def test_bad_inputs_raise(tmp_path):
         class_accuracy(model, images, torch.full((4,), 10))
     with pytest.raises(ValueError, match="images: expected a non-empty"):
         class_accuracy(model, images[:0], torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="images: the classifier was trained on 32x32 images, got 16x16"):
+        class_accuracy(model, torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(FileNotFoundError, match="train the classifier first"):
         load_classifier(tmp_path / "absent.pt")
     assert predict(model, images[:0]).shape == (0,)

@@ -387,6 +387,9 @@ def test_classifier_features_are_named_after_the_classifier(no_cached_weights):
     assert features.features.shape == (5, classifier.feature_dim)
     quantised = to_uint8(images)
     torch.testing.assert_close(extractor(quantised), extractor(to_float(quantised)))
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    # bfloat16 images (as under autocast) still give back their pixels
+    assert torch.equal(to_uint8(to_float(every_value).bfloat16()), every_value)
     with pytest.raises(ValueError, match="trained on 16x16 images, got 32x32"):
         extractor(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\)"):

@@ -329,8 +329,9 @@ def decode_png(data: bytes) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of the [-1, 1] scaling: exact for images that came from 8-bit data."""
-    return ((images + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    """Inverse of the [-1, 1] scaling: exact for images that came from 8-bit data. Computed in float32
+    whatever the input's dtype (in bfloat16, (x + 1) * 127.5 misses pixel values)."""
+    return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class Batch(NamedTuple):

@@ -265,6 +265,12 @@ def class_matches(classifier: Classifier, images: Tensor, requested_labels: Tens
             f"requested_labels: expected one label per image, shape ({images.shape[0]},), "
             f"got {tuple(requested_labels.shape)}"
         )
+    size = classifier.config.image_size
+    if tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"images: the classifier was trained on {size}x{size} images, got "
+            f"{images.shape[-2]}x{images.shape[-1]}; score samples of the training images' size"
+        )
     num_classes = classifier.config.num_classes
     if requested_labels.is_floating_point() or not bool(
         ((requested_labels >= 0) & (requested_labels < num_classes)).all()

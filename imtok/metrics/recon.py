@@ -115,9 +115,10 @@ def _gaussian_ssim(x: Tensor, y: Tensor, data_range: float) -> Tensor:
 
 
 def reconstruction_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM over the batch: ``{"psnr": ..., "ssim": ...}``."""
+    """Mean PSNR (dB) and SSIM over the batch: ``{"psnr": ..., "ssim": ...}``; each image's PSNR is
+    capped at ``MAX_PSNR_DB`` as in ``ReconstructionTotals``, so an exact copy does not make it inf."""
     return {
-        "psnr": float(psnr(images, reconstructions).mean()),
+        "psnr": float(psnr(images, reconstructions).clamp(max=MAX_PSNR_DB).mean()),
         "ssim": float(ssim(images, reconstructions).mean()),
     }
 
