@@ -115,3 +115,15 @@ def test_nan_latents_get_a_valid_index_and_keep_a_nan_code(fused):
     reference = FSQ([8, 5, 5, 5], fused=False)(torch.nan_to_num(z, nan=0.0)).indices
     assert torch.equal(out.indices[finite], reference[finite])
     assert out.stats["usage"] > 0
+
+
+@needs_compiler
+def test_training_and_inference_calls_share_one_compiled_kernel():
+    # Seven channels: a count no other test compiles, so the first call below compiles it afresh.
+    quantizer = FSQ([3] * 7, fused=True)
+    z = torch.randn(2, 7, 4, 4)
+    quantizer.eval()(z)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = quantizer.train()(z.clone().requires_grad_())  # would recompile on a requires_grad guard
+        out.codes.sum().backward()
+        quantizer.eval()(torch.randn(3, 7, 5, 5))  # other batch and spatial sizes: still dynamic

@@ -64,7 +64,10 @@ class FusedFSQ(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, shift: Tensor, half_l: Tensor, offset: Tensor, center: Tensor,
                 scale: Tensor, inverse_scale: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
         # Batch and spatial sizes stay symbolic; the channel count is fixed per FSQ, so the kernel
-        # specialises on it and unrolls the sum over channels.
+        # specialises on it and unrolls the sum over channels. Detached: whether z requires grad
+        # (training) or not (inference) would otherwise be a guard, and each FSQ would compile twice,
+        # filling dynamo's recompile limit of 8 with four channel counts.
+        z = z.detach()
         torch._dynamo.mark_static(z, 1)
         codes, indices = compiled("forward")(z, shift, half_l, offset, center, scale, inverse_scale, basis)
         ctx.save_for_backward(z, shift, half_l, inverse_scale)
