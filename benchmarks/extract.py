@@ -189,6 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     model = build_tokenizer(args, device)
+    # The description goes out before measuring (flushed), so a run stopped by a time limit still
+    # says what it was measuring.
+    print(f"- machine: {machine_description(device)}")
+    print(
+        f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "
+        f"base {args.base_channels}, multipliers {args.multipliers}, {args.quantizer} {args.codebook_size}, "
+        f"batch {args.batch_size}, "
+        f"{args.precision}{', channels_last' if args.channels_last else ''}"
+        f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in {args.shards} shards",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="imtok-bench-") as tmp:
         shards = write_synthetic_shards(Path(tmp), args.images, args.image_size, args.channels, args.shards)
         encoder = Encoder(model, args.compile, args.channels_last)
@@ -197,14 +208,6 @@ def main(argv: list[str] | None = None) -> None:
         in_turn = measure_stage(encoder, shards, args, device, dtype, workers=0)
         parallel = measure_stage(encoder, shards, args, device, dtype, workers=args.workers)
     flops = encode_flops_per_image(model, args, device, dtype) if device.type == "cuda" else None
-    print(f"- machine: {machine_description(device)}")
-    print(
-        f"- tokenizer encoder: {args.image_size}x{args.image_size}x{args.channels}, "
-        f"base {args.base_channels}, multipliers {args.multipliers}, {args.quantizer} {args.codebook_size}, "
-        f"batch {args.batch_size}, "
-        f"{args.precision}{', channels_last' if args.channels_last else ''}"
-        f"{', compiled' if args.compile else ''}; {args.images:,} synthetic images in {args.shards} shards"
-    )
     if flops is not None:
         source = UtilisationSampler(device).source or "not available (no NVML, no nvidia-smi)"
         print(

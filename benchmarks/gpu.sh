@@ -12,7 +12,8 @@
 # Run from the repository root on a CUDA host whose Python has torch, triton, webdataset and
 # vector-quantize-pytorch (PYTHON=... picks the interpreter). Parts are independent, so a run split
 # over several shorter jobs gives the same files. Each part is stopped after PART_TIMEOUT seconds
-# (default 600) and the script goes on with the next one. DRY_RUN=1 prints each part's command and
+# (default 540, under a 10-minute job limit with the 30 s kill grace) and the script goes on with
+# the next one; it exits 1 when any part failed. DRY_RUN=1 prints each part's command and
 # runs nothing (the tests check every command against its module's options that way).
 set -uo pipefail
 
@@ -35,7 +36,8 @@ for name in "$out" "${parts[@]}"; do
 	fi
 done
 read -ra python <<<"${PYTHON:-python3}" # e.g. PYTHON="uv run python"
-limit=${PART_TIMEOUT:-600}
+limit=${PART_TIMEOUT:-540}
+failed=()
 [ -n "${DRY_RUN:-}" ] || mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -54,6 +56,7 @@ run() {
 	timeout -k 30 "$limit" "${python[@]}" -m "$@" 2>&1 | tee "$out/$name.md"
 	local status=${PIPESTATUS[0]}
 	echo "== $name: exit $status after $((SECONDS - started)) s" | tee -a "$out/$name.md"
+	[ "$status" = 0 ] || failed+=("$name")
 }
 
 for part in "${parts[@]}"; do
@@ -63,13 +66,16 @@ for part in "${parts[@]}"; do
 			echo "== machine: nvidia-smi, torch/triton/peer versions, nproc, date"
 			continue
 		fi
-		{
-			nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-			"${python[@]}" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-			"${python[@]}" -c "import vector_quantize_pytorch, importlib.metadata as m; print('vector-quantize-pytorch', m.version('vector-quantize-pytorch'))"
+		(
+			status=0
+			nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+			"${python[@]}" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" || status=1
+			"${python[@]}" -c "import vector_quantize_pytorch, importlib.metadata as m; print('vector-quantize-pytorch', m.version('vector-quantize-pytorch'))" || status=1
 			nproc
 			date -u +%F
-		} 2>&1 | tee "$out/machine.md"
+			exit $status
+		) 2>&1 | tee "$out/machine.md"
+		[ "${PIPESTATUS[0]}" = 0 ] || failed+=(machine)
 		;;
 	fsq) run fsq benchmarks.quantizers --device cuda --repeats 20 --skip-vq ;;
 	vq8) run vq8 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 8 ;;
@@ -87,3 +93,7 @@ for part in "${parts[@]}"; do
 		;;
 	esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "== failed parts: ${failed[*]}" >&2
+	exit 1
+fi

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        # The peer's window is a cuDNN convolution, which PyTorch lets run in TF32 by default; both
+        # sides in full float32, so "max diff" measures the methods, not that default.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     print(f"- machine: {machine_description(device)}")
     from importlib.metadata import version
 

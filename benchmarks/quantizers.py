@@ -187,8 +187,14 @@ def vq_rows(
 
     for size in sizes:
         z = latent_grid(num_vectors, dim, device)
-        ours = VectorQuantizer(size, dim, kmeans_init=False, search_fused=SEARCH_PATHS[search]).to(device)
-        peer = VectorQuantize(dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99).to(device)
+        # The same work on both sides: a straight-through backward (the peer's rotation trick is its
+        # default for dim > 1) and no dead-code restarts (the peer's default).
+        ours = VectorQuantizer(
+            size, dim, kmeans_init=False, restart_after_steps=None, search_fused=SEARCH_PATHS[search]
+        ).to(device)
+        peer = VectorQuantize(
+            dim=dim, codebook_size=size, accept_image_fmap=True, decay=0.99, rotation_trick=False
+        ).to(device)
         with torch.no_grad():
             peer._codebook.embed.copy_(ours.codebook.unsqueeze(0))
         codes_of = {

@@ -116,6 +116,16 @@ class TrainingRun:
     def step(self) -> None:
         training_step(self.step_model, self.optimizer, self.ema, self.images, self.dtype)
 
+    def resident_bytes(self) -> int:
+        """Bytes this run holds between steps: weights, buffers, gradients, optimizer state, the EMA
+        copy and the batch (each storage once)."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self.ema.shadow.values(), self.images]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        states = self.optimizer.state.values()
+        tensors += [value for state in states for value in state.values() if torch.is_tensor(value)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
 
 def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
     """Ours and the peer's step, timed in alternating rounds so drift and warm-up hit both alike."""
@@ -127,10 +137,14 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
         synchronize(device)
         results[name] = {}
         if device.type == "cuda":  # on a CPU the only peak is the process's, shared by both models
+            # The other model is resident too, with more or less state depending on the order: count
+            # this run's own state plus its step's rise above what was allocated before it.
+            before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             run.step()
             synchronize(device)
-            results[name]["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            rise = torch.cuda.max_memory_allocated(device) - before
+            results[name]["peak_mib"] = (rise + run.resident_bytes()) / 2**20
     per_round = max(1, args.steps // args.rounds)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     utilisation = {name: UtilisationSampler(device) for name in runs}
@@ -181,10 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
-    measured = measure_training(args, device)
-    ours, peer = measured["ours"], measured["peer"]
-    loader = measure_loader(args)
-    print(f"- machine: {machine_description(device)}")
+    # What is known before measuring goes out first (flushed), so a run stopped by a time limit
+    # still leaves its description and every row finished by then.
+    print(f"- machine: {machine_description(device)}", flush=True)
     print(
         f"- tokenizer: {args.image_size}x{args.image_size}x{args.channels}, base {args.base_channels}, "
         f"multipliers {args.multipliers}, FSQ {args.codebook_size}, batch {args.batch_size}, {args.precision}"
@@ -195,8 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         source = UtilisationSampler(device).source or "not available (no NVML, no nvidia-smi)"
         print(f"- MFU against {args.peak_tflops:g} TFLOP/s; GPU utilisation sampled from {source}")
-    print()
-    print("| step with | images/s | ms/step | peak MiB | MFU % | GPU util % |")
+    print(flush=True)
+    measured = measure_training(args, device)
+    ours, peer = measured["ours"], measured["peer"]
+    print("| step with | images/s | ms/step | peak MiB (as if alone) | MFU % | GPU util % |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, result in (("imtok FSQ", ours), ("vector-quantize-pytorch FSQ", peer)):
         mfu = f"{result['mfu_pct']:.1f}" if "mfu_pct" in result else "-"
@@ -206,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {result['images_per_s']:,.0f} | {result['step_ms']:.1f} | {peak} | {mfu} | {util} |"
         )
     print()
-    print(f"ours/peer throughput ratio: **{ours['images_per_s'] / peer['images_per_s']:.2f}**; ", end="")
+    print(f"ours/peer throughput ratio: **{ours['images_per_s'] / peer['images_per_s']:.2f}**", flush=True)
+    loader = measure_loader(args)
     print(
         f"loader alone: **{loader:,.0f} images/s** = {loader / ours['images_per_s']:.1f}x the training rate"
     )

@@ -211,3 +211,17 @@ def test_on_a_cpu_there_is_no_utilisation_to_sample_and_the_sampler_is_inert():
     with sampler:  # re-enterable
         pass
     assert sampler.source is None and sampler.mean is None and sampler.samples == []
+
+
+def test_time_call_times_bursts_per_call_where_asked_and_single_calls_otherwise():
+    from benchmarks.common import BURST_S, MAX_BURST, burst_size, time_call
+
+    calls = []
+    seconds = time_call(lambda: calls.append(1), torch.device("cpu"), warmup=1, repeats=3)
+    assert len(calls) == 1 + 3 and seconds >= 0  # on a CPU, one call per sample
+    calls.clear()
+    seconds = time_call(lambda: calls.append(1), torch.device("cpu"), warmup=1, repeats=3, burst=True)
+    bursts, rest = divmod(len(calls) - 2, 3)  # less the warm-up and the probe call
+    assert rest == 0 and bursts > 1 and 0 <= seconds < BURST_S  # a call of microseconds: many per sample
+    assert burst_size(1e-9, True) == MAX_BURST
+    assert burst_size(BURST_S / 4, True) == 4 and burst_size(1.0, True) == 1 and burst_size(1e-9, False) == 1
