@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from imtok.overrides import set_param_arguments, validated
+from imtok.params import load_yaml
 
 
 def main() -> None:
@@ -21,7 +20,7 @@ def main() -> None:
     parser.add_argument("profile", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    profile = yaml.safe_load(args.profile.read_text()) or {}
+    profile = load_yaml(args.profile.read_text()) or {}
     validated(args.params, profile)  # raises naming the key of any bad override
     print(" ".join(set_param_arguments(profile)))
 

@@ -16,12 +16,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow
 
 from flows.pipeline import project_root
 from flows.sweep import sweep, write_table
 from imtok.overrides import merged
+from imtok.params import load_yaml
 
 QUANTIZERS = ("fsq", "vq", "regvq")
 SIZES = (2**8, 2**10, 2**12, 2**14)
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
     codebook_study(
-        profile=yaml.safe_load(args.profile.read_text()) if args.profile else None,
+        profile=load_yaml(args.profile.read_text()) if args.profile else None,
         sizes=args.sizes,
         quantizers=args.quantizers,
         project=args.project,

@@ -16,12 +16,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow
 
 from flows.pipeline import pipeline, project_root
 from imtok.atomic import write_text_atomic
 from imtok.overrides import validated
+from imtok.params import load_yaml
 
 
 def flat_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
     sweep(
-        points=yaml.safe_load(args.points.read_text()),
+        points=load_yaml(args.points.read_text()),
         project=args.project,
         table=args.table,
         use_remote=not args.no_remote,

@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from imtok.atomic import write_text_atomic
-from imtok.params import Params
+from imtok.params import Params, load_yaml
 
 
 def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -29,7 +27,7 @@ def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str
 
 def validated(params_path: Path, overrides: dict[str, Any] | None) -> Params:
     """The typed params that ``params_path`` with ``overrides`` gives; raises naming a bad key."""
-    base = yaml.safe_load(Path(params_path).read_text()) or {}
+    base = load_yaml(Path(params_path).read_text()) or {}
     return Params.from_dict(merged(base, overrides))
 
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
-import yaml
-
 SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
 _Section = TypeVar("_Section")
 
@@ -705,13 +703,27 @@ class Params:
         return cls(**{name: hints[name].from_dict(raw[name]) for name in sections if name in raw})
 
 
+def load_yaml(text: str) -> Any:
+    """Parse YAML as YAML 1.2, the way DVC reads and writes params.yaml (ruamel.yaml).
+
+    PyYAML's YAML 1.1 would read ``lr: 5e-5`` (no dot) as the string ``'5e-5'`` and ``on``/``no`` as
+    booleans, so a value DVC and the override writer treat as a float would fail validation here.
+    Raises ``ruamel.yaml.error.YAMLError`` for text that is not YAML.
+    """
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ValueError naming the offending key."""
+    """Read (``load_yaml``) and validate params.yaml; raises ValueError naming the offending key."""
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"params: {path} does not exist; run from the repository root") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ValueError(f"params: {path} is not valid YAML: {exc}") from None
     return Params.from_dict(raw)

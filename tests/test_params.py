@@ -111,3 +111,18 @@ def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
 def test_params_yaml_states_exactly_the_library_defaults():
     # params.yaml is the documentation of every default: it must not drift from the dataclasses
     assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_floats_without_a_dot_load_as_floats_from_a_hand_written_file_and_after_an_override(tmp_path):
+    import shutil
+
+    from imtok.overrides import write_overrides
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", path)
+    text = path.read_text().replace("  lr: ", "  lr: 3e-4  # was ", 1)
+    path.write_text(text)
+    assert load_params(path).tokenizer.lr == 3e-4  # YAML 1.2, as DVC reads it: not the string '3e-4'
+    write_overrides(path, {"prior": {"lr": 5e-5}, "tokenizer": {"weight_decay": 1e-5}})
+    params = load_params(path)
+    assert params.prior.lr == 5e-5 and params.tokenizer.weight_decay == 1e-5
