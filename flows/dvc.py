@@ -1,7 +1,8 @@
 """DVC's command line, run from the project's root with the interpreter of this environment.
 
 Failures of ``pull``/``push`` (network, remote storage) raise `DvcTransferError`, which the flows
-retry; any other failure raises `DvcCommandError` and is never retried.
+retry; any other failure, and a pull of files the remote does not have, raises `DvcCommandError` and
+is never retried.
 
 dvc runs in a process group of its own (`run_process_group`): when the call ends early (its timeout,
 Ctrl-C, a cancelled Prefect flow run, whose SIGTERM reaches only the flow's process) the whole group
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 TRANSFERS = ("pull", "push", "fetch")
+MISSING_ON_REMOTE = "Missing cache files"  # what dvc says of files neither in the cache nor on the remote
 
 
 class DvcCommandError(RuntimeError):
@@ -128,7 +130,13 @@ def dvc(project: Path, *arguments: str, timeout: float | None = None) -> str:
         ) from error
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        kind = DvcTransferError if arguments and arguments[0] in TRANSFERS else DvcCommandError
+        transfer = bool(arguments) and arguments[0] in TRANSFERS
+        if transfer and MISSING_ON_REMOTE in output:  # no retry brings back files the remote never had
+            raise DvcCommandError(
+                f"`dvc {' '.join(arguments)}` in {project}: the remote lacks files dvc.lock names; push "
+                f"them from the host that made them, or run the stage again:\n{output[-4000:]}"
+            )
+        kind = DvcTransferError if transfer else DvcCommandError
         raise kind(
             f"`dvc {' '.join(arguments)}` in {project} exited with {done.returncode}:\n{output[-4000:]}"
         )

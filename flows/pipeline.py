@@ -68,6 +68,28 @@ def pull_inputs(project: Path, stages: list[str], remote: str | None) -> None:
         dvc(project, "pull", *_remote(remote), *stages)
 
 
+@transfer_task("dvc-pull-outputs")
+def pull_own_outputs(project: Path, stage: str, remote: str | None) -> None:
+    """Fetch the stage's own outputs by dvc.lock's hashes where the remote has them (a stage that only
+    lacks its outputs then needs no run); what the remote lacks is left for the stage to make."""
+    dvc(project, "pull", "--allow-missing", *_remote(remote), stage)
+
+
+def only_outputs_missing(project: Path, stage: str) -> bool:
+    """``dvc status`` finds nothing changed for ``stage`` but its outputs missing from the workspace
+    and the cache: a fresh checkout of a commit whose outputs another host pushed. Anything else
+    (changed params, code or inputs; a stage without a lock entry) means the stage must run."""
+    output = dvc(project, "status", "--json", stage)
+    found = [line for line in output.splitlines() if line.startswith("{")]
+    entries = json.loads(found[-1]).get(stage, []) if found else []
+    return bool(entries) and all(
+        isinstance(entry, dict)
+        and set(entry) == {"changed outs"}
+        and all(state in ("not in cache", "deleted") for state in entry["changed outs"].values())
+        for entry in entries
+    )
+
+
 @transfer_task("dvc-push")
 def push_outputs(project: Path, stage: str, remote: str | None) -> None:
     """Upload the stage's cached outputs to the remote."""
@@ -145,6 +167,8 @@ def pipeline(
         tags = {stage.pool, f"stage:{stage.name}"}
         if transfer:
             pull_inputs.with_options(tags={"io", stage.pool})(root, upstream(all_stages, stage.name), remote)
+            if stage.outs and only_outputs_missing(root, stage.name):  # pushed by another host
+                pull_own_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)
         results.append(reproduce.with_options(name=f"repro-{stage.name}", tags=tags)(root, stage.name))
         if transfer and stage.outs:
             push_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)

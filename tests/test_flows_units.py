@@ -161,3 +161,62 @@ def test_only_transfer_failures_are_retried(tmp_path):
     assert _only_transfer_errors(None, None, Failed(data=DvcTransferError("remote down")))
     assert not _only_transfer_errors(None, None, Failed(data=DvcCommandError("stage failed")))
     assert not _only_transfer_errors(None, None, Failed(data=ValueError("bad params")))
+
+
+def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_running_the_stage(tmp_path):
+    import subprocess
+
+    from flows.dvc import dvc
+    from flows.pipeline import only_outputs_missing, pull_own_outputs
+
+    def git(*arguments: str, cwd: Path) -> None:
+        subprocess.run(["git", *arguments], cwd=cwd, check=True, capture_output=True)
+
+    first = tmp_path / "first"
+    first.mkdir()
+    git("init", "-q", cwd=first)
+    git("config", "user.email", "ci@example.org", cwd=first)
+    git("config", "user.name", "ci", cwd=first)
+    dvc(first, "init", "-q")
+    dvc(first, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    (first / "params.yaml").write_text("make:\n  value: 1\n")
+    script = "import yaml; open('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['make']))"
+    (first / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "make": {"cmd": f'python -c "{script}"', "params": ["make.value"], "outs": ["out.txt"]}
+                }
+            }
+        )
+    )
+    dvc(first, "repro", "make")
+    dvc(first, "push", "make")
+    git("add", "-A", cwd=first)
+    git("commit", "-qm", "made", cwd=first)
+
+    second = tmp_path / "second"
+    git("clone", "-q", str(first), str(second), cwd=tmp_path)
+    assert only_outputs_missing(second, "make")  # unchanged, only its output absent
+    pull_own_outputs.fn(second, "make", None)
+    assert (second / "out.txt").read_text() == (first / "out.txt").read_text()
+    assert "didn't change" in dvc(second, "repro", "--single-item", "make")
+    assert not only_outputs_missing(second, "make")  # nothing missing now
+
+    third = tmp_path / "third"
+    git("clone", "-q", str(first), str(third), cwd=tmp_path)
+    (third / "params.yaml").write_text("make:\n  value: 2\n")
+    assert not only_outputs_missing(third, "make")  # changed params: the stage must run
+
+    # A strict pull of files the remote never had is not a network failure: not retried.
+    from flows.dvc import DvcCommandError, DvcTransferError
+
+    (first / "params.yaml").write_text("make:\n  value: 3\n")
+    dvc(first, "repro", "make")  # made but never pushed
+    git("commit", "-qam", "remade", cwd=first)
+    fourth = tmp_path / "fourth"
+    git("clone", "-q", str(first), str(fourth), cwd=tmp_path)
+    with pytest.raises(DvcCommandError, match=r"the remote lacks files dvc\.lock names") as missing:
+        dvc(fourth, "pull", "make")
+    assert not isinstance(missing.value, DvcTransferError)
+    pull_own_outputs.fn(fourth, "make", None)  # best effort: leaves the stage to make them
