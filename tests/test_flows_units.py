@@ -220,3 +220,38 @@ def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_run
         dvc(fourth, "pull", "make")
     assert not isinstance(missing.value, DvcTransferError)
     pull_own_outputs.fn(fourth, "make", None)  # best effort: leaves the stage to make them
+
+
+def _direct_imtok_imports(script: Path) -> set[Path]:
+    """The imtok module files ``script`` imports itself (at any level of its code)."""
+    import ast
+
+    def module_file(name: str) -> Path | None:
+        base = REPO / name.replace(".", "/")
+        return base.with_suffix(".py") if base.with_suffix(".py").is_file() else None
+
+    found = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        found |= {module_file(name) for name in names if name.startswith("imtok.")} - {None}
+    return found
+
+
+def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_deps():
+    # Otherwise a change to, say, how images are read reruns prepare (byte-identical shards) and
+    # DVC skips the stages whose results it changes.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = REPO / (stage["cmd"].split(" -m ")[1].split()[0].replace(".", "/") + ".py")
+        deps = [REPO / dep for dep in stage.get("deps", [])]
+        uncovered = {
+            str(path.relative_to(REPO))
+            for path in _direct_imtok_imports(script)
+            if not any(path == dep or dep in path.parents for dep in deps)
+        }
+        assert not uncovered, f"dvc.yaml stage {name}: add {sorted(uncovered)} to its deps"
