@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.dag import read_stages, select, upstream
-from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry
+from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment
 from imtok.overrides import write_overrides
 
 TRANSFER_RETRIES = 3
@@ -173,7 +173,7 @@ def pipeline(
         if transfer and stage.outs:
             push_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)
     if experiment:
-        dvc(root, "exp", "save", "--force", "--name", experiment)
+        save_experiment(root, experiment)
     return {"stages": results, "metrics": read_metrics(root), "experiment": experiment}
 
 

@@ -255,3 +255,34 @@ def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_de
             if not any(path == dep or dep in path.parents for dep in deps)
         }
         assert not uncovered, f"dvc.yaml stage {name}: add {sorted(uncovered)} to its deps"
+
+
+def test_a_saved_experiment_carries_the_uncached_metrics_so_applying_it_brings_them_back(tmp_path):
+    import subprocess
+
+    from flows.dvc import dvc, save_experiment, uncached_outputs
+
+    assert {"metrics/tokenizer.json", "metrics/generation.json", "reports/train_tokenizer.json"} <= set(
+        uncached_outputs(REPO)
+    )
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    for key, value in (("user.email", "ci@example.org"), ("user.name", "ci")):
+        subprocess.run(["git", "config", key, value], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text("make:\n  value: 1\n")
+    script = (
+        "import json, os, yaml; os.makedirs('metrics', exist_ok=True); "
+        "value = yaml.safe_load(open('params.yaml'))['make']['value']; "
+        "json.dump({'score': value}, open('metrics/m.json', 'w'))"
+    )
+    metrics = [{"metrics/m.json": {"cache": False}}]
+    stage = {"cmd": f'python -c "{script}"', "params": ["make.value"], "metrics": metrics}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "stage"], cwd=tmp_path, check=True)
+    for value in (1, 2):
+        (tmp_path / "params.yaml").write_text(f"make:\n  value: {value}\n")
+        dvc(tmp_path, "repro", "make")
+        save_experiment(tmp_path, f"value-{value}")
+    dvc(tmp_path, "exp", "apply", "value-1")
+    assert yaml.safe_load((tmp_path / "metrics" / "m.json").read_text()) == {"score": 1}
