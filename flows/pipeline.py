@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 
 from flows.dag import read_stages, select, upstream
@@ -141,6 +142,18 @@ def read_metrics(project: Path) -> dict[str, Any]:
     return flat
 
 
+def metric_writers(project: Path) -> set[str]:
+    """The stages whose dvc.yaml ``metrics`` write ``metrics/*.json`` (what ``read_metrics`` reads)."""
+    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return {
+        name
+        for name, body in stages.items()
+        for item in body.get("metrics") or []
+        for path in (item if isinstance(item, dict) else {item: None})
+        if str(path).startswith("metrics/")
+    }
+
+
 @flow(name="imtok-pipeline", log_prints=True)
 def pipeline(
     project: str | None = None,
@@ -174,7 +187,12 @@ def pipeline(
             push_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)
     if experiment:
         save_experiment(root, experiment)
-    return {"stages": results, "metrics": read_metrics(root), "experiment": experiment}
+    # The metric files describe this run only when the stages that write them were reproduced here
+    # (run, or skipped by DVC as current); otherwise they are an earlier run's.
+    missing = metric_writers(root) - {stage.name for stage in chosen}
+    if missing:
+        get_run_logger().info("metrics left out: %s not among the stages run", ", ".join(sorted(missing)))
+    return {"stages": results, "metrics": {} if missing else read_metrics(root), "experiment": experiment}
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
     assert json.loads(status) == {}
     again = pipeline(project=str(by_flow))
     assert not any(row["ran"] for row in again["stages"])
+    assert again["metrics"] == result["metrics"]  # evaluate reproduced (as current): its metrics stand
+    subset = pipeline(project=str(by_flow), stages=["sample"])
+    assert subset["metrics"] == {}  # without evaluate the metric files may be an earlier run's
 
     # A sweep over two points that change only the sampler: DVC reruns sample and evaluate only,
     # each point becomes a DVC experiment, params.yaml is restored, one table holds both rows.

@@ -286,3 +286,9 @@ def test_a_saved_experiment_carries_the_uncached_metrics_so_applying_it_brings_t
         save_experiment(tmp_path, f"value-{value}")
     dvc(tmp_path, "exp", "apply", "value-1")
     assert yaml.safe_load((tmp_path / "metrics" / "m.json").read_text()) == {"score": 1}
+
+
+def test_metrics_come_from_the_evaluate_stage_so_a_run_without_it_reports_none():
+    from flows.pipeline import metric_writers
+
+    assert metric_writers(REPO) == {"evaluate"}
