@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from flows.pipeline import pipeline, project_root
 from imtok.atomic import write_text_atomic
 from imtok.overrides import validated
 from imtok.params import load_yaml
+
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.))*")
 
 
 def flat_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -38,6 +41,13 @@ def check_points(params_path: Path, points: list[dict[str, Any]]) -> None:
     names = [point.get("name") for point in points]
     if any(not name for name in names) or len(set(names)) != len(names):
         raise ValueError(f"sweep: every point needs a unique 'name'; got {names}")
+    for name in names:
+        # The name becomes a DVC experiment, a git ref: checked here, not after the point's training.
+        if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")):
+            raise ValueError(
+                f"sweep point {name!r}: not usable as a DVC experiment name; use letters, digits, '.', "
+                "'_' and '-', starting with a letter or digit (e.g. 'lr-3e-4')"
+            )
     for point in points:
         try:
             validated(params_path, point.get("overrides") or {})

@@ -79,6 +79,10 @@ def test_sweep_points_need_unique_names_and_valid_overrides():
     check_points(params, [{"name": "a", "overrides": {"sample": {"seed": 1}}}])
     with pytest.raises(ValueError, match="unique 'name'"):
         check_points(params, [{"name": "a"}, {"name": "a"}])
+    check_points(params, [{"name": "lr-3e-4"}, {"name": "v1.2_b"}])
+    for bad in ("lr 0.003", "a/b", "a..b", ".hidden", "-x", "x.lock", "x.", 7):
+        with pytest.raises(ValueError, match="not usable as a DVC experiment name"):
+            check_points(params, [{"name": "fine"}, {"name": bad}])
     with pytest.raises(ValueError, match=r"sweep point 'bad'.*levels"):
         check_points(params, [{"name": "bad", "overrides": {"tokenizer": {"levels": [1, 5]}}}])
     with pytest.raises(ValueError, match="no points"):
