@@ -2,8 +2,9 @@
 
 A point is ``{"name": ..., "overrides": {section: {key: value}}}``. Every point is validated before
 the first one runs. Each point starts from the params.yaml the sweep found (restored after the
-sweep too), so points never leak into each other; ``dvc exp apply <name>`` brings one back.
-Unchanged stages (e.g. ``prepare`` for every point) are skipped by DVC's cache.
+sweep too, with its dvc.lock and outputs), so points never leak into each other;
+``dvc exp apply <name>`` brings one back. Unchanged stages (e.g. ``prepare`` for every point) are
+skipped by DVC's cache.
 
     python -m flows.sweep points.yaml --table reports/sweep.csv
 """
@@ -19,8 +20,9 @@ from typing import Any
 
 from prefect import flow
 
+from flows.dvc import DvcCommandError, dvc, uncached_outputs
 from flows.pipeline import pipeline, project_root
-from imtok.atomic import write_text_atomic
+from imtok.atomic import write_bytes_atomic, write_text_atomic
 from imtok.overrides import validated
 from imtok.params import load_yaml
 
@@ -81,6 +83,11 @@ def sweep(
     params_path = root / "params.yaml"
     check_points(params_path, points)
     baseline = params_path.read_text()
+    lock_path = root / "dvc.lock"
+    baseline_lock = lock_path.read_text() if lock_path.is_file() else None
+    # Outputs with cache: false (metrics, reports) are not in DVC's cache to check out again.
+    present = [path for path in uncached_outputs(root) if (root / path).is_file()]
+    uncached = {path: (root / path).read_bytes() for path in present}
     rows = []
     try:
         for point in points:
@@ -106,7 +113,23 @@ def sweep(
             write_table(rows, root / table)  # a partial table survives a failing point
     finally:
         write_text_atomic(params_path, baseline)
+        if baseline_lock is not None:
+            restore_outputs(root, lock_path, baseline_lock, uncached)
     return rows
+
+
+def restore_outputs(root: Path, lock_path: Path, baseline_lock: str, uncached: dict[str, bytes]) -> None:
+    """Put back the dvc.lock the sweep found, the uncached outputs as they were, and check the cached
+    ones out of DVC's cache, so the workspace is the baseline again (each point stays in its
+    experiment). Where the cache lacks an output the workspace keeps the last point's, and a message
+    says how to get the baseline's."""
+    write_text_atomic(lock_path, baseline_lock)
+    for path, content in uncached.items():
+        write_bytes_atomic(root / path, content)
+    try:
+        dvc(root, "checkout", "--force")
+    except DvcCommandError as error:
+        print(f"sweep: params.yaml and dvc.lock are restored, but not every output: {error}; run `dvc pull`")
 
 
 def main() -> None:

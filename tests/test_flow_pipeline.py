@@ -91,6 +91,8 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
     assert rows[0]["generation.fid_fmnist"] != rows[1]["generation.fid_fmnist"]
     assert rows[0]["tokenizer.psnr"] == rows[1]["tokenizer.psnr"]  # same tokenizer, not retrained
     assert (by_flow / "params.yaml").read_text() == before
+    status = run(["dvc", "status", "--json"], by_flow, environment(by_flow))
+    assert json.loads(status) == {}  # dvc.lock and the outputs are the baseline's again
     table = (by_flow / "reports" / "sweep.csv").read_text().splitlines()
     assert len(table) == 3 and "generation.fid_fmnist" in table[0]
     experiments = run(["dvc", "exp", "list", "--name-only"], by_flow, environment(by_flow))

@@ -99,11 +99,11 @@ def test_an_output_renamed_aside_by_a_killed_swap_is_restored_not_deleted(tmp_pa
 
 
 def test_an_atomic_text_write_keeps_the_old_file_whole_when_it_fails(tmp_path, umask_022):
-    from imtok.atomic import write_text_atomic
+    from imtok.atomic import write_bytes_atomic, write_text_atomic
 
     path = tmp_path / "reports" / "train.json"
     write_text_atomic(path, "old\n")
     assert mode(path) == 0o644 and path.read_text() == "old\n"
     with pytest.raises(TypeError):
-        write_text_atomic(path, b"not text")  # fails inside the write
+        write_bytes_atomic(path, "not bytes")  # fails inside the write
     assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == ["train.json"]
