@@ -48,7 +48,8 @@ def check_points(params_path: Path, points: list[dict[str, Any]]) -> None:
         if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")):
             raise ValueError(
                 f"sweep point {name!r}: not usable as a DVC experiment name; use letters, digits, '.', "
-                "'_' and '-', starting with a letter or digit (e.g. 'lr-3e-4')"
+                "'_' and '-', starting with a letter or digit (e.g. 'lr-3e-4'; quote a name that YAML "
+                "would read as a number)"
             )
     for point in points:
         try:

@@ -48,6 +48,15 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"levels": [8, 1], "codebook_size": None}}, "tokenizer.levels[1]"),
         ({"tokenizer": {"quantizer": "vq", "levels": [8, 5]}}, "tokenizer.levels"),
         ({"tokenizer": {"quantizer_options": {"bogus": 1}}}, "tokenizer.quantizer_options"),
+        (
+            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"ema": "off"}}},
+            "tokenizer.quantizer_options.ema",
+        ),
+        ({"tokenizer": {"quantizer_options": {"fused": "yes"}}}, "tokenizer.quantizer_options.fused"),
+        (
+            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"beta": "0.25"}}},
+            "tokenizer.quantizer_options.beta",
+        ),
         ({"tokenizer": {"betas": [0.9]}}, "tokenizer.betas"),
         ({"tokenizer": {"warmup_steps": 700}}, "tokenizer.warmup_steps"),
         ({"tokenizer": {"grad_clip": 0}}, "tokenizer.grad_clip"),
