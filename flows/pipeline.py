@@ -25,7 +25,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from flows.dag import read_stages, select, upstream
-from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment
+from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment, uncached_outputs
 from imtok.overrides import write_overrides
 
 TRANSFER_RETRIES = 3
@@ -77,16 +77,22 @@ def pull_own_outputs(project: Path, stage: str, remote: str | None) -> None:
 
 
 def only_outputs_missing(project: Path, stage: str) -> bool:
-    """``dvc status`` finds nothing changed for ``stage`` but its outputs missing from the workspace
-    and the cache: a fresh checkout of a commit whose outputs another host pushed. Anything else
-    (changed params, code or inputs; a stage without a lock entry) means the stage must run."""
+    """``dvc status`` finds nothing changed for ``stage`` but cached outputs missing from the
+    workspace and the cache: a fresh checkout of a commit whose outputs another host pushed. Anything
+    else means the stage must run: changed params, code or inputs, no lock entry, or a missing
+    ``cache: false`` output (reports, metrics), which git keeps and no remote can give back: commit
+    those with dvc.lock."""
     output = dvc(project, "status", "--json", stage)
     found = [line for line in output.splitlines() if line.startswith("{")]
     entries = json.loads(found[-1]).get(stage, []) if found else []
+    uncached = set(uncached_outputs(project))
     return bool(entries) and all(
         isinstance(entry, dict)
         and set(entry) == {"changed outs"}
-        and all(state in ("not in cache", "deleted") for state in entry["changed outs"].values())
+        and all(
+            state in ("not in cache", "deleted") and path not in uncached
+            for path, state in entry["changed outs"].items()
+        )
         for entry in entries
     )
 

@@ -211,6 +211,16 @@ def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_run
     git("clone", "-q", str(first), str(third), cwd=tmp_path)
     (third / "params.yaml").write_text("make:\n  value: 2\n")
     assert not only_outputs_missing(third, "make")  # changed params: the stage must run
+    (third / "params.yaml").write_text("make:\n  value: 1\n")
+    assert only_outputs_missing(third, "make")
+    # A cache: false output (a report) that git does not hold cannot come from the remote.
+    stage = yaml.safe_load((third / "dvc.yaml").read_text())
+    stage["stages"]["make"]["metrics"] = [{"report.json": {"cache": False}}]
+    (third / "dvc.yaml").write_text(yaml.safe_dump(stage))
+    lock = yaml.safe_load((third / "dvc.lock").read_text())
+    lock["stages"]["make"]["outs"].append({"path": "report.json", "hash": "md5", "md5": "0" * 32, "size": 2})
+    (third / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert not only_outputs_missing(third, "make")
 
     # A strict pull of files the remote never had is not a network failure: not retried.
     from flows.dvc import DvcCommandError, DvcTransferError
