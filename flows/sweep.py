@@ -2,7 +2,8 @@
 
 A point is ``{"name": ..., "overrides": {section: {key: value}}}``. Every point is validated before
 the first one runs. Each point starts from the params.yaml the sweep found (restored after the
-sweep too, with its dvc.lock and outputs), so points never leak into each other;
+sweep too, with the dvc.lock and outputs it found, if it found a dvc.lock), so points never leak
+into each other;
 ``dvc exp apply <name>`` brings one back. Unchanged stages (e.g. ``prepare`` for every point) are
 skipped by DVC's cache.
 
@@ -87,8 +88,7 @@ def sweep(
     lock_path = root / "dvc.lock"
     baseline_lock = lock_path.read_text() if lock_path.is_file() else None
     # Outputs with cache: false (metrics, reports) are not in DVC's cache to check out again.
-    present = [path for path in uncached_outputs(root) if (root / path).is_file()]
-    uncached = {path: (root / path).read_bytes() for path in present}
+    uncached = uncached_snapshot(root)
     rows = []
     try:
         for point in points:
@@ -119,18 +119,36 @@ def sweep(
     return rows
 
 
-def restore_outputs(root: Path, lock_path: Path, baseline_lock: str, uncached: dict[str, bytes]) -> None:
-    """Put back the dvc.lock the sweep found, the uncached outputs as they were, and check the cached
-    ones out of DVC's cache, so the workspace is the baseline again (each point stays in its
-    experiment). Where the cache lacks an output the workspace keeps the last point's, and a message
-    says how to get the baseline's."""
+def uncached_snapshot(root: Path) -> dict[str, bytes | None]:
+    """The bytes of every ``cache: false`` output dvc.yaml declares (None where absent): DVC's cache
+    holds no copy of them to check out again."""
+    return {
+        path: (root / path).read_bytes() if (root / path).is_file() else None
+        for path in uncached_outputs(root)
+    }
+
+
+def restore_outputs(
+    root: Path, lock_path: Path, baseline_lock: str, uncached: dict[str, bytes | None]
+) -> None:
+    """Put back the dvc.lock the sweep found and the uncached outputs as they were (removing those it
+    did not find), and check the cached ones out of DVC's cache, so the workspace is the baseline
+    again (each point stays in its experiment). A baseline output the cache lacks cannot be checked
+    out: a message says to pull or rerun it. (Where the sweep found no dvc.lock there is no baseline
+    to go back to, and the last point's lock and outputs stay.)"""
     write_text_atomic(lock_path, baseline_lock)
     for path, content in uncached.items():
-        write_bytes_atomic(root / path, content)
+        if content is None:
+            (root / path).unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(root / path, content)
     try:
         dvc(root, "checkout", "--force")
     except DvcCommandError as error:
-        print(f"sweep: params.yaml and dvc.lock are restored, but not every output: {error}; run `dvc pull`")
+        print(
+            f"sweep: params.yaml and dvc.lock are restored, but not every output: {error}; run `dvc pull` "
+            "or `dvc repro` for the rest"
+        )
 
 
 def main() -> None:

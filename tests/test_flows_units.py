@@ -306,3 +306,34 @@ def test_metrics_come_from_the_evaluate_stage_so_a_run_without_it_reports_none()
     from flows.pipeline import metric_writers
 
     assert metric_writers(REPO) == {"evaluate"}
+
+
+def test_after_a_sweep_the_lock_and_every_output_are_the_baselines_again(tmp_path):
+    import subprocess
+
+    from flows.dvc import dvc
+    from flows.sweep import restore_outputs, uncached_snapshot
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    script = (
+        "import json, yaml; value = yaml.safe_load(open('params.yaml'))['make']['value']; "
+        "open('out.txt', 'w').write(str(value)); json.dump({'value': value}, open('report.json', 'w')); "
+        "json.dump({'value': value}, open('extra.json', 'w'))"
+    )
+    stage = {"cmd": f'python -c "{script}"', "params": ["make.value"], "outs": ["out.txt"]}
+    stage["metrics"] = [{"report.json": {"cache": False}}, {"extra.json": {"cache": False}}]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
+    (tmp_path / "params.yaml").write_text("make:\n  value: 1\n")
+    dvc(tmp_path, "repro", "make")
+    (tmp_path / "extra.json").unlink()  # e.g. a report the checkout never held
+    lock, found = (tmp_path / "dvc.lock").read_text(), uncached_snapshot(tmp_path)
+    assert found["extra.json"] is None and found["report.json"] is not None
+    (tmp_path / "params.yaml").write_text("make:\n  value: 2\n")  # a sweep point, then params put back
+    dvc(tmp_path, "repro", "make")
+    (tmp_path / "params.yaml").write_text("make:\n  value: 1\n")
+    restore_outputs(tmp_path, tmp_path / "dvc.lock", lock, found)
+    assert (tmp_path / "dvc.lock").read_text() == lock
+    assert (tmp_path / "out.txt").read_text() == "1"  # checked out of the cache
+    assert yaml.safe_load((tmp_path / "report.json").read_text()) == {"value": 1}
+    assert not (tmp_path / "extra.json").exists()  # not the last point's, passing for the baseline's
