@@ -242,7 +242,9 @@ def _direct_imtok_imports(script: Path) -> set[Path]:
 
     def module_file(name: str) -> Path | None:
         base = REPO / name.replace(".", "/")
-        return base.with_suffix(".py") if base.with_suffix(".py").is_file() else None
+        if base.with_suffix(".py").is_file():
+            return base.with_suffix(".py")
+        return base / "__init__.py" if (base / "__init__.py").is_file() and name != "imtok" else None
 
     found = set()
     for node in ast.walk(ast.parse(script.read_text())):
