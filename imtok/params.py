@@ -649,22 +649,7 @@ class Params:
                 f"({factor}); use a multiple of {factor} such as {suggestion}"
             )
 
-        if self.tokenizer.gan_weight > 0:
-            from imtok.losses import patch_logits_size
-
-            layers = self.tokenizer.disc_layers
-            if patch_logits_size(self.prepare.image_size, layers) < 1:
-                fitting = [n for n in range(1, layers) if patch_logits_size(self.prepare.image_size, n) >= 1]
-                advice = (
-                    f"use tokenizer.disc_layers <= {fitting[-1]}"
-                    if fitting
-                    else "use larger images or set tokenizer.gan_weight to 0"
-                )
-                raise ValueError(
-                    f"tokenizer.disc_layers: {layers} discriminator layers shrink "
-                    f"prepare.image_size={self.prepare.image_size} images below one logit, so training "
-                    f"would fail when the GAN starts (step {self.tokenizer.gan_start_step}); {advice}"
-                )
+        check_discriminator_depth(self.tokenizer, self.prepare.image_size, "prepare.image_size")
 
     def tokenizer_config(self, channels: int, image_size: int) -> Any:
         """The ``TokenizerConfig`` these params describe for images of ``channels`` x ``image_size``^2."""
@@ -701,6 +686,28 @@ class Params:
             )
         hints = typing.get_type_hints(cls)
         return cls(**{name: hints[name].from_dict(raw[name]) for name in sections if name in raw})
+
+
+def check_discriminator_depth(tokenizer: TokenizerParams, image_size: int, source: str) -> None:
+    """With a GAN, refuse a discriminator too deep for ``image_size`` images (``source`` names where
+    that size comes from): its convolutions would fail when the GAN starts, on every resume too."""
+    if tokenizer.gan_weight <= 0:
+        return
+    from imtok.losses import patch_logits_size
+
+    layers = tokenizer.disc_layers
+    if patch_logits_size(image_size, layers) < 1:
+        fitting = [n for n in range(1, layers) if patch_logits_size(image_size, n) >= 1]
+        advice = (
+            f"use tokenizer.disc_layers <= {fitting[-1]}"
+            if fitting
+            else "use larger images or set tokenizer.gan_weight to 0"
+        )
+        raise ValueError(
+            f"tokenizer.disc_layers: {layers} discriminator layers shrink {source}={image_size} images "
+            f"below one logit, so training would fail when the GAN starts (step "
+            f"{tokenizer.gan_start_step}); {advice}"
+        )
 
 
 def load_yaml(text: str) -> Any:

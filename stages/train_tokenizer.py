@@ -29,7 +29,7 @@ from typing import Any
 from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.models.files import file_sha256, save_model_file
-from imtok.params import Params, TokenizerParams
+from imtok.params import Params, TokenizerParams, check_discriminator_depth
 from imtok.runtime import (
     Runtime,
     agreed_fingerprint,
@@ -135,6 +135,8 @@ def train(
 
     section = params.tokenizer
     channels, image_size, train_meta = data_shape(shards_dir, section.downsample)
+    # The shards' size is what trains, whatever prepare.image_size says now.
+    check_discriminator_depth(section, image_size, f"{shards_dir / 'train'}: image_size")
     config = params.tokenizer_config(channels, image_size)
     runtime = runtime or setup_runtime(
         section.device, section.precision, dist_timeout_s=section.dist_timeout_s

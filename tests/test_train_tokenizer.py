@@ -361,3 +361,27 @@ def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp
     for name, value in eager["state_dict"].items():
         if value.is_floating_point():
             torch.testing.assert_close(compiled["state_dict"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_discriminator_too_deep_for_the_shards_images_is_refused_before_training(
+    tiny_shards, tmp_path, mlflow_store
+):
+    # prepare.image_size says 32 (deep enough), but the shards hold the 16x16 images that train.
+    params = Params.from_dict(
+        {
+            "prepare": {**TINY["prepare"], "image_size": 32},
+            "tokenizer": {**TINY["tokenizer"], "gan_weight": 0.1},
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"^tokenizer\.disc_layers: 3 .*/train: image_size=16 .* disc_layers <= 2$"
+    ):
+        train(
+            params,
+            shards_dir=tiny_shards,
+            out_dir=tmp_path / "out",
+            checkpoint_root=tmp_path / "checkpoints",
+            register=False,
+            runtime=CPU,
+        )
+    assert not (tmp_path / "checkpoints").exists()
