@@ -373,9 +373,8 @@ def test_a_discriminator_too_deep_for_the_shards_images_is_refused_before_traini
             "tokenizer": {**TINY["tokenizer"], "gan_weight": 0.1},
         }
     )
-    with pytest.raises(
-        ValueError, match=r"^tokenizer\.disc_layers: 3 .*/train: image_size=16 .* disc_layers <= 2$"
-    ):
+    expected = r"^tokenizer\.disc_layers: 3 .*/train: image_size=16 .* use tokenizer\.disc_layers <= 2$"
+    with pytest.raises(ValueError, match=expected):
         train(
             params,
             shards_dir=tiny_shards,
