@@ -59,11 +59,14 @@ def time_call(
     if burst is None:
         burst = device.type == "cuda"
     calls = 1
-    if burst:
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        calls = burst_size(time.perf_counter() - start, burst)
+    if burst:  # sized from the median of three single calls, so one slow call does not shrink it
+        singles = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            singles.append(time.perf_counter() - start)
+        calls = burst_size(statistics.median(singles), burst)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -139,12 +139,12 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
         if device.type == "cuda":  # on a CPU the only peak is the process's, shared by both models
             # The other model is resident too, with more or less state depending on the order: count
             # this run's own state plus its step's rise above what was allocated before it.
-            before = torch.cuda.memory_allocated(device)
+            before, resident = torch.cuda.memory_allocated(device), run.resident_bytes()
             torch.cuda.reset_peak_memory_stats(device)
             run.step()
             synchronize(device)
             rise = torch.cuda.max_memory_allocated(device) - before
-            results[name]["peak_mib"] = (rise + run.resident_bytes()) / 2**20
+            results[name]["peak_mib"] = (resident + rise) / 2**20
     per_round = max(1, args.steps // args.rounds)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     utilisation = {name: UtilisationSampler(device) for name in runs}

@@ -221,7 +221,7 @@ def test_time_call_times_bursts_per_call_where_asked_and_single_calls_otherwise(
     assert len(calls) == 1 + 3 and seconds >= 0  # on a CPU, one call per sample
     calls.clear()
     seconds = time_call(lambda: calls.append(1), torch.device("cpu"), warmup=1, repeats=3, burst=True)
-    bursts, rest = divmod(len(calls) - 2, 3)  # less the warm-up and the probe call
+    bursts, rest = divmod(len(calls) - 4, 3)  # less the warm-up and the three probe calls
     assert rest == 0 and bursts > 1 and 0 <= seconds < BURST_S  # a call of microseconds: many per sample
     assert burst_size(1e-9, True) == MAX_BURST
     assert burst_size(BURST_S / 4, True) == 4 and burst_size(1.0, True) == 1 and burst_size(1e-9, False) == 1
