@@ -176,9 +176,8 @@ def test_grid_positions_pick_the_first_samples_of_each_class(labels, total, per_
     assert grid_positions(tensor, total, per_row) == (expected, width)
 
 
-def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
-    tiny_tokens, tmp_path, one_thread
-):
+def train_two_step_prior(tiny_tokens: Path, tmp_path: Path) -> None:
+    """A MaskGIT prior of two steps on the tiny tokens, exported to ``tmp_path / "prior"``."""
     train(
         prior_params("maskgit", total_steps=2, warmup_steps=1, val_batches=0),
         tokens_dir=tiny_tokens / "tokens",
@@ -187,6 +186,12 @@ def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
         register=False,
         runtime=CPU,
     )
+
+
+def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
+    tiny_tokens, tmp_path, one_thread
+):
+    train_two_step_prior(tiny_tokens, tmp_path)
     torch.manual_seed(1)
     config = TokenizerConfig(in_channels=1, image_size=16, base_channels=8, codebook_size=256)
     save_model_file(
@@ -211,14 +216,7 @@ def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
 def test_more_maskgit_steps_than_tokens_are_refused_before_the_tokenizer_is_fetched(
     tiny_tokens, tmp_path, one_thread
 ):
-    train(
-        prior_params("maskgit", total_steps=2, warmup_steps=1, val_batches=0),
-        tokens_dir=tiny_tokens / "tokens",
-        out_dir=tmp_path / "prior",
-        checkpoint_root=tmp_path / "checkpoints",
-        register=False,
-        runtime=CPU,
-    )
+    train_two_step_prior(tiny_tokens, tmp_path)
     tokens = read_meta(tiny_tokens / "tokens" / "train")["grid"]
     num_tokens = tokens[0] * tokens[1]
     # A tokenizer that is not there: the steps are refused before it would be looked for.
