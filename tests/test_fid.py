@@ -392,6 +392,14 @@ def test_classifier_features_are_named_after_the_classifier(no_cached_weights):
     assert torch.equal(to_uint8(to_float(every_value).bfloat16()), every_value)
     with pytest.raises(ValueError, match="trained on 16x16 images, got 32x32"):
         extractor(torch.rand(2, 1, 32, 32))
+    # A classifier the caller trains on stays in training mode; features use BatchNorm's running
+    # statistics and leave them as they were.
+    classifier.train()
+    running = {name: value.clone() for name, value in classifier.state_dict().items()}
+    torch.testing.assert_close(extractor(images), features.features)
+    assert classifier.training
+    for name, value in classifier.state_dict().items():
+        assert torch.equal(value, running[name]), name
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\)"):
         extractor(torch.rand(2, 3, 16, 16))
 

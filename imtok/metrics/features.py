@@ -22,6 +22,7 @@ from torch import Tensor
 
 from imtok.data.shards import to_float
 from imtok.metrics.inception import InceptionFeatures, load_inception_weights
+from imtok.models.autoencoder import evaluating
 from imtok.models.classifier import Classifier, load_classifier
 
 STANDARD_NAME = InceptionFeatures.name  # the only extractor whose metrics carry the bare names
@@ -52,7 +53,7 @@ class ClassifierFeatures:
     """
 
     def __init__(self, classifier: Classifier) -> None:
-        self.classifier = classifier.eval()
+        self.classifier = classifier  # put in eval mode for each call, then left as the caller had it
         self.name = classifier.config.name
         self.feature_dim = classifier.feature_dim
 
@@ -77,7 +78,8 @@ class ClassifierFeatures:
             images = to_float(images)
         device = next(self.classifier.parameters()).device
         images = images.to(device).expand(-1, config.in_channels, -1, -1)
-        return self.classifier.features(images).float()
+        with evaluating(self.classifier):  # BatchNorm's running statistics, not the batch's, and no update
+            return self.classifier.features(images).float()
 
 
 class ExtractedFeatures(NamedTuple):
