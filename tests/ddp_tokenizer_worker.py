@@ -21,7 +21,7 @@ def main() -> None:
             "prepare": {"source": "synthetic", "image_size": 16},
             "tokenizer": {
                 "quantizer": quantizer,
-                "codebook_size": 64,
+                "codebook_size": 256 if quantizer == "fsq" else 64,  # fsq: the paper's levels for 2^8
                 "base_channels": 8,
                 "batch_size": 8,
                 "total_steps": 3,

@@ -246,7 +246,7 @@ def test_how_often_a_run_validates_does_not_change_its_weights(tiny_shards, tmp_
         assert torch.equal(states[1][name], value), name
 
 
-@pytest.mark.parametrize("quantizer", ["vq"])
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
 def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_path, quantizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = torchrun_command(
@@ -267,7 +267,11 @@ def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_pa
     initial = Params.from_dict(
         {
             "prepare": {"image_size": 16},
-            "tokenizer": {"base_channels": 8, "quantizer": quantizer, "codebook_size": 64},
+            "tokenizer": {
+                "base_channels": 8,
+                "quantizer": quantizer,
+                "codebook_size": 256 if quantizer == "fsq" else 64,
+            },
         }
     )
     from imtok.models.autoencoder import Tokenizer

@@ -138,7 +138,9 @@ class FSQ(nn.Module):
         basis = torch.cumprod(torch.tensor([1, *self.levels[:-1]], dtype=torch.int64), dim=0)
 
         def channel_buffer(name: str, values: Tensor) -> None:
-            self.register_buffer(name, values.view(1, -1, 1, 1), persistent=False)
+            # (C, 1, 1), broadcasting over (B, C, H, W) latents: a 4-D (1, C, 1, 1) buffer would be
+            # made channels_last with the model, strides that overlap, which DDP cannot broadcast into.
+            self.register_buffer(name, values.view(-1, 1, 1), persistent=False)
 
         channel_buffer("_half_l", half_l.float())
         channel_buffer("_offset", offset.float())
