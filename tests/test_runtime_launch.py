@@ -239,3 +239,33 @@ def test_resolve_device_refuses_unknown_names(device):
 
     with pytest.raises(ValueError, match=rf"sample\.device: unknown device '{device}'"):
         resolve_device(device, key="sample.device")
+
+
+def _losses_rank(rank: int, world_size: int, port: int, out_dir: str, same: bool) -> None:
+    from imtok.runtime import Runtime
+    from imtok.trainers.tokenizer import agreed_losses
+
+    join_gloo(rank, world_size, port, timeout_s=60)
+    runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, owns_process_group=True)
+    # As when only some nodes find VGG-19 weights: there the perceptual loss is on.
+    disabled = {} if same or rank == 0 else {"perceptual": "no VGG-19 weights found"}
+    try:
+        agreed_losses(disabled, runtime)
+        result = "agreed"
+    except ValueError as error:
+        result = f"error: {error}"
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.txt").write_text(result)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_that_would_train_different_losses_all_stop_naming_each(tmp_path, same):
+    spawn_ranks(_losses_rank, 2, 2, free_port(), str(tmp_path), same, limit_s=90)
+    results = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    if same:
+        assert results == ["agreed", "agreed"]
+    else:
+        assert results[0] == results[1]
+        assert results[0].startswith("error: tokenizer.vgg_weights: the ranks found different VGG-19 weights")
+        assert "rank 0: none off; rank 1: perceptual off" in results[0]

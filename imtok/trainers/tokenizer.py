@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -246,6 +247,28 @@ def reseed_rank(seed: int, rank: int, step: int) -> None:
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
+def agreed_losses(disabled: Mapping[str, str], runtime: Runtime) -> None:
+    """Raise the same ValueError on every rank unless all ranks switched off the same losses.
+
+    Whether the perceptual and contrastive losses run depends on the VGG-19 weights each rank finds
+    (``tokenizer.vgg_weights``, else the node's caches). Ranks on nodes that differ there would
+    average gradients of different objectives and then stop in a collective of mismatched size.
+    """
+    if not runtime.distributed:
+        return
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, sorted(disabled))
+    if any(value != gathered[0] for value in gathered):
+        listing = "; ".join(
+            f"rank {rank}: {', '.join(value) or 'none'} off" for rank, value in enumerate(gathered)
+        )
+        raise ValueError(
+            f"tokenizer.vgg_weights: the ranks found different VGG-19 weights, so they would train "
+            f"different losses ({listing}); set tokenizer.vgg_weights to a file every node can read, or "
+            "put the weights in every node's cache"
+        )
+
+
 def train_tokenizer(
     params: TokenizerParams,
     config: TokenizerConfig,
@@ -270,6 +293,7 @@ def train_tokenizer(
     if p.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = TokenizerObjective(p, config.in_channels).to(device)
+    agreed_losses(objective.disabled, runtime)
     if p.channels_last:
         objective = objective.to(memory_format=torch.channels_last)  # the discriminator's convolutions
     discriminator = objective.discriminator
