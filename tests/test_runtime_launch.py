@@ -150,13 +150,20 @@ def test_the_code_digest_follows_the_package_source_and_the_extra_files(tmp_path
     assert digest() not in (first, second)
 
 
-def _fingerprint_rank(rank: int, world_size: int, port: int, out_dir: str, same: bool) -> None:
+def _agreement_rank(rank: int, world_size: int, port: int, out_dir: str, check: str, same: bool) -> None:
+    """One rank of a 2-rank agreement check: rank 1 differs unless ``same``; writes what it got."""
     from imtok.runtime import Runtime, agreed_fingerprint
+    from imtok.trainers.tokenizer import agreed_losses
 
     join_gloo(rank, world_size, port, timeout_s=60)
     runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, owns_process_group=True)
+    differs = not same and rank == 1
     try:
-        result = agreed_fingerprint("aaaa" if same or rank == 0 else "bbbb", runtime, "tokenizer")
+        if check == "fingerprint":
+            result = agreed_fingerprint("bbbb" if differs else "aaaa", runtime, "tokenizer")
+        else:  # as when only some nodes find VGG-19 weights: there the perceptual loss is on
+            agreed_losses({"perceptual": "no VGG-19 weights found"} if differs else {}, runtime)
+            result = "agreed"
     except ValueError as error:
         result = f"error: {error}"
     finally:
@@ -164,16 +171,34 @@ def _fingerprint_rank(rank: int, world_size: int, port: int, out_dir: str, same:
     Path(out_dir, f"rank{rank}.txt").write_text(result)
 
 
+@pytest.mark.parametrize(
+    ("check", "agreed", "error", "listing"),
+    [
+        (
+            "fingerprint",
+            "aaaa",
+            "tokenizer: the ranks computed different run fingerprints",
+            "rank 0: aaaa, rank 1: bbbb",
+        ),
+        (
+            "losses",
+            "agreed",
+            "tokenizer.vgg_weights: the ranks found different VGG-19 weights",
+            "rank 0: none off; rank 1: perceptual off",
+        ),
+    ],
+)
 @pytest.mark.parametrize("same", [True, False])
-def test_ranks_with_different_fingerprints_all_stop_naming_each(tmp_path, same):
-    spawn_ranks(_fingerprint_rank, 2, 2, free_port(), str(tmp_path), same, limit_s=90)
+def test_ranks_that_differ_in_fingerprint_or_losses_all_stop_naming_each(
+    tmp_path, check, agreed, error, listing, same
+):
+    spawn_ranks(_agreement_rank, 2, 2, free_port(), str(tmp_path), check, same, limit_s=90)
     results = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     if same:
-        assert results == ["aaaa", "aaaa"]
+        assert results == [agreed, agreed]
     else:
         assert results[0] == results[1]
-        assert results[0].startswith("error: tokenizer: the ranks computed different run fingerprints")
-        assert "rank 0: aaaa, rank 1: bbbb" in results[0]
+        assert results[0].startswith(f"error: {error}") and listing in results[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,33 +264,3 @@ def test_resolve_device_refuses_unknown_names(device):
 
     with pytest.raises(ValueError, match=rf"sample\.device: unknown device '{device}'"):
         resolve_device(device, key="sample.device")
-
-
-def _losses_rank(rank: int, world_size: int, port: int, out_dir: str, same: bool) -> None:
-    from imtok.runtime import Runtime
-    from imtok.trainers.tokenizer import agreed_losses
-
-    join_gloo(rank, world_size, port, timeout_s=60)
-    runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, owns_process_group=True)
-    # As when only some nodes find VGG-19 weights: there the perceptual loss is on.
-    disabled = {} if same or rank == 0 else {"perceptual": "no VGG-19 weights found"}
-    try:
-        agreed_losses(disabled, runtime)
-        result = "agreed"
-    except ValueError as error:
-        result = f"error: {error}"
-    finally:
-        dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.txt").write_text(result)
-
-
-@pytest.mark.parametrize("same", [True, False])
-def test_ranks_that_would_train_different_losses_all_stop_naming_each(tmp_path, same):
-    spawn_ranks(_losses_rank, 2, 2, free_port(), str(tmp_path), same, limit_s=90)
-    results = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
-    if same:
-        assert results == ["agreed", "agreed"]
-    else:
-        assert results[0] == results[1]
-        assert results[0].startswith("error: tokenizer.vgg_weights: the ranks found different VGG-19 weights")
-        assert "rank 0: none off; rank 1: perceptual off" in results[0]
