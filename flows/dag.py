@@ -18,6 +18,8 @@ class Stage:
     deps: tuple[str, ...]
     outs: tuple[str, ...]  # cached outputs (pushed to and pulled from a DVC remote)
     params: tuple[str, ...]
+    uncached: tuple[str, ...] = ()  # outs, metrics and plots with cache: false: git keeps them, no remote
+    metrics: tuple[str, ...] = ()  # its metrics files, cached or not
 
     @property
     def pool(self) -> str:
@@ -25,16 +27,14 @@ class Stage:
         return "gpu" if any(key.endswith(".device") for key in self.params) else "cpu"
 
 
-def _paths(entries: list[Any] | None, cached_only: bool = False) -> tuple[str, ...]:
+def _paths(entries: list[Any] | None, cached: bool | None = None) -> tuple[str, ...]:
+    """The paths of dvc.yaml entries (``path`` or ``{path: options}``): all of them, or only the
+    cached (``cached=True``) or only the uncached (``cached=False``) ones."""
     paths = []
     for entry in entries or []:
-        if isinstance(entry, dict):
-            ((path, options),) = entry.items()
-            if cached_only and (options or {}).get("cache", True) is False:
-                continue
+        path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        if cached is None or (options or {}).get("cache", True) is cached:
             paths.append(path)
-        else:
-            paths.append(entry)
     return tuple(paths)
 
 
@@ -57,10 +57,30 @@ def read_stages(project: Path) -> list[Stage]:
     declared = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
     stages = []
     for name, body in declared.items():
-        cached = _paths(body.get("outs"), cached_only=True)
-        stages.append(Stage(name, _paths(body.get("deps")), cached, _param_keys(body.get("params"))))
+        uncached = sum((_paths(body.get(kind), cached=False) for kind in ("outs", "metrics", "plots")), ())
+        stages.append(
+            Stage(
+                name,
+                _paths(body.get("deps")),
+                _paths(body.get("outs"), cached=True),
+                _param_keys(body.get("params")),
+                uncached=uncached,
+                metrics=_paths(body.get("metrics")),
+            )
+        )
     check_order(stages)
     return stages
+
+
+def uncached_outputs(stages: list[Stage]) -> list[str]:
+    """Every stage's ``cache: false`` outputs: an experiment has to include them itself, a sweep put
+    them back itself, and no remote holds them."""
+    return list(dict.fromkeys(path for stage in stages for path in stage.uncached))
+
+
+def metric_writers(stages: list[Stage]) -> set[str]:
+    """The stages that write ``metrics/*.json`` (what the pipeline flow reports)."""
+    return {stage.name for stage in stages if any(path.startswith("metrics/") for path in stage.metrics)}
 
 
 def producers(stages: list[Stage]) -> dict[str, str]:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.dag import read_stages, uncached_outputs
+
 TRANSFERS = ("pull", "push", "fetch")
 MISSING_ON_REMOTE = "Missing cache files"  # what dvc says of files neither in the cache nor on the remote
 
@@ -143,23 +145,10 @@ def dvc(project: Path, *arguments: str, timeout: float | None = None) -> str:
     return output
 
 
-def uncached_outputs(project: Path) -> list[str]:
-    """Paths dvc.yaml declares with ``cache: false`` (metrics, plots, reports): git's to keep, so an
-    experiment has to include them itself when they are not committed."""
-    stages = (yaml.safe_load((Path(project) / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    paths: list[str] = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for item in stage.get(kind) or []:
-                if isinstance(item, dict):
-                    paths += [path for path, options in item.items() if (options or {}).get("cache") is False]
-    return list(dict.fromkeys(paths))
-
-
 def save_experiment(project: Path, name: str) -> str:
     """``dvc exp save`` of the workspace as ``name`` (replacing one of that name), with the uncached
     outputs that exist, which ``exp save`` would otherwise leave out of the experiment."""
-    present = [path for path in uncached_outputs(project) if (Path(project) / path).exists()]
+    present = [path for path in uncached_outputs(read_stages(project)) if (Path(project) / path).exists()]
     include = [argument for path in present for argument in ("-I", path)]
     return dvc(project, "exp", "save", "--force", "--name", name, *include)
 

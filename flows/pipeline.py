@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 
-from flows.dag import read_stages, select, upstream
-from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment, uncached_outputs
+from flows.dag import metric_writers, read_stages, select, uncached_outputs, upstream
+from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment
 from imtok.overrides import write_overrides
 
 TRANSFER_RETRIES = 3
@@ -76,16 +75,15 @@ def pull_own_outputs(project: Path, stage: str, remote: str | None) -> None:
     dvc(project, "pull", "--allow-missing", *_remote(remote), stage)
 
 
-def only_outputs_missing(project: Path, stage: str) -> bool:
+def only_outputs_missing(project: Path, stage: str, uncached: set[str]) -> bool:
     """``dvc status`` finds nothing changed for ``stage`` but cached outputs missing from the
     workspace and the cache: a fresh checkout of a commit whose outputs another host pushed. Anything
     else means the stage must run: changed params, code or inputs, no lock entry, or a missing
-    ``cache: false`` output (reports, metrics), which git keeps and no remote can give back: commit
-    those with dvc.lock."""
+    ``cache: false`` output (one of ``uncached``: reports, metrics), which git keeps and no remote can
+    give back: commit those with dvc.lock."""
     output = dvc(project, "status", "--json", stage)
     found = [line for line in output.splitlines() if line.startswith("{")]
     entries = json.loads(found[-1]).get(stage, []) if found else []
-    uncached = set(uncached_outputs(project))
     return bool(entries) and all(
         isinstance(entry, dict)
         and set(entry) == {"changed outs"}
@@ -148,18 +146,6 @@ def read_metrics(project: Path) -> dict[str, Any]:
     return flat
 
 
-def metric_writers(project: Path) -> set[str]:
-    """The stages whose dvc.yaml ``metrics`` write ``metrics/*.json`` (what ``read_metrics`` reads)."""
-    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    return {
-        name
-        for name, body in stages.items()
-        for item in body.get("metrics") or []
-        for path in (item if isinstance(item, dict) else {item: None})
-        if str(path).startswith("metrics/")
-    }
-
-
 @flow(name="imtok-pipeline", log_prints=True)
 def pipeline(
     project: str | None = None,
@@ -181,12 +167,13 @@ def pipeline(
     chosen = select(all_stages, stages)
     write_overrides(root / "params.yaml", overrides)
     transfer = use_remote and has_remote(root, remote)
+    uncached = set(uncached_outputs(all_stages))
     results = []
     for stage in chosen:
         tags = {stage.pool, f"stage:{stage.name}"}
         if transfer:
             pull_inputs.with_options(tags={"io", stage.pool})(root, upstream(all_stages, stage.name), remote)
-            if stage.outs and only_outputs_missing(root, stage.name):  # pushed by another host
+            if stage.outs and only_outputs_missing(root, stage.name, uncached):  # pushed by another host
                 pull_own_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)
         results.append(reproduce.with_options(name=f"repro-{stage.name}", tags=tags)(root, stage.name))
         if transfer and stage.outs:
@@ -195,7 +182,7 @@ def pipeline(
         save_experiment(root, experiment)
     # The metric files describe this run only when the stages that write them were reproduced here
     # (run, or skipped by DVC as current); otherwise they are an earlier run's.
-    missing = metric_writers(root) - {stage.name for stage in chosen}
+    missing = metric_writers(all_stages) - {stage.name for stage in chosen}
     if missing:
         get_run_logger().info("metrics left out: %s not among the stages run", ", ".join(sorted(missing)))
     return {"stages": results, "metrics": {} if missing else read_metrics(root), "experiment": experiment}

@@ -21,7 +21,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.dvc import DvcCommandError, dvc, uncached_outputs
+from flows.dag import read_stages, uncached_outputs
+from flows.dvc import DvcCommandError, dvc
 from flows.pipeline import pipeline, project_root
 from imtok.atomic import write_bytes_atomic, write_text_atomic
 from imtok.overrides import validated
@@ -124,7 +125,7 @@ def uncached_snapshot(root: Path) -> dict[str, bytes | None]:
     holds no copy of them to check out again."""
     return {
         path: (root / path).read_bytes() if (root / path).is_file() else None
-        for path in uncached_outputs(root)
+        for path in uncached_outputs(read_stages(root))
     }
 
 

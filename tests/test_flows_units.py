@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.dag import Stage, check_order, read_stages, select, upstream
+from flows.dag import Stage, check_order, metric_writers, read_stages, select, uncached_outputs, upstream
 from flows.study import markdown, points, study_rows
 from flows.sweep import check_points, write_table
 from imtok.overrides import validated, write_overrides
@@ -201,18 +201,18 @@ def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_run
 
     second = tmp_path / "second"
     git("clone", "-q", str(first), str(second), cwd=tmp_path)
-    assert only_outputs_missing(second, "make")  # unchanged, only its output absent
+    assert only_outputs_missing(second, "make", set())  # unchanged, only its output absent
     pull_own_outputs.fn(second, "make", None)
     assert (second / "out.txt").read_text() == (first / "out.txt").read_text()
     assert "didn't change" in dvc(second, "repro", "--single-item", "make")
-    assert not only_outputs_missing(second, "make")  # nothing missing now
+    assert not only_outputs_missing(second, "make", set())  # nothing missing now
 
     third = tmp_path / "third"
     git("clone", "-q", str(first), str(third), cwd=tmp_path)
     (third / "params.yaml").write_text("make:\n  value: 2\n")
-    assert not only_outputs_missing(third, "make")  # changed params: the stage must run
+    assert not only_outputs_missing(third, "make", set())  # changed params: the stage must run
     (third / "params.yaml").write_text("make:\n  value: 1\n")
-    assert only_outputs_missing(third, "make")
+    assert only_outputs_missing(third, "make", set())
     # A cache: false output (a report) that git does not hold cannot come from the remote.
     stage = yaml.safe_load((third / "dvc.yaml").read_text())
     stage["stages"]["make"]["metrics"] = [{"report.json": {"cache": False}}]
@@ -220,7 +220,7 @@ def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_run
     lock = yaml.safe_load((third / "dvc.lock").read_text())
     lock["stages"]["make"]["outs"].append({"path": "report.json", "hash": "md5", "md5": "0" * 32, "size": 2})
     (third / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert not only_outputs_missing(third, "make")
+    assert not only_outputs_missing(third, "make", set(uncached_outputs(read_stages(third))))
 
     # A strict pull of files the remote never had is not a network failure: not retried.
     from flows.dvc import DvcCommandError, DvcTransferError
@@ -276,10 +276,10 @@ def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_de
 def test_a_saved_experiment_carries_the_uncached_metrics_so_applying_it_brings_them_back(tmp_path):
     import subprocess
 
-    from flows.dvc import dvc, save_experiment, uncached_outputs
+    from flows.dvc import dvc, save_experiment
 
     assert {"metrics/tokenizer.json", "metrics/generation.json", "reports/train_tokenizer.json"} <= set(
-        uncached_outputs(REPO)
+        uncached_outputs(read_stages(REPO))
     )
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     for key, value in (("user.email", "ci@example.org"), ("user.name", "ci")):
@@ -305,9 +305,7 @@ def test_a_saved_experiment_carries_the_uncached_metrics_so_applying_it_brings_t
 
 
 def test_metrics_come_from_the_evaluate_stage_so_a_run_without_it_reports_none():
-    from flows.pipeline import metric_writers
-
-    assert metric_writers(REPO) == {"evaluate"}
+    assert metric_writers(read_stages(REPO)) == {"evaluate"}
 
 
 def test_after_a_sweep_the_lock_and_every_output_are_the_baselines_again(tmp_path):
