@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from imtok.overrides import set_param_arguments, validated
-from imtok.params import load_yaml
+from imtok.params import read_yaml
 
 
 def main() -> None:
@@ -20,8 +20,11 @@ def main() -> None:
     parser.add_argument("profile", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    profile = load_yaml(args.profile.read_text()) or {}
-    validated(args.params, profile)  # raises naming the key of any bad override
+    try:
+        profile = read_yaml(args.profile, "profile") or {}
+        validated(args.params, profile)  # raises naming the key of any bad override
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     print(" ".join(set_param_arguments(profile)))
 
 

@@ -21,7 +21,7 @@ from prefect import flow
 from flows.pipeline import project_root
 from flows.sweep import sweep, write_table
 from imtok.overrides import merged
-from imtok.params import load_yaml
+from imtok.params import read_yaml
 
 QUANTIZERS = ("fsq", "vq", "regvq")
 SIZES = (2**8, 2**10, 2**12, 2**14)
@@ -161,8 +161,12 @@ def main() -> None:
     parser.add_argument("--out", default="reports/study/codebook_size")
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
+    try:
+        profile = read_yaml(args.profile, "study profile") if args.profile else None
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     codebook_study(
-        profile=load_yaml(args.profile.read_text()) if args.profile else None,
+        profile=profile,
         sizes=args.sizes,
         quantizers=args.quantizers,
         project=args.project,

@@ -26,7 +26,7 @@ from flows.dvc import DvcCommandError, dvc
 from flows.pipeline import pipeline, project_root
 from imtok.atomic import write_bytes_atomic, write_text_atomic
 from imtok.overrides import validated
-from imtok.params import load_yaml
+from imtok.params import read_yaml
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.))*")
 
@@ -159,8 +159,12 @@ def main() -> None:
     parser.add_argument("--table", default="reports/sweep.csv")
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
+    try:
+        points = read_yaml(args.points, "sweep points")
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     sweep(
-        points=load_yaml(args.points.read_text()),
+        points=points,
         project=args.project,
         table=args.table,
         use_remote=not args.no_remote,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from imtok.atomic import write_text_atomic
-from imtok.params import Params, load_yaml
+from imtok.params import Params, read_yaml
 
 
 def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str
 
 def validated(params_path: Path, overrides: dict[str, Any] | None) -> Params:
     """The typed params that ``params_path`` with ``overrides`` gives; raises naming a bad key."""
-    base = load_yaml(Path(params_path).read_text()) or {}
+    base = read_yaml(params_path, "params") or {}
     return Params.from_dict(merged(base, overrides))
 
 

@@ -722,15 +722,22 @@ def load_yaml(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read (``load_yaml``) and validate params.yaml; raises ValueError naming the offending key."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """``load_yaml`` of the file ``path``; text that is not YAML is a ValueError naming ``what`` (e.g.
+    ``params``, ``sweep points``) and the file, not a parser traceback."""
     from ruamel.yaml.error import YAMLError
 
+    try:
+        return load_yaml(Path(path).read_text())
+    except YAMLError as exc:
+        raise ValueError(f"{what}: {path} is not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read (``read_yaml``) and validate params.yaml; raises ValueError naming the offending key."""
     path = Path(path)
     try:
-        raw = load_yaml(path.read_text())
+        raw = read_yaml(path, "params")
     except FileNotFoundError:
         raise ValueError(f"params: {path} does not exist; run from the repository root") from None
-    except YAMLError as exc:
-        raise ValueError(f"params: {path} is not valid YAML: {exc}") from None
     return Params.from_dict(raw)

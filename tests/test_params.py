@@ -135,3 +135,22 @@ def test_floats_without_a_dot_load_as_floats_from_a_hand_written_file_and_after_
     write_overrides(path, {"prior": {"lr": 5e-5}, "tokenizer": {"weight_decay": 1e-5}})
     params = load_params(path)
     assert params.prior.lr == 5e-5 and params.tokenizer.weight_decay == 1e-5
+
+
+@pytest.mark.parametrize(("module", "what"), [("demos.profile", "profile"), ("flows.sweep", "sweep points")])
+def test_a_profile_or_points_file_that_is_not_yaml_is_named_without_a_traceback(tmp_path, module, what):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokenizer: [unclosed\n")
+    done = subprocess.run(
+        [sys.executable, "-m", module, str(bad)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"error: {what}: {bad} is not valid YAML" in done.stderr
+    assert "Traceback" not in done.stderr
