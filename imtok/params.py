@@ -20,28 +20,28 @@ SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
 _Section = TypeVar("_Section")
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " | ".join(repr(value) for value in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+        return " | ".join(type_name(arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
     if typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values ({', '.join(_type_name(arg) for arg in args)})"
+            return f"a list of {type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(type_name(arg) for arg in args)})"
     if typing.get_origin(annotation) is dict:
         return "a mapping of names to values"
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
+def value_matches(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Whether ``value`` fits ``annotation``, and the value converted to it (ints accepted as floats)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         for arg in typing.get_args(annotation):
-            ok, converted = _matches(value, arg)
+            ok, converted = value_matches(value, arg)
             if ok:
                 return True, converted
         return False, value
@@ -68,7 +68,7 @@ def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
         element_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(element_types) != len(value):
             return False, value
-        converted = [_matches(item, kind) for item, kind in zip(value, element_types, strict=True)]
+        converted = [value_matches(item, kind) for item, kind in zip(value, element_types, strict=True)]
         return all(ok for ok, _ in converted), tuple(item for _, item in converted)
     if origin is dict:  # free-form option mappings with string keys, checked by their consumer
         ok = isinstance(value, dict) and all(isinstance(key, str) for key in value)
@@ -105,14 +105,14 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     values = {}
     for name, field in fields.items():
         if name in raw:
-            ok, value = _matches(raw[name], hints[name])
+            ok, value = value_matches(raw[name], hints[name])
             if not ok and typing.get_origin(hints[name]) is Literal:
                 raise ValueError(
-                    f"{section}.{name}: unknown value {raw[name]!r}; use one of {_type_name(hints[name])}"
+                    f"{section}.{name}: unknown value {raw[name]!r}; use one of {type_name(hints[name])}"
                 )
             if not ok:
                 raise ValueError(
-                    f"{section}.{name}: expected {_type_name(hints[name])}, got {raw[name]!r} "
+                    f"{section}.{name}: expected {type_name(hints[name])}, got {raw[name]!r} "
                     f"({type(raw[name]).__name__})"
                 )
             values[name] = value

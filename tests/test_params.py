@@ -154,3 +154,17 @@ def test_a_profile_or_points_file_that_is_not_yaml_is_named_without_a_traceback(
     assert done.returncode == 2, done.stderr
     assert f"error: {what}: {bad} is not valid YAML" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_every_quantizer_option_has_a_type_the_params_rules_check():
+    import inspect
+    import typing
+
+    from imtok.models.autoencoder import QUANTIZERS
+    from imtok.params import value_matches
+
+    for kind, cls in QUANTIZERS.items():
+        hints = typing.get_type_hints(cls.__init__)
+        for option in inspect.signature(cls).parameters.values():
+            if option.kind == option.KEYWORD_ONLY:  # a quantizer_options key: its default must pass
+                assert value_matches(option.default, hints[option.name])[0], (kind, option.name)

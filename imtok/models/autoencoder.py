@@ -11,7 +11,6 @@ clamps them to [-1, 1].
 
 import inspect
 import math
-import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imtok.params import type_name, value_matches
 from imtok.quantizers import FSQ, QuantizerOutput, RegularizedVQ, VectorQuantizer
 from imtok.quantizers.fsq import validate_levels
 
@@ -55,30 +55,6 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
 
 
-def _option_matches(value: Any, expected: Any) -> bool:
-    """Whether a quantizer option's value fits its annotation: bool, int, float (ints too), str and
-    None, and unions of them; other annotations are left to the constructor."""
-    if expected is None:
-        return True
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        return any(_option_matches(value, arm) for arm in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is str:
-        return isinstance(value, str)
-    return True
-
-
-def _type_name(expected: Any) -> str:
-    return getattr(expected, "__name__", None) or str(expected).replace("NoneType", "null")
-
-
 def _quantizer_arguments(
     kind: str,
     levels: Sequence[int] | None,
@@ -98,11 +74,11 @@ def _quantizer_arguments(
                 f"tokenizer.quantizer_options: unknown option {name!r} for {kind!r}; "
                 f"its options are {', '.join(accepted)}"
             )
-        if not _option_matches(value, hints.get(name)):
+        if name in hints and not value_matches(value, hints[name])[0]:  # the params' own type rules
             words = isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")
             hint = " (YAML 1.2 reads yes/no/on/off as text: write true or false)" if words else ""
             raise ValueError(
-                f"tokenizer.quantizer_options.{name}: expected {_type_name(hints[name])} for {kind!r}, got "
+                f"tokenizer.quantizer_options.{name}: expected {type_name(hints[name])} for {kind!r}, got "
                 f"{value!r}{hint}"
             )
     if codebook_size is not None and codebook_size < 2:
