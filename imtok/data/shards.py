@@ -298,15 +298,15 @@ def iter_samples(location: str | Path) -> Iterator[dict[str, Any]]:
         yield {"__key__": sample["__key__"], "png": sample["png"], "cls": sample_label(sample)}
 
 
-def sample_label(sample: dict[str, Any]) -> int:
-    """The integer class label of a raw shard sample; one that is not an integer names its sample."""
+def sample_label(sample: dict[str, Any], remedy: str = "the shard is damaged, write the split again") -> int:
+    """The integer class label of a raw shard sample; one that is not an integer names its sample and
+    says ``remedy``."""
     try:
         return int(sample["cls"])
     except (TypeError, ValueError, UnicodeDecodeError):
         where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
         raise ShardError(
-            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the shard is "
-            "damaged, write the split again"
+            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; {remedy}"
         ) from None
 
 

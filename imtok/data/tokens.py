@@ -30,6 +30,7 @@ from imtok.data.shards import (
     _read_shards,
     clear_split_dir,
     read_meta,
+    sample_label,
     shard_urls,
     sync_and_rename,
     write_json_atomic,
@@ -222,14 +223,7 @@ def decode_token_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
             f"{where} holds tokens of dtype {array.dtype}, not integer code ids; the token shard is "
             "damaged or not from extract_tokens, run extract_tokens again"
         )
-    try:
-        label = int(sample["cls"])
-    except (TypeError, ValueError, UnicodeDecodeError):
-        raise ShardError(
-            f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; the token "
-            "shard is damaged, run extract_tokens again"
-        ) from None
-    return array, label
+    return array, sample_label(sample, "the token shard is damaged, run extract_tokens again")
 
 
 def load_token_split(location: str | Path) -> TokenSplit:
