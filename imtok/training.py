@@ -8,6 +8,7 @@ checkpoint written under other params is refused with a message naming the diffe
 """
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -224,6 +225,17 @@ class ModelEma:
             # one multi-tensor kernel per dtype and device instead of a launch per tensor
             torch._foreach_lerp_(averaged[0], averaged[1], 1.0 - ema_decay_at(self.decay, self.num_updates))
         self.num_updates += 1
+
+    @torch.no_grad()
+    def averaged_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (unwrapped) holding the averaged weights, for evaluation: the model is
+        untouched, its gradients are not copied, and no random numbers are drawn (building a new
+        model would draw its initial weights from the training run's generator)."""
+        module = unwrap_model(model)
+        memo: dict[int, Any] = {id(p.grad): None for p in module.parameters() if p.grad is not None}
+        averaged = copy.deepcopy(module, memo)
+        self.copy_to(averaged)
+        return averaged
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -529,3 +529,23 @@ def test_schedule_value_is_consistent_with_cosine_formula() -> None:
     assert warmup_cosine(step, warmup_steps=warmup, total_steps=total, min_ratio=0.1) == pytest.approx(
         expected
     )
+
+
+def test_the_ema_evaluation_copy_holds_the_averages_draws_nothing_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = ModelEma(model, 0.5)
+    model(torch.randn(5, 3)).sum().backward()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    live = {name: value.clone() for name, value in model.state_dict().items()}
+    generator_state = torch.get_rng_state()
+    averaged = ema.averaged_copy(model)
+    assert torch.equal(torch.get_rng_state(), generator_state)  # no initial weights drawn
+    assert all(parameter.grad is None for parameter in averaged.parameters())  # gradients not copied
+    for name, value in averaged.state_dict().items():
+        assert torch.equal(value, ema.shadow[name]), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, live[name]), name
+    assert not torch.equal(averaged[0].weight, model[0].weight)

@@ -304,10 +304,7 @@ def train_prior(
                         on_metrics(means, done)
             if runtime.is_main and val is not None and p.val_batches and (done % p.val_every == 0 or last):
                 with isolated_rng(device):  # validation draws nothing that training then misses
-                    evaluated = model
-                    if ema is not None:
-                        evaluated = build_prior(p.kind, config).to(device)
-                        ema.copy_to(evaluated)
+                    evaluated = model if ema is None else ema.averaged_copy(model)
                     metrics = evaluate_prior(
                         p.kind,
                         evaluated,

@@ -364,10 +364,8 @@ def train_tokenizer(
         # Isolated: validation draws nothing that training then misses (val_every is not in the run's
         # fingerprint, so a run resumed with another value must still continue identically).
         with isolated_rng(device):
-            evaluated = model
-            if ema is not None:  # evaluate the averaged weights, which are what gets exported
-                evaluated = Tokenizer(config).to(device)
-                ema.copy_to(evaluated)
+            # the averaged weights, which are what gets exported
+            evaluated = model if ema is None else ema.averaged_copy(model)
             metrics, pair = evaluate_tokenizer(
                 evaluated,
                 iter_batches(val_dir, p.batch_size),
