@@ -313,17 +313,27 @@ def code_digest(*extra: str | os.PathLike[str]) -> str:
     return digest.hexdigest()[:12]
 
 
+def disagreement(value: Any, runtime: Runtime) -> list[Any] | None:
+    """Every rank's ``value`` (index = rank) when the ranks do not all hold an equal one, else None.
+
+    All ranks must call it at the same point; each then gets the same answer, so all of them can
+    raise the same error together instead of some waiting in a later collective.
+    """
+    if not runtime.distributed:
+        return None
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered if any(other != gathered[0] for other in gathered) else None
+
+
 def agreed_fingerprint(fingerprint: str, runtime: Runtime, key: str) -> str:
     """``fingerprint`` when every rank computed the same one; else every rank raises the same ValueError.
 
     Ranks that differ run different code (another checkout on some node) or read different params or
     data; training them together would average gradients of different models or objectives.
     """
-    if not runtime.distributed:
-        return fingerprint
-    gathered: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(gathered, fingerprint)
-    if len(set(gathered)) > 1:
+    gathered = disagreement(fingerprint, runtime)
+    if gathered is not None:
         listing = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(gathered))
         raise ValueError(
             f"{key}: the ranks computed different run fingerprints ({listing}); they run different code, "

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,7 +54,7 @@ from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals, psnr
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.runtime import Runtime, all_reduce_mean, batches_from, progress_bar
+from imtok.runtime import Runtime, all_reduce_mean, batches_from, disagreement, progress_bar
 from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
@@ -254,11 +253,8 @@ def agreed_losses(disabled: Mapping[str, str], runtime: Runtime) -> None:
     (``tokenizer.vgg_weights``, else the node's caches). Ranks on nodes that differ there would
     average gradients of different objectives and then stop in a collective of mismatched size.
     """
-    if not runtime.distributed:
-        return
-    gathered: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(gathered, sorted(disabled))
-    if any(value != gathered[0] for value in gathered):
+    gathered = disagreement(sorted(disabled), runtime)
+    if gathered is not None:
         listing = "; ".join(
             f"rank {rank}: {', '.join(value) or 'none'} off" for rank, value in enumerate(gathered)
         )
