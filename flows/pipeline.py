@@ -130,8 +130,9 @@ def has_remote(project: Path, remote: str | None) -> bool:
         return False
 
 
-def read_metrics(project: Path) -> dict[str, Any]:
-    """The pipeline's metric files (``metrics/*.json``) flattened to ``file.key.subkey`` -> value."""
+def read_metrics(project: Path, files: list[str]) -> dict[str, Any]:
+    """The metric files ``files`` (project-relative ``metrics/*.json``) flattened to
+    ``file.key.subkey`` -> value; a file that is not there gives nothing."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -141,8 +142,10 @@ def read_metrics(project: Path) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    for path in sorted((project / "metrics").glob("*.json")):
-        walk(path.stem, json.loads(path.read_text()))
+    for name in sorted(files):
+        path = project / name
+        if path.is_file():
+            walk(path.stem, json.loads(path.read_text()))
     return flat
 
 
@@ -180,12 +183,13 @@ def pipeline(
             push_outputs.with_options(tags={"io", stage.pool})(root, stage.name, remote)
     if experiment:
         save_experiment(root, experiment)
-    # The metric files describe this run only when the stages that write them were reproduced here
-    # (run, or skipped by DVC as current); otherwise they are an earlier run's.
+    # A metric file describes this run only when the stage that writes it was reproduced here (run,
+    # or skipped by DVC as current); the others are an earlier run's and are left out.
     missing = metric_writers(all_stages) - {stage.name for stage in chosen}
     if missing:
         get_run_logger().info("metrics left out: %s not among the stages run", ", ".join(sorted(missing)))
-    return {"stages": results, "metrics": {} if missing else read_metrics(root), "experiment": experiment}
+    files = [path for stage in chosen for path in stage.metrics if path.startswith("metrics/")]
+    return {"stages": results, "metrics": read_metrics(root, files), "experiment": experiment}
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ STAGES = (
     "train_prior",
     "sample",
     "train_classifier",
+    "evaluate_tokenizer",
     "evaluate",
 )
 

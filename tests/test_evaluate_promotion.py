@@ -18,7 +18,7 @@ from imtok.metrics.features import STANDARD_NAME, ExtractedFeatures, metric_name
 from imtok.metrics.fid import fid_from_features, sample_metrics
 from imtok.metrics.recon import ReconstructionTotals
 from imtok.params import Params, higher_is_better
-from stages.evaluate import record_and_promote, tokenizer_metrics
+from imtok.evaluation import record_prior, record_tokenizer, tokenizer_metrics
 
 BOOKKEEPING = {"codebook_size", "samples", "conditional"}  # computed, but no measure of quality
 
@@ -150,11 +150,10 @@ def test_higher_is_better_prior_metrics_and_lower_is_better_tokenizer_metrics_pi
             "mlflow_run_id": run,
             "registered_model": {"name": "imtok-tokenizer", "version": tokenizer},
         }
-        results = {
-            "tokenizer": {"psnr": 20.0, "rfid_fmnist": rfid},
-            "generation": generation(fid_fmnist=10.0, precision_fmnist=precision),
+        decisions = {
+            "tokenizer": record_tokenizer(params, summary, {"psnr": 20.0, "rfid_fmnist": rfid}),
+            "prior": record_prior(params, generation(fid_fmnist=10.0, precision_fmnist=precision), samples),
         }
-        decisions = record_and_promote(params, summary, results, samples)
         assert decisions["prior"]["promoted"] is promoted and decisions["tokenizer"]["promoted"] is promoted
     assert champion(client, "imtok-prior") == "2" and champion(client, "imtok-tokenizer") == "2"
     assert decisions["prior"]["higher_is_better"] and not decisions["tokenizer"]["higher_is_better"]
@@ -175,8 +174,7 @@ def test_sample_metrics_land_on_the_prior_version_that_made_the_samples(made_by,
     samples = tmp_path / "samples"
     samples.mkdir()
     write_samples(samples, made_by)
-    results = {"tokenizer": {"psnr": 20.0}, "generation": generation(fid_fmnist=12.0)}
-    decision = record_and_promote(Params(), {}, results, samples)["prior"]
+    decision = record_prior(Params(), generation(fid_fmnist=12.0), samples)
     assert not any(tag.startswith("eval.") for tag in client.get_model_version("imtok-prior", second).tags)
     assert client.get_run(second_run).data.metrics == {}
     assert client.get_model_version("imtok-prior", first).tags["eval.fid_fmnist"] == "12.0"
@@ -218,8 +216,7 @@ def test_samples_that_match_no_version_leave_every_version_untagged_and_promote_
         write_samples(samples, made_by.format(run=run))
     (tmp_path / "unregistered" / "prior").mkdir(parents=True)
     (tmp_path / "unregistered" / "prior" / "prior.json").write_text(json.dumps({"mlflow_run_id": run}))
-    results = {"tokenizer": {"psnr": 20.0}, "generation": generation(fid_fmnist=12.0)}
-    decision = record_and_promote(Params(), {}, results, samples)["prior"]
+    decision = record_prior(Params(), generation(fid_fmnist=12.0), samples)
     assert not decision["promoted"] and why in decision["reason"], decision
     assert not any(tag.startswith("eval.") for tag in client.get_model_version("imtok-prior", version).tags)
     assert client.get_run(run).data.metrics == {}

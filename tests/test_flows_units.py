@@ -24,15 +24,11 @@ def test_the_dag_follows_dvc_yaml_and_places_model_stages_on_the_gpu_pool():
     assert all(pools[name] == "gpu" for name in names if name != "prepare")
     assert upstream(stages, "prepare") == []
     assert upstream(stages, "extract_tokens") == ["prepare", "train_tokenizer"]
-    assert set(upstream(stages, "evaluate")) == {
-        "prepare",
-        "train_tokenizer",
-        "train_prior",
-        "sample",
-        "train_classifier",
-    }
+    # The tokenizer is evaluated without a prior (the study's tokenizer sweep stops there).
+    assert upstream(stages, "evaluate_tokenizer") == ["prepare", "train_tokenizer", "train_classifier"]
+    assert upstream(stages, "evaluate") == ["prepare", "train_prior", "sample", "train_classifier"]
     by_name = {stage.name: stage for stage in stages}
-    assert "metrics/tokenizer.json" not in by_name["evaluate"].outs  # cache: false is not pushed
+    assert "metrics/tokenizer.json" not in by_name["evaluate_tokenizer"].outs  # cache: false is not pushed
 
 
 def test_a_stage_declared_before_its_input_is_an_error_naming_both():
@@ -304,8 +300,8 @@ def test_a_saved_experiment_carries_the_uncached_metrics_so_applying_it_brings_t
     assert yaml.safe_load((tmp_path / "metrics" / "m.json").read_text()) == {"score": 1}
 
 
-def test_metrics_come_from_the_evaluate_stage_so_a_run_without_it_reports_none():
-    assert metric_writers(read_stages(REPO)) == {"evaluate"}
+def test_metrics_come_from_the_two_evaluation_stages():
+    assert metric_writers(read_stages(REPO)) == {"evaluate_tokenizer", "evaluate"}
 
 
 def test_after_a_sweep_the_lock_and_every_output_are_the_baselines_again(tmp_path):

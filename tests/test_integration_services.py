@@ -111,8 +111,10 @@ def test_nightly_deployment_runs_through_a_gpu_pool_worker_against_real_services
         prefect = str(BIN / "prefect")
         for pool in ("gpu", "cpu"):
             cli([prefect, "work-pool", "create", pool, "--type", "process"], root, env)
-        # As the README sets it up: one evaluate task at a time, so promotions cannot interleave.
-        cli([prefect, "concurrency-limit", "create", "stage:evaluate", "1"], root, env)
+        # As the README sets it up: one task of each promoting stage at a time, so promotions of the
+        # same registered model cannot interleave.
+        for stage in ("evaluate_tokenizer", "evaluate"):
+            cli([prefect, "concurrency-limit", "create", f"stage:{stage}", "1"], root, env)
         deployed = cli([prefect, "--no-prompt", "deploy", "--all"], root, env, timeout=600)
         assert "imtok-pipeline/nightly" in deployed, deployed
         started.start("worker", [prefect, "worker", "start", "--pool", "gpu", "--type", "process"], env, root)

@@ -100,7 +100,7 @@ def test_every_metric_is_tagged_at_full_precision_so_a_later_switch_of_metric_co
 ):
     import mlflow
 
-    from stages.evaluate import tag_and_promote
+    from imtok.evaluation import tag_and_promote
 
     client = mlflow.MlflowClient()
     first, second = (new_version(client, "imtok-tokenizer", tmp_path) for _ in range(2))

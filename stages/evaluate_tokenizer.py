@@ -1,0 +1,96 @@
+"""DVC stage `evaluate_tokenizer`: the tokenizer's reconstruction metrics, the reference rows, its champion.
+
+The tokenizer (``models/tokenizer``) on the whole val split: PSNR, SSIM, codebook usage (the fraction
+of codes used at least once, as the FSQ paper measures it), perplexity, and rFID per feature
+extractor (val images against their reconstructions). Reference rows with the same features: two
+halves of val (the floor a perfect generator would reach with sets of that size) and val against as
+many train images (the train/val gap).
+
+Writes ``metrics/tokenizer.json``, ``metrics/reference.json`` (DVC metrics), ``plots/codebook_usage.csv``
+and ``plots/tokenizer_curves.csv`` (DVC plots), logs the metrics into the tokenizer's MLflow run, tags
+its registry version and moves the ``champion`` alias when it beats the champion on
+``evaluate.tokenizer_metric`` (see ``imtok.tracking.promote_if_better``). Needs no prior: the study's
+tokenizer sweep stops here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imtok.evaluation import (
+    collect_features,
+    record_tokenizer,
+    reference_rows,
+    split_batches,
+    summary_of,
+    tokenizer_metrics,
+    tokenizer_pass,
+    write_curves,
+    write_usage_plot,
+)
+from imtok.metrics.features import feature_extractors
+from imtok.params import Params
+from imtok.runtime import resolve_device
+from stages.common import stage_main, write_json
+
+SHARDS_DIR = Path("data/shards")
+TOKENIZER_DIR = Path("models/tokenizer")
+CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+# MLflow histories in plots/tokenizer_curves.csv; the study's convergence plot reads the val ones.
+CURVES = ["train/loss", "train/psnr", "val/psnr", "train/codebook_usage_pct", "val/codebook_usage_pct"]
+
+
+def evaluate_tokenizer(
+    params: Params,
+    *,
+    shards_dir: Path = SHARDS_DIR,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+    classifier_path: Path = CLASSIFIER_PATH,
+    metrics_dir: Path = METRICS_DIR,
+    plots_dir: Path = PLOTS_DIR,
+    record: bool = True,
+) -> dict[str, Any]:
+    """Measure, write the metrics and plots, and (``record``) log them to MLflow and promote."""
+    from imtok.tracking import load_tokenizer
+
+    settings = params.evaluate
+    device = resolve_device(settings.device, key="evaluate.device")
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    available = feature_extractors(
+        settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
+    )
+    extractors = available.extractors
+    val = tokenizer_pass(
+        tokenizer.to(device), split_batches(shards_dir / "val", settings.batch_size), extractors, device
+    )
+    metrics = tokenizer_metrics(val.totals, val.counter, val.real, val.reconstructed)
+    train = collect_features(
+        extractors, split_batches(shards_dir / "train", settings.batch_size, limit=val.totals.count)
+    )
+    features = {"used": [extractor.name for extractor in extractors], "skipped": available.skipped}
+    reference = reference_rows(val.real, train)
+    write_json(metrics_dir / "tokenizer.json", metrics)
+    write_json(metrics_dir / "reference.json", reference | {"features": features})
+    write_usage_plot(val.counter, plots_dir / "codebook_usage.csv")
+    summary = summary_of(tokenizer_dir, "tokenizer.json")
+    write_curves(summary.get("mlflow_run_id"), CURVES, plots_dir / "tokenizer_curves.csv")
+    promotion = record_tokenizer(params, summary, metrics) if record else {}
+    return {"features": features, "tokenizer": metrics, "reference": reference, "promotion": promotion}
+
+
+def evaluate_and_print(params: Params, _args: Any) -> None:
+    results = evaluate_tokenizer(params)
+    print("tokenizer on val: " + ", ".join(f"{k} {v:.4g}" for k, v in results["tokenizer"].items()))
+    if results["promotion"]:
+        print(f"tokenizer: {results['promotion']['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, evaluate_and_print, report_path=None, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
