@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from imtok.data.shards import META_NAME, write_json_atomic, write_shards
-from imtok.params import Params
 from imtok.evaluation import check_same_shape, chosen_prior_metric, split_batches
+from imtok.params import Params
 
 
 def test_an_empty_sample_set_is_an_error_naming_the_directory(tmp_path):

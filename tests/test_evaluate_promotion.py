@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from imtok.data.shards import META_NAME, write_json_atomic
+from imtok.evaluation import record_prior, record_tokenizer, tokenizer_metrics
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import STANDARD_NAME, ExtractedFeatures, metric_name
 from imtok.metrics.fid import fid_from_features, sample_metrics
 from imtok.metrics.recon import ReconstructionTotals
 from imtok.params import Params, higher_is_better
-from imtok.evaluation import record_prior, record_tokenizer, tokenizer_metrics
 
 BOOKKEEPING = {"codebook_size", "samples", "conditional"}  # computed, but no measure of quality
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from imtok.data.shards import Batch, iter_batches
+from imtok.evaluation import collect_features, generation_metrics, split_batches, tokenizer_pass
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import ClassifierFeatures, extract_features
 from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
 from imtok.metrics.recon import psnr, ssim
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.models.classifier import Classifier, ClassifierConfig
-from imtok.evaluation import collect_features, generation_metrics, split_batches, tokenizer_pass
 
 BATCH = 16  # the tiny val split holds 30 images: a full batch and a short one
 
