@@ -1,17 +1,35 @@
-"""The FSQ paper's codebook-size study (its Figure 3) on our data: FSQ, VQ and Regularized VQ.
+"""The FSQ paper's codebook-size study (its Figure 3) on our data, with the baselines the papers use.
 
-A sweep over codebook sizes (default 2^8, 2^10, 2^12, 2^14) for each quantizer: FSQ takes the
-paper's Table-1 levels for each size, VQ and Regularized VQ the same number of codes. A profile
-(params overrides shared by every point) sets the training budget. The result is one table
-(``reports/study/codebook_size.csv`` and ``.md``) and one plot (``.png``) of codebook usage, PSNR
-and sampling FID against codebook size.
+Four rows per codebook size (default 2^8, 2^10, 2^12, 2^14), one label each (``LABELS``):
 
-    python -m flows.study --profile profiles/study-cpu.yaml
+- ``fsq``: FSQ with the paper's Table-1 levels for the size;
+- ``vq-plain``: the VQ the FSQ and RegVQ papers compare against: an EMA codebook from random
+  initialisation, no k-means seeding, no dead-code restarts;
+- ``vq``: our VQ, the same EMA codebook seeded by k-means on the first batch, with dead-code restarts;
+- ``regvq``: Regularized VQ (prior KL, stochastic Gumbel mask; its contrastive loss needs VGG-19).
+
+The study runs in two parts a user can run separately, over the same points (named
+``<label>-<size>``):
+
+- ``tokenizer``: prepare, train_tokenizer, train_classifier, evaluate_tokenizer: usage, perplexity,
+  PSNR, SSIM, rFID on the whole val split, and each point's validation curves;
+- ``prior``: the whole pipeline, each point saved as a DVC experiment (``dvc exp apply <name>``); the
+  tokenizers the first part trained come back from DVC's run cache, so only tokens, prior, samples
+  and their evaluation run: sampling FID, precision, recall.
+
+After either part the report is rewritten from the sweep tables on disk: ``<out>.csv`` and ``.md``
+(one row per point), ``<out>.png`` (usage, PSNR and sampling FID against codebook size, log axis) and
+``<out>-convergence.png`` (val usage and PSNR against training step for every point). A profile
+(params overrides shared by every point) sets the budget:
+
+    python -m flows.study --profile profiles/study-cpu.yaml --part tokenizer
+    python -m flows.study --profile profiles/study-cpu.yaml --part prior
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -20,61 +38,148 @@ from prefect import flow
 
 from flows.pipeline import project_root
 from flows.sweep import sweep, write_table
+from imtok.atomic import write_text_atomic
 from imtok.overrides import merged
 from imtok.params import read_yaml
 
-QUANTIZERS = ("fsq", "vq", "regvq")
+# The VQ-VAE baseline of both papers: EMA codebook from its random initialisation, nothing re-seeded.
+PLAIN_VQ_OPTIONS = {"kmeans_init": False, "restart_after_steps": None}
+LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_size)
+    "fsq": {"quantizer": "fsq", "quantizer_options": {}},
+    "vq-plain": {"quantizer": "vq", "quantizer_options": PLAIN_VQ_OPTIONS},
+    "vq": {"quantizer": "vq", "quantizer_options": {}},
+    "regvq": {"quantizer": "regvq", "quantizer_options": {}},
+}
 SIZES = (2**8, 2**10, 2**12, 2**14)
-COLUMNS = {  # table column -> flattened metric key (flows.pipeline.read_metrics)
+PARTS = {  # part -> the stages it reproduces (None: all)
+    "tokenizer": ["prepare", "train_tokenizer", "train_classifier", "evaluate_tokenizer"],
+    "prior": None,
+}
+TOKENIZER_COLUMNS = {  # table column -> flattened metric key (flows.pipeline.read_metrics)
     "usage %": "tokenizer.codebook_usage_pct",
     "perplexity": "tokenizer.perplexity",
     "PSNR": "tokenizer.psnr",
     "SSIM": "tokenizer.ssim",
-    "sampling {fid}": "generation.{fid}",
     "r{fid}": "tokenizer.r{fid}",
 }
+PRIOR_COLUMNS = {
+    "sampling {fid}": "generation.{fid}",
+    "precision": "generation.precision_{features}",
+    "recall": "generation.recall_{features}",
+}
+CURVES_FILE = "plots/tokenizer_curves.csv"  # written by evaluate_tokenizer, kept per point
+CURVE_COLUMNS = {"usage %": "val_codebook_usage_pct", "PSNR": "val_psnr"}
 
 
 def points(
     sizes: tuple[int, ...] = SIZES,
-    quantizers: tuple[str, ...] = QUANTIZERS,
+    labels: tuple[str, ...] = tuple(LABELS),
     profile: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One sweep point per (quantizer, size): the profile plus the quantizer and its codebook."""
+    """One sweep point per (label, size): the profile plus the label's quantizer and the size."""
     if profile is not None and not isinstance(profile, dict):
         raise ValueError(f"study profile: expected {{section: {{key: value}}}}, got {profile!r:.200}")
+    unknown = [label for label in labels if label not in LABELS]
+    if unknown:
+        raise ValueError(f"study: unknown label(s) {unknown}; choose from {list(LABELS)}")
     result = []
-    for quantizer in quantizers:
+    for label in labels:
         for size in sizes:
-            overrides = merged(
-                profile or {},
-                {"tokenizer": {"quantizer": quantizer, "codebook_size": size, "levels": None}},
-            )
-            result.append({"name": f"{quantizer}-{size}", "overrides": overrides})
+            tokenizer = {**LABELS[label], "codebook_size": size, "levels": None}
+            overrides = merged(profile or {}, {"tokenizer": tokenizer})
+            result.append({"name": f"{label}-{size}", "overrides": overrides})
     return result
+
+
+def label_and_size(name: str) -> tuple[str, int]:
+    """``vq-plain-1024`` -> ``("vq-plain", 1024)``."""
+    label, _, size = name.rpartition("-")
+    return label, int(size)
+
+
+def number(value: Any) -> Any:
+    """A CSV cell as a float where it is one; empty cells are None, text stays text."""
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def read_sweep(path: Path) -> list[dict[str, Any]]:
+    """A sweep table written by ``flows.sweep`` (none: no rows), numbers as floats."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [{key: number(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 def fid_name(rows: list[dict[str, Any]]) -> str:
     """``fid`` when InceptionV3 features were used, else the domain network's ``fid_<name>``."""
-    keys = {key for row in rows for key in row}
-    if "generation.fid" in keys:
+    keys = {key for row in rows for key, value in row.items() if value is not None}
+    if "tokenizer.rfid" in keys or "generation.fid" in keys:
         return "fid"
-    found = sorted(key for key in keys if key.startswith("generation.fid_"))
-    return found[0].split(".", 1)[1] if found else "fid"
+    found = sorted(key for key in keys if key.startswith(("generation.fid_", "tokenizer.rfid_")))
+    return found[0].split(".", 1)[1].removeprefix("r") if found else "fid"
 
 
-def study_rows(sweep_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sweep's rows reduced to the study's columns (missing metrics are None)."""
-    fid = fid_name(sweep_rows)
+def study_rows(
+    tokenizer_rows: list[dict[str, Any]], prior_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per point of either sweep: the tokenizer columns from the tokenizer sweep (else from the
+    prior sweep, which reproduces the same tokenizer), the sampling columns from the prior sweep;
+    metrics a part has not produced are None. Sorted by label (``LABELS`` order), then size."""
+    fid = fid_name(tokenizer_rows + prior_rows)
+    features = fid.removeprefix("fid").removeprefix("_") or ""
+    tokenizer_by_name = {row["name"]: row for row in tokenizer_rows}
+    prior_by_name = {row["name"]: row for row in prior_rows}
     rows = []
-    for row in sweep_rows:
-        out = {
-            "quantizer": row["params.tokenizer.quantizer"],
-            "codebook size": int(row["params.tokenizer.codebook_size"]),
-        }
-        for column, key in COLUMNS.items():
-            out[column.format(fid=fid)] = row.get(key.format(fid=fid))
-        rows.append(out)
+    for name in dict.fromkeys([*tokenizer_by_name, *prior_by_name]):
+        label, size = label_and_size(name)
+        row: dict[str, Any] = {"quantizer": label, "codebook size": size}
+        source = tokenizer_by_name.get(name) or prior_by_name[name]
+        for column, key in TOKENIZER_COLUMNS.items():
+            row[column.format(fid=fid)] = source.get(key.format(fid=fid))
+        sampled = prior_by_name.get(name, {})
+        for column, key in PRIOR_COLUMNS.items():
+            metric = key.format(fid=fid, features=features).rstrip("_")
+            row[column.format(fid=fid)] = sampled.get(metric)
+        rows.append(row)
+    order = list(LABELS)
+    rows.sort(
+        key=lambda r: (
+            order.index(r["quantizer"]) if r["quantizer"] in order else len(order),
+            r["codebook size"],
+        )
+    )
+    return rows
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{column: [(step, value), ...]}`` of a kept ``tokenizer_curves.csv`` for ``CURVE_COLUMNS``."""
+    curves: dict[str, list[tuple[int, float]]] = {column: [] for column in CURVE_COLUMNS}
+    if not path.is_file():
+        return curves
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            for column, key in CURVE_COLUMNS.items():
+                if row.get(key) not in (None, ""):
+                    curves[column].append((int(row["step"]), float(row[key])))
+    return curves
+
+
+def last_change(points: list[tuple[int, float]]) -> float | None:
+    """The change between the last two validations (None with fewer than two)."""
+    return points[-1][1] - points[-2][1] if len(points) >= 2 else None
+
+
+def with_convergence(rows: list[dict[str, Any]], curves_dir: Path) -> list[dict[str, Any]]:
+    """Each row gains the change of val usage and PSNR between its last two validations."""
+    for row in rows:
+        curves = read_curves(curves_dir / f"{row['quantizer']}-{row['codebook size']}.csv")
+        for column in CURVE_COLUMNS:
+            row[f"Δ{column} last val"] = last_change(curves[column])
     return rows
 
 
@@ -89,36 +194,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             if isinstance(value, float):
                 cells.append(f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
             else:
-                cells.append(str(value))
+                cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Usage, PSNR and sampling FID against log2(codebook size), one line per quantizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fid_column = next(column for column in rows[0] if column.startswith("sampling"))
-    panels = ("usage %", "PSNR", fid_column)
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for axis, column in zip(axes, panels, strict=True):
-        for quantizer in dict.fromkeys(row["quantizer"] for row in rows):
-            mine = [r for r in rows if r["quantizer"] == quantizer and r[column] is not None]
-            mine.sort(key=lambda r: r["codebook size"])
-            axis.plot(
-                [math.log2(r["codebook size"]) for r in mine],
-                [r[column] for r in mine],
-                marker="o",
-                label=quantizer,
-            )
-        axis.set_xlabel("log2 codebook size")
-        axis.set_title(column)
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=120)
@@ -126,28 +209,106 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     temporary.replace(path)
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Usage, PSNR and sampling FID against codebook size (log2 axis), one line per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fid_column = next(column for column in rows[0] if column.startswith("sampling"))
+    panels = ("usage %", "PSNR", fid_column)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, column in zip(axes, panels, strict=True):
+        for label in dict.fromkeys(row["quantizer"] for row in rows):
+            mine = sorted(
+                (r for r in rows if r["quantizer"] == label and r[column] is not None),
+                key=lambda r: r["codebook size"],
+            )
+            if mine:
+                axis.plot(
+                    [math.log2(r["codebook size"]) for r in mine],
+                    [r[column] for r in mine],
+                    marker="o",
+                    label=label,
+                )
+        axis.set_xlabel("log2 codebook size")
+        axis.set_title(column if any(r[column] is not None for r in rows) else f"{column} (not run)")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_convergence(rows: list[dict[str, Any]], curves_dir: Path, path: Path) -> None:
+    """Val usage (top) and PSNR (bottom) against training step: a column per label, a line per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(row["quantizer"] for row in rows))
+    figure, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.0), squeeze=False)
+    for index, label in enumerate(labels):
+        for row in (r for r in rows if r["quantizer"] == label):
+            curves = read_curves(curves_dir / f"{label}-{row['codebook size']}.csv")
+            for axis, column in zip(axes[:, index], CURVE_COLUMNS, strict=True):
+                if curves[column]:
+                    steps, values = zip(*curves[column], strict=True)
+                    axis.plot(steps, values, marker=".", label=f"2^{int(math.log2(row['codebook size']))}")
+        for axis, column in zip(axes[:, index], CURVE_COLUMNS, strict=True):
+            axis.set_title(f"{label}: val {column}")
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        axes[0, index].legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def write_report(root: Path, out: str) -> list[dict[str, Any]]:
+    """The study's table (CSV, Markdown), plot and convergence plot from the sweep tables on disk."""
+    base = root / out
+    rows = study_rows(read_sweep(sweep_table(base, "tokenizer")), read_sweep(sweep_table(base, "prior")))
+    if not rows:
+        raise ValueError(f"study: no sweep table under {base.parent}; run a part first (--part tokenizer)")
+    curves_dir = base.parent / "curves"
+    rows = with_convergence(rows, curves_dir)
+    write_table(rows, base.with_suffix(".csv"))
+    write_text_atomic(base.with_suffix(".md"), markdown(rows))
+    plot(rows, base.with_suffix(".png"))
+    plot_convergence(rows, curves_dir, base.with_name(f"{base.name}-convergence.png"))
+    return rows
+
+
+def sweep_table(base: Path, part: str) -> Path:
+    return base.with_name(f"{base.name}-{part}-sweep.csv")
+
+
 @flow(name="imtok-codebook-study", log_prints=True)
 def codebook_study(
     profile: dict[str, Any] | None = None,
     sizes: list[int] | None = None,
-    quantizers: list[str] | None = None,
+    labels: list[str] | None = None,
+    part: str = "tokenizer",
     project: str | None = None,
     out: str = "reports/study/codebook_size",
     use_remote: bool = True,
 ) -> list[dict[str, Any]]:
-    """The sweep, then the study's table (CSV, Markdown) and plot under ``out`` (project-relative)."""
+    """One part of the study (``tokenizer`` or ``prior``), then the report under ``out``."""
+    if part not in PARTS:
+        raise ValueError(f"study: part {part!r} is not one of {list(PARTS)}")
     root = project_root(project)
-    sweep_rows = sweep(
-        points=points(tuple(sizes or SIZES), tuple(quantizers or QUANTIZERS), profile),
-        project=str(root),
-        table=f"{out}-sweep.csv",
-        use_remote=use_remote,
-    )
-    rows = study_rows(sweep_rows)
     base = root / out
-    write_table(rows, base.with_suffix(".csv"))
-    base.with_suffix(".md").write_text(markdown(rows))
-    plot(rows, base.with_suffix(".png"))
+    sweep(
+        points=points(tuple(sizes or SIZES), tuple(labels or LABELS), profile),
+        project=str(root),
+        stages=PARTS[part],
+        table=str(sweep_table(base, part).relative_to(root)),
+        use_remote=use_remote,
+        keep={CURVES_FILE: str((base.parent / "curves").relative_to(root))} if part == "tokenizer" else None,
+        experiments=PARTS[part] is None,  # DVC saves whole pipelines only
+    )
+    rows = write_report(root, out)
     print(markdown(rows))
     return rows
 
@@ -155,12 +316,21 @@ def codebook_study(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", type=Path, default=None, help="overrides shared by points")
+    parser.add_argument(
+        "--part", choices=[*PARTS, "report"], default="tokenizer", help="report: rewrite it only"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS))
+    parser.add_argument("--labels", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--project", default=None)
     parser.add_argument("--out", default="reports/study/codebook_size")
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
+    if args.part == "report":
+        try:
+            print(markdown(write_report(project_root(args.project), args.out)))
+        except ValueError as error:
+            parser.error(str(error))
+        return
     try:
         profile = read_yaml(args.profile, "study profile") if args.profile else None
     except (OSError, ValueError) as error:
@@ -168,7 +338,8 @@ def main() -> None:
     codebook_study(
         profile=profile,
         sizes=args.sizes,
-        quantizers=args.quantizers,
+        labels=args.labels,
+        part=args.part,
         project=args.project,
         out=args.out,
         use_remote=not args.no_remote,

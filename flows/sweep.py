@@ -80,8 +80,17 @@ def sweep(
     table: str = "reports/sweep.csv",
     remote: str | None = None,
     use_remote: bool = True,
+    keep: dict[str, str] | None = None,
+    experiments: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline for each point; returns (and writes to ``table``) one row per point."""
+    """Run the pipeline for each point; returns (and writes to ``table``) one row per point.
+
+    experiments: save each point as a DVC experiment of its name. DVC saves only a whole pipeline's
+        outputs: a sweep over some ``stages`` (the first stages of a fresh project) passes False.
+    keep: ``{file: directory}`` (project-relative): after each point, a copy of the workspace file
+        (e.g. ``plots/tokenizer_curves.csv``) as ``directory/<point name><suffix>``, where the next
+        point cannot overwrite it.
+    """
     root = project_root(project)
     params_path = root / "params.yaml"
     check_points(params_path, points)
@@ -98,7 +107,7 @@ def sweep(
                 project=str(root),
                 stages=stages,
                 overrides=point.get("overrides") or {},
-                experiment=point["name"],
+                experiment=point["name"] if experiments else None,
                 remote=remote,
                 use_remote=use_remote,
             )
@@ -113,6 +122,10 @@ def sweep(
                 }
             )
             write_table(rows, root / table)  # a partial table survives a failing point
+            for source, directory in (keep or {}).items():
+                kept = root / directory / f"{point['name']}{Path(source).suffix}"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(kept, (root / source).read_bytes())
     finally:
         write_text_atomic(params_path, baseline)
         if baseline_lock is not None:

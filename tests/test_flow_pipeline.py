@@ -97,3 +97,40 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
     assert len(table) == 3 and "generation.fid_fmnist" in table[0]
     experiments = run(["dvc", "exp", "list", "--name-only"], by_flow, environment(by_flow))
     assert {"seed-1", "seed-2"} <= set(experiments.split()), experiments
+
+
+@pytest.mark.slow
+def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_report(
+    tmp_path, harness, monkeypatch
+):
+    from flows.study import LABELS, codebook_study, sweep_table
+
+    params = {**TINY_PARAMS, "tokenizer": {**TINY_PARAMS["tokenizer"], "total_steps": 4, "val_every": 2}}
+    root = make_project(tmp_path / "study", params)
+    for key, value in environment(root).items():
+        monkeypatch.setenv(key, value)
+    out = "reports/study/codebook_size"
+    rows = codebook_study(sizes=[256, 1024], part="tokenizer", project=str(root), out=out)
+    assert [(row["quantizer"], row["codebook size"]) for row in rows] == [
+        (label, size) for label in LABELS for size in (256, 1024)
+    ]
+    assert all(0 < row["usage %"] <= 100 and row["rfid_fmnist"] is not None for row in rows)
+    assert all(row["sampling fid_fmnist"] is None for row in rows)  # the prior part has not run
+    # every point's validation curves are kept (two validations: the last change is known)
+    assert all(row["Δusage % last val"] is not None for row in rows), rows
+    sweep = (root / "reports/study/codebook_size-tokenizer-sweep.csv").read_text()
+    assert "params.tokenizer.quantizer_options" in sweep.splitlines()[0]
+
+    rows = codebook_study(sizes=[256], labels=["vq-plain"], part="prior", project=str(root), out=out)
+    ran = (sweep_table(root / out, "prior")).read_text()
+    assert "train_tokenizer" not in ran.splitlines()[1].split(",")[1]  # the tokenizer came from DVC's cache
+    sampled = [row for row in rows if row["sampling fid_fmnist"] is not None]
+    assert [(row["quantizer"], row["codebook size"]) for row in sampled] == [("vq-plain", 256)]
+    assert len(rows) == 8  # the tokenizer part's rows stay in the report
+    for name in (
+        "codebook_size.csv",
+        "codebook_size.md",
+        "codebook_size.png",
+        "codebook_size-convergence.png",
+    ):
+        assert (root / "reports" / "study" / name).stat().st_size > 0, name

@@ -89,39 +89,97 @@ def test_sweep_points_need_unique_names_and_valid_overrides():
         points(profile=["tokenizer"])
 
 
-def test_study_points_cover_every_quantizer_and_size_with_valid_params():
+def test_study_points_cover_every_label_and_size_with_valid_params():
     profile = {"tokenizer": {"total_steps": 10, "warmup_steps": 2}}
-    study = points((256, 1024), ("fsq", "vq"), profile)
-    assert [p["name"] for p in study] == ["fsq-256", "fsq-1024", "vq-256", "vq-1024"]
+    study = points((256, 1024), ("fsq", "vq-plain", "vq"), profile)
+    assert [p["name"] for p in study] == [
+        "fsq-256",
+        "fsq-1024",
+        "vq-plain-256",
+        "vq-plain-1024",
+        "vq-256",
+        "vq-1024",
+    ]
+    configs = {}
     for point in study:
         params = validated(REPO / "params.yaml", point["overrides"])
         assert params.tokenizer.total_steps == 10
-    fsq = validated(REPO / "params.yaml", study[1]["overrides"]).tokenizer_config(1, 32)
+        configs[point["name"]] = params.tokenizer_config(1, 32)
+    fsq = configs["fsq-1024"]
     assert fsq.quantizer == "fsq" and fsq.levels is None and fsq.codebook_size == 1024
+    # plain VQ: random init, nothing re-seeded; ours: k-means seeding and restarts (the defaults)
+    plain, ours = build_quantizer_of(configs["vq-plain-1024"]), build_quantizer_of(configs["vq-1024"])
+    assert bool(plain.initialized) and plain.restart_after_steps is None and plain.ema
+    assert not bool(ours.initialized) and ours.restart_after_steps is not None and ours.ema
+    with pytest.raises(ValueError, match=r"unknown label.*vq-plain"):
+        points((256,), ("vq_plain",))
 
 
-def test_the_study_table_reads_the_domain_fid_and_formats_numbers(tmp_path):
-    sweep_rows = [
+def build_quantizer_of(config):
+    from imtok.models.autoencoder import build_quantizer
+
+    return build_quantizer(
+        config.quantizer,
+        levels=config.levels,
+        codebook_size=config.codebook_size,
+        dim=config.latent_dim,
+        **config.quantizer_options,
+    )
+
+
+def test_the_study_table_joins_the_two_parts_by_point_and_reads_the_domain_fid(tmp_path):
+    tokenizer_rows = [
+        {
+            "name": "vq-plain-256",
+            "tokenizer.codebook_usage_pct": 12.5,
+            "tokenizer.perplexity": 20.0,
+            "tokenizer.psnr": 19.0,
+            "tokenizer.ssim": 0.7,
+            "tokenizer.rfid_fmnist": 40.0,
+        },
         {
             "name": "fsq-256",
-            "params.tokenizer.quantizer": "fsq",
-            "params.tokenizer.codebook_size": 256,
             "tokenizer.codebook_usage_pct": 100.0,
             "tokenizer.perplexity": 200.5,
             "tokenizer.psnr": 22.123,
             "tokenizer.ssim": 0.8,
             "tokenizer.rfid_fmnist": 12.0,
-            "generation.fid_fmnist": 50.25,
         },
-        {"name": "vq-256", "params.tokenizer.quantizer": "vq", "params.tokenizer.codebook_size": 256},
     ]
-    rows = study_rows(sweep_rows)
+    prior_rows = [
+        {
+            "name": "fsq-256",
+            "tokenizer.psnr": 99.0,  # the same tokenizer: the tokenizer sweep's figures stand
+            "generation.fid_fmnist": 50.25,
+            "generation.precision_fmnist": 0.5,
+            "generation.recall_fmnist": 0.25,
+        }
+    ]
+    rows = study_rows(tokenizer_rows, prior_rows)
+    assert [(row["quantizer"], row["codebook size"]) for row in rows] == [("fsq", 256), ("vq-plain", 256)]
     assert rows[0]["sampling fid_fmnist"] == 50.25 and rows[0]["usage %"] == 100.0
-    assert rows[1]["PSNR"] is None
+    assert rows[0]["PSNR"] == 22.123 and rows[0]["recall"] == 0.25
+    assert rows[1]["sampling fid_fmnist"] is None and rows[1]["rfid_fmnist"] == 40.0
     text = markdown(rows)
-    assert "| fsq | 256 | 100 | 200 | 22.1 | 0.8 | 50.2 | 12 |" in text
+    assert "| fsq | 256 | 100 | 200 | 22.1 | 0.8 | 12 | 50.2 | 0.5 | 0.25 |" in text
+    assert "| vq-plain | 256 | 12.5 | 20 | 19 | 0.7 | 40 |  |  |  |" in text
     write_table(rows, tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("quantizer,codebook size")
+
+
+def test_the_convergence_columns_are_the_change_between_the_last_two_validations(tmp_path):
+    from flows.study import with_convergence
+
+    (tmp_path / "fsq-256.csv").write_text(
+        "step,train_loss,val_psnr,val_codebook_usage_pct\n10,0.5,,\n100,0.4,20.0,80.0\n200,0.3,21.5,90.5\n"
+    )
+    rows = with_convergence(
+        [{"quantizer": "fsq", "codebook size": 256}, {"quantizer": "vq", "codebook size": 256}], tmp_path
+    )
+    assert rows[0]["Δusage % last val"] == pytest.approx(10.5) and rows[0]["ΔPSNR last val"] == pytest.approx(
+        1.5
+    )
+    assert rows[1]["Δusage % last val"] is None  # no curves kept for it
 
 
 def test_every_deployment_in_prefect_yaml_points_at_a_flow_that_imports():

@@ -37,7 +37,8 @@ def test_every_point_of_the_cpu_study_profile_is_valid():
 
     profile = yaml.safe_load((REPO / "profiles" / "study-cpu.yaml").read_text())
     study = points(profile=profile)
-    assert len(study) == 12
+    assert len(study) == 16  # four labels x four sizes
     for point in study:
         params = validated(REPO / "params.yaml", point["overrides"])
-        assert params.prepare.limit == profile["prepare"]["limit"], point["name"]
+        assert params.tokenizer.total_steps == profile["tokenizer"]["total_steps"], point["name"]
+        assert params.tokenizer.total_steps % params.tokenizer.val_every == 0  # the last val is the end
