@@ -223,7 +223,7 @@ class TokenizerParams:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4  # AdamW, on weight matrices and kernels only
     warmup_steps: int = 50
-    total_steps: int = 400
+    total_steps: int = 1500
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # EMA of the weights; the exported model then uses them
@@ -235,9 +235,9 @@ class TokenizerParams:
     num_workers: int = 0
     compile: bool = False
     log_every: int = 25
-    val_every: int = 200
+    val_every: int = 250
     val_batches: int = 8
-    checkpoint_every: int = 100
+    checkpoint_every: int = 500
     keep_checkpoints: int = 2
     grid_images: int = 32
     dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks; null: PyTorch's

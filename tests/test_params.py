@@ -58,10 +58,10 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
             "tokenizer.quantizer_options.beta",
         ),
         ({"tokenizer": {"betas": [0.9]}}, "tokenizer.betas"),
-        ({"tokenizer": {"warmup_steps": 700}}, "tokenizer.warmup_steps"),
+        ({"tokenizer": {"warmup_steps": 1700}}, "tokenizer.warmup_steps"),
         ({"tokenizer": {"grad_clip": 0}}, "tokenizer.grad_clip"),
         ({"tokenizer": {"dist_timeout_s": 0}}, "tokenizer.dist_timeout_s"),
-        ({"tokenizer": {"gan_weight": 0.1, "gan_start_step": 400}}, "tokenizer.gan_start_step"),
+        ({"tokenizer": {"gan_weight": 0.1, "gan_start_step": 1500}}, "tokenizer.gan_start_step"),
         (
             {"prepare": {"image_size": 16}, "tokenizer": {"gan_weight": 0.1, "disc_layers": 3}},
             "tokenizer.disc_layers",

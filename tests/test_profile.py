@@ -40,5 +40,5 @@ def test_every_point_of_the_cpu_study_profile_is_valid():
     assert len(study) == 16  # four labels x four sizes
     for point in study:
         params = validated(REPO / "params.yaml", point["overrides"])
-        assert params.tokenizer.total_steps == profile["tokenizer"]["total_steps"], point["name"]
+        assert params.tokenizer.val_batches == profile["tokenizer"]["val_batches"], point["name"]
         assert params.tokenizer.total_steps % params.tokenizer.val_every == 0  # the last val is the end
