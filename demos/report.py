@@ -40,7 +40,7 @@ def main() -> None:
             print(
                 f"\n  class accuracy of the samples (domain classifier): {generation['class_accuracy']:.3f}"
             )
-    features = reference.get("features", {})
+    features = load(Path("reports/evaluate_tokenizer.json")).get("features", {})
     for name, why in features.get("skipped", {}).items():
         print(f"\n  features not used: {name}: {why[:160]}")
     grid = Path("reports/samples.png")

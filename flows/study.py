@@ -41,6 +41,7 @@ from flows.sweep import sweep, write_table
 from imtok.atomic import write_text_atomic
 from imtok.overrides import merged
 from imtok.params import read_yaml
+from imtok.plots import pyplot, save_figure
 
 # The VQ-VAE baseline of both papers: EMA codebook from its random initialisation, nothing re-seeded.
 PLAIN_VQ_OPTIONS = {"kmeans_init": False, "restart_after_steps": None}
@@ -199,22 +200,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(figure: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    temporary.replace(path)
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Usage, PSNR and sampling FID against codebook size (log2 axis), one line per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fid_column = next(column for column in rows[0] if column.startswith("sampling"))
     panels = ("usage %", "PSNR", fid_column)
@@ -237,15 +225,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_convergence(rows: list[dict[str, Any]], curves_dir: Path, path: Path) -> None:
     """Val usage (top) and PSNR (bottom) against training step: a column per label, a line per size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(dict.fromkeys(row["quantizer"] for row in rows))
     figure, axes = plt.subplots(2, len(labels), figsize=(3.6 * len(labels), 6.0), squeeze=False)
@@ -262,7 +247,7 @@ def plot_convergence(rows: list[dict[str, Any]], curves_dir: Path, path: Path) -
             axis.grid(alpha=0.3)
         axes[0, index].legend(fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def write_report(root: Path, out: str) -> list[dict[str, Any]]:

@@ -295,6 +295,16 @@ def sampled_prior_version(
     return version, f"sample.prior {text} is {label}"
 
 
+def log_eval_artifacts(run_id: str | None, paths: Iterable[Path]) -> None:
+    """Attach files (the evaluation's PNG plots) to a model's MLflow run under ``evaluation/``."""
+    if run_id:
+        from imtok import tracking
+
+        client = tracking.configure().MlflowClient()
+        for path in paths:
+            client.log_artifact(run_id, str(path), "evaluation")
+
+
 def log_eval_metrics(client: Any, run_id: str | None, metrics: dict[str, float]) -> None:
     if run_id:
         for name, value in metrics.items():

@@ -6,11 +6,13 @@ InceptionV3 is used when its weights are on this machine (metrics ``fid``, ...),
 classifier of ``train_classifier`` always (``fid_<name>``, ...); ``metrics/reference.json`` (written by
 ``evaluate_tokenizer`` with the same features) holds the rows to read them against.
 
-Writes ``metrics/generation.json`` (DVC metrics) and ``plots/prior_curves.csv`` (DVC plot), logs the
-metrics into the MLflow run of the prior that made the samples (``sample.prior`` as
-``data/samples/meta.json`` records it), tags its registry version and moves the ``champion`` alias in
-the direction of ``evaluate.prior_metric``. Sample metrics of a prior that cannot be matched to one
-registry version promote nothing, and the output says why.
+Writes ``metrics/generation.json`` (DVC metrics: numbers only), ``plots/prior_curves.{csv,png}`` (DVC
+plots; the PNG opens without internet) and ``reports/evaluate.json`` (which features the metrics used,
+why any were left out, the promotion decision), logs the metrics and the PNG into the MLflow run of
+the prior that made the samples (``sample.prior`` as ``data/samples/meta.json`` records it), tags its
+registry version and moves the ``champion`` alias in the direction of ``evaluate.prior_metric``.
+Sample metrics of a prior that cannot be matched to one registry version promote nothing, and the
+output says why.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from imtok.evaluation import (
     check_same_shape,
     collect_features,
     generation_metrics,
+    log_eval_artifacts,
     record_prior,
     split_batches,
     summary_of,
@@ -30,6 +33,7 @@ from imtok.evaluation import (
 )
 from imtok.metrics.features import feature_extractors
 from imtok.params import Params
+from imtok.plots import curves_png
 from imtok.runtime import resolve_device
 from stages.common import stage_main, write_json
 
@@ -39,6 +43,7 @@ PRIOR_DIR = Path("models/prior")
 CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+REPORT_PATH = Path("reports/evaluate.json")
 CURVES = ["train/loss", "val/loss", "val/accuracy"]
 
 
@@ -74,21 +79,26 @@ def evaluate(
     write_json(metrics_dir / "generation.json", generation)
     summary = summary_of(prior_dir, "prior.json")
     write_curves(summary.get("mlflow_run_id"), CURVES, plots_dir / "prior_curves.csv")
-    promotion = record_prior(params, generation, samples_dir) if record else {}
+    curves_png(plots_dir / "prior_curves.csv", plots_dir / "prior_curves.png", "prior training")
+    promotion = {}
+    if record:
+        promotion = record_prior(params, generation, samples_dir)
+        log_eval_artifacts(summary.get("mlflow_run_id"), [plots_dir / "prior_curves.png"])
     features = {"used": [extractor.name for extractor in extractors], "skipped": available.skipped}
     return {"features": features, "generation": generation, "promotion": promotion}
 
 
-def evaluate_and_print(params: Params, _args: Any) -> None:
+def evaluate_and_print(params: Params, _args: Any) -> dict[str, Any]:
     results = evaluate(params)
     generation = results["generation"]
     print("samples against val: " + ", ".join(f"{k} {v:.4g}" for k, v in generation.items()))
     if results["promotion"]:
         print(f"prior: {results['promotion']['reason']}")
+    return {"features": results["features"], "promotion": results["promotion"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__, evaluate_and_print, report_path=None, argv=argv)
+    return stage_main(__doc__, evaluate_and_print, report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":

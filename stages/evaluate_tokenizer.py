@@ -6,9 +6,11 @@ extractor (val images against their reconstructions). Reference rows with the sa
 halves of val (the floor a perfect generator would reach with sets of that size) and val against as
 many train images (the train/val gap).
 
-Writes ``metrics/tokenizer.json``, ``metrics/reference.json`` (DVC metrics), ``plots/codebook_usage.csv``
-and ``plots/tokenizer_curves.csv`` (DVC plots), logs the metrics into the tokenizer's MLflow run, tags
-its registry version and moves the ``champion`` alias when it beats the champion on
+Writes ``metrics/tokenizer.json``, ``metrics/reference.json`` (DVC metrics: numbers only),
+``plots/codebook_usage.{csv,png}`` and ``plots/tokenizer_curves.{csv,png}`` (DVC plots; the PNGs open
+without internet), ``reports/evaluate_tokenizer.json`` (which features the metrics used, why any were
+left out, the promotion decision), logs the metrics and PNGs into the tokenizer's MLflow run, tags its
+registry version and moves the ``champion`` alias when it beats the champion on
 ``evaluate.tokenizer_metric`` (see ``imtok.tracking.promote_if_better``). Needs no prior: the study's
 tokenizer sweep stops here.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 from imtok.evaluation import (
     collect_features,
+    log_eval_artifacts,
     record_tokenizer,
     reference_rows,
     split_batches,
@@ -31,6 +34,7 @@ from imtok.evaluation import (
 )
 from imtok.metrics.features import feature_extractors
 from imtok.params import Params
+from imtok.plots import curves_png, usage_png
 from imtok.runtime import resolve_device
 from stages.common import stage_main, write_json
 
@@ -39,6 +43,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+REPORT_PATH = Path("reports/evaluate_tokenizer.json")
 # MLflow histories in plots/tokenizer_curves.csv; the study's convergence plot reads the val ones.
 CURVES = ["train/loss", "train/psnr", "val/psnr", "train/codebook_usage_pct", "val/codebook_usage_pct"]
 
@@ -73,23 +78,30 @@ def evaluate_tokenizer(
     features = {"used": [extractor.name for extractor in extractors], "skipped": available.skipped}
     reference = reference_rows(val.real, train)
     write_json(metrics_dir / "tokenizer.json", metrics)
-    write_json(metrics_dir / "reference.json", reference | {"features": features})
+    write_json(metrics_dir / "reference.json", reference)
     write_usage_plot(val.counter, plots_dir / "codebook_usage.csv")
+    usage_png(val.counter.counts, plots_dir / "codebook_usage.png")
     summary = summary_of(tokenizer_dir, "tokenizer.json")
-    write_curves(summary.get("mlflow_run_id"), CURVES, plots_dir / "tokenizer_curves.csv")
-    promotion = record_tokenizer(params, summary, metrics) if record else {}
+    run_id = summary.get("mlflow_run_id")
+    write_curves(run_id, CURVES, plots_dir / "tokenizer_curves.csv")
+    curves_png(plots_dir / "tokenizer_curves.csv", plots_dir / "tokenizer_curves.png", "tokenizer training")
+    promotion = {}
+    if record:
+        promotion = record_tokenizer(params, summary, metrics)
+        log_eval_artifacts(run_id, [plots_dir / "codebook_usage.png", plots_dir / "tokenizer_curves.png"])
     return {"features": features, "tokenizer": metrics, "reference": reference, "promotion": promotion}
 
 
-def evaluate_and_print(params: Params, _args: Any) -> None:
+def evaluate_and_print(params: Params, _args: Any) -> dict[str, Any]:
     results = evaluate_tokenizer(params)
     print("tokenizer on val: " + ", ".join(f"{k} {v:.4g}" for k, v in results["tokenizer"].items()))
     if results["promotion"]:
         print(f"tokenizer: {results['promotion']['reason']}")
+    return {"features": results["features"], "promotion": results["promotion"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__, evaluate_and_print, report_path=None, argv=argv)
+    return stage_main(__doc__, evaluate_and_print, report_path=REPORT_PATH, argv=argv)
 
 
 if __name__ == "__main__":
