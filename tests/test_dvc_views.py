@@ -8,7 +8,6 @@ import io
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 from project_factory import REPO, TINY_PARAMS, environment, make_project, run
@@ -50,9 +49,9 @@ def test_a_two_quantizer_sweep_reads_as_params_that_differ_and_headline_numbers(
     table = run([*readme_exp_show(), "--csv", "--no-pager"], root, env)
     rows = list(csv.DictReader(io.StringIO(table[table.index("Experiment") :])))
     columns = set(rows[0])
-    assert HEADLINE <= columns, columns
+    assert columns >= HEADLINE, columns
     assert "tokenizer.quantizer" in columns  # the one param that differs
-    assert not [c for c in columns if "/" in c or c in ("Created", "codes_used")], columns  # no deps, no clutter
+    assert not [c for c in columns if "/" in c or c in ("Created", "codes_used")], columns  # no deps
     assert {row["Experiment"] for row in rows} >= {"vq", "fsq"}
     assert len(columns) <= 16, columns  # about 160 terminal columns at 3 decimals
 
