@@ -251,9 +251,18 @@ def plot_convergence(rows: list[dict[str, Any]], curves_dir: Path, path: Path) -
 
 
 def write_report(root: Path, out: str) -> list[dict[str, Any]]:
-    """The study's table (CSV, Markdown), plot and convergence plot from the sweep tables on disk."""
+    """The study's table (CSV, Markdown), plot and convergence plot from every sweep table on disk
+    (one per part, or one per part and group of labels when the labels ran as separate commands)."""
     base = root / out
-    rows = study_rows(read_sweep(sweep_table(base, "tokenizer")), read_sweep(sweep_table(base, "prior")))
+
+    def tables(part: str) -> list[dict[str, Any]]:
+        return [
+            row
+            for path in sorted(base.parent.glob(f"{base.name}-{part}-sweep*.csv"))
+            for row in read_sweep(path)
+        ]
+
+    rows = study_rows(tables("tokenizer"), tables("prior"))
     if not rows:
         raise ValueError(f"study: no sweep table under {base.parent}; run a part first (--part tokenizer)")
     curves_dir = base.parent / "curves"
@@ -265,8 +274,11 @@ def write_report(root: Path, out: str) -> list[dict[str, Any]]:
     return rows
 
 
-def sweep_table(base: Path, part: str) -> Path:
-    return base.with_name(f"{base.name}-{part}-sweep.csv")
+def sweep_table(base: Path, part: str, labels: tuple[str, ...] = tuple(LABELS)) -> Path:
+    """Where a part's sweep writes its rows: one table per group of labels, so that groups run as
+    separate commands (e.g. one per core, in two clones) do not overwrite each other's rows."""
+    group = "" if set(labels) == set(LABELS) else "-" + "-".join(labels)
+    return base.with_name(f"{base.name}-{part}-sweep{group}.csv")
 
 
 @flow(name="imtok-codebook-study", log_prints=True)
@@ -284,11 +296,12 @@ def codebook_study(
         raise ValueError(f"study: part {part!r} is not one of {list(PARTS)}")
     root = project_root(project)
     base = root / out
+    chosen = tuple(labels or LABELS)
     sweep(
-        points=points(tuple(sizes or SIZES), tuple(labels or LABELS), profile),
+        points=points(tuple(sizes or SIZES), chosen, profile),
         project=str(root),
         stages=PARTS[part],
-        table=str(sweep_table(base, part).relative_to(root)),
+        table=str(sweep_table(base, part, chosen).relative_to(root)),
         use_remote=use_remote,
         keep={CURVES_FILE: str((base.parent / "curves").relative_to(root))} if part == "tokenizer" else None,
         experiments=PARTS[part] is None,  # DVC saves whole pipelines only

@@ -122,7 +122,7 @@ def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_rep
     assert "params.tokenizer.quantizer_options" in sweep.splitlines()[0]
 
     rows = codebook_study(sizes=[256], labels=["vq-plain"], part="prior", project=str(root), out=out)
-    ran = (sweep_table(root / out, "prior")).read_text()
+    ran = (sweep_table(root / out, "prior", ("vq-plain",))).read_text()
     assert "train_tokenizer" not in ran.splitlines()[1].split(",")[1]  # the tokenizer came from DVC's cache
     sampled = [row for row in rows if row["sampling fid_fmnist"] is not None]
     assert [(row["quantizer"], row["codebook size"]) for row in sampled] == [("vq-plain", 256)]
