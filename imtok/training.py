@@ -499,6 +499,42 @@ def agreed_latest_checkpoint(directory: str | os.PathLike[str], runtime: Runtime
     return latest
 
 
+LOCK_NAME = ".holder.lock"
+
+
+@contextlib.contextmanager
+def holding_checkpoints(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``directory`` for this process while the block runs: a second run that would train into
+    the same checkpoints (the same stage and fingerprint) stops at once, naming the holder's PID.
+
+    Two runs sharing a directory used to interleave their checkpoints, and one's pruning deleted the
+    other's temp file mid-write. The lock is an ``flock`` on ``directory/.holder.lock``: the kernel
+    drops it when the holder ends in any way (``kill -9`` included), so a dead run never blocks the next.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 -- held open for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"{directory}: another run (PID {holder}) is training into these checkpoints; wait for "
+                f"it to finish or stop it (kill {holder}), then run the stage again"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:
     """Delete all but the ``keep`` newest checkpoints, and the temp files of saves that never finished
     (a run killed inside ``torch.save`` leaves one the size of a checkpoint); return the deleted paths.

@@ -8,8 +8,10 @@ import glob
 import json
 import logging
 import os
+import select
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -93,6 +95,64 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal this process gets when its parent ends
+
+
+def shell_wrapper(pid: int) -> bool:
+    """Whether process ``pid`` is a ``<shell> -c <command>`` wrapper, as DVC runs each stage command
+    (``$SHELL -c cmd``; dash does not exec the command in its place, so the stage is its child)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    name = os.path.basename(argv[0].decode(errors="replace"))
+    return len(argv) >= 3 and name in SHELLS and argv[1] == b"-c"
+
+
+def watch_process(pid: int) -> None:
+    """SIGTERM this process when process ``pid`` ends (a daemon thread waits on its pidfd, so a
+    recycled PID cannot fool it); a process already gone is signalled at once."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def wait() -> None:
+        select.select([handle], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name=f"watch-{pid}", daemon=True).start()
+
+
+def end_with_dvc() -> None:
+    """Under DVC (``dvc repro``, ``dvc exp run``: ``DVC_STAGE`` is set), end this stage when DVC ends.
+
+    A ``kill -9`` of ``dvc repro`` used to leave the stage running under PID 1; a later ``dvc repro``
+    checked out the cached outputs, and the orphan then overwrote them. Now the stage gets SIGTERM
+    (which unwinds: no output is swapped in, the last checkpoint stays) when its parent ends (Linux's
+    parent-death signal), and, when that parent is the ``$SHELL -c`` wrapper DVC runs commands in,
+    when DVC itself ends. Run by hand (no ``DVC_STAGE``), a stage outlives its shell as before, so
+    ``nohup`` keeps working. Elsewhere than Linux this does nothing.
+    """
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # the parent ended before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    if shell_wrapper(parent):
+        stat = Path(f"/proc/{parent}/stat").read_text()
+        dvc = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesised command name
+        if dvc > 1:
+            watch_process(dvc)
+        else:  # the wrapper was handed to init: DVC ended before this stage got here
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 Work = Callable[[Any, argparse.Namespace], "dict[str, Any] | None"]
 
 
@@ -125,6 +185,7 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("stages")
     with sigterm_unwinds():
+        end_with_dvc()
         try:
             report = work(load_params(args.params), args)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -142,19 +203,24 @@ def no_register_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
 
 
+@contextlib.contextmanager
 def training_run(
     stage: str, logged: dict[str, Any], tags: dict[str, str], checkpoint_dir: Path, is_main: bool
-) -> contextlib.AbstractContextManager[Any]:
-    """The MLflow run of a training stage on the main process (a no-op context elsewhere).
+) -> Iterator[Any]:
+    """The MLflow run of a training stage on the main process (None elsewhere), with
+    ``checkpoint_dir`` held for this run (``imtok.training.holding_checkpoints``).
 
     When ``checkpoint_dir`` holds a checkpoint, the run it recorded is continued, so a killed and
     resumed execution keeps one run and one metric history.
     """
     if not is_main:
-        return contextlib.nullcontext()
+        yield None
+        return
     from imtok import tracking
-    from imtok.training import latest_checkpoint, read_checkpoint
+    from imtok.training import holding_checkpoints, latest_checkpoint, read_checkpoint
 
-    latest = latest_checkpoint(checkpoint_dir)
-    resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
-    return tracking.stage_run(stage, logged, tags=tags, resume_run_id=resume_run_id)
+    with holding_checkpoints(checkpoint_dir):
+        latest = latest_checkpoint(checkpoint_dir)
+        resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
+        with tracking.stage_run(stage, logged, tags=tags, resume_run_id=resume_run_id) as run:
+            yield run
