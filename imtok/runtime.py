@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -368,9 +369,58 @@ def batches_from(loader: Any, start_step: int) -> Iterator[Any]:
         epoch, skip = epoch + 1, 0
 
 
-def progress_bar(total: int, initial: int, runtime: Runtime, description: str) -> Any:
-    """A tqdm bar on the main process when stderr is a terminal; silent otherwise."""
-    from tqdm.auto import tqdm
+def duration(seconds: float) -> str:
+    """``3h02m``, ``4m12s`` or ``9s``."""
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
-    enabled = runtime.is_main and sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, dynamic_ncols=True)
+
+class Progress:
+    """A training loop's progress on the main process: a tqdm bar when stderr is a terminal, else a
+    log line at each ``report`` (step, the given values, throughput, ETA), so a run under ``dvc repro``
+    with its output in a file shows where it is at every ``log_every``."""
+
+    def __init__(self, total: int, initial: int, runtime: Runtime, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.initial, self.description = total, initial, description
+        self.main = runtime.is_main
+        self.lines = self.main and not sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=description,
+            disable=not self.main or self.lines,
+            dynamic_ncols=True,
+        )
+
+    def update(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def report(self, done: int, rate: tuple[str, float], **values: str) -> None:
+        """At a log step: ``rate`` is (unit, per second), e.g. ("images/s", 295.0); ``values`` are
+        formatted numbers such as ``loss="0.0812"``."""
+        if not self.main:
+            return
+        if not self.lines:
+            self.bar.set_postfix(**values)
+            return
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / max(done - self.initial, 1) * (self.total - done)
+        shown = ", ".join(f"{name} {value}" for name, value in values.items())
+        logging.getLogger(f"imtok.{self.description}").info(
+            "step %d/%d (%d%%), %s, %.0f %s, ETA %s",
+            done,
+            self.total,
+            100 * done // max(self.total, 1),
+            shown,
+            rate[1],
+            rate[0],
+            duration(remaining),
+        )
+
+    def close(self) -> None:
+        self.bar.close()

@@ -202,3 +202,14 @@ def test_a_diverging_run_stops_before_its_next_checkpoint_and_keeps_the_good_one
     for path in kept.values():
         state = read_checkpoint(path)["model"]
         assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+
+
+def test_a_run_without_a_terminal_logs_a_progress_line_at_each_log_step(tiny_shards, tmp_path, caplog):
+    caplog.set_level("INFO", logger="imtok.train_tokenizer")
+    params = tokenizer_params(6, log_every=3)  # pytest's captured stderr is no terminal
+    run_tokenizer(params, tiny_shards, tmp_path / "ck")
+    lines = [r.getMessage() for r in caplog.records if r.name == "imtok.train_tokenizer"]
+    assert len(lines) == 2, lines
+    expected = r"step 3/6 \(50%\), loss \d+\.\d{4}, psnr [\d.]+, usage [\d.]+%, \d+ images/s, ETA \d+s$"
+    assert re.match(expected, lines[0]), lines[0]
+    assert lines[1].startswith("step 6/6 (100%)") and lines[1].endswith("ETA 0s")

@@ -39,7 +39,7 @@ from imtok.models.maskgit import (
 )
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Runtime, all_reduce_mean, progress_bar
+from imtok.runtime import Progress, Runtime, all_reduce_mean
 from imtok.trainers.tokenizer import MetricWindow, adamw_param_groups, reseed_rank
 from imtok.training import (
     ModelEma,
@@ -264,7 +264,7 @@ def train_prior(
     result = PriorResult(model=model, step=start, start_step=start)
     watch = NonFiniteLossWatch("train_prior", checkpoint_dir, "lower prior.lr or set prior.grad_clip")
     started = time.perf_counter()
-    bar = progress_bar(p.total_steps, start, runtime, "train_prior")
+    bar = Progress(p.total_steps, start, runtime, "train_prior")
     try:
         for step in range(start, p.total_steps):
             index = next(batches)
@@ -299,7 +299,9 @@ def train_prior(
                 result.train = means
                 window = MetricWindow()
                 if runtime.is_main:
-                    bar.set_postfix(loss=f"{means['train/loss']:.4f}")
+                    bar.report(
+                        done, ("tokens/s", means["train/tokens_per_s"]), loss=f"{means['train/loss']:.4f}"
+                    )
                     if on_metrics is not None:
                         on_metrics(means, done)
             if runtime.is_main and val is not None and p.val_batches and (done % p.val_every == 0 or last):

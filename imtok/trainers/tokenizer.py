@@ -54,7 +54,7 @@ from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals, psnr
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.runtime import Runtime, all_reduce_mean, batches_from, disagreement, progress_bar
+from imtok.runtime import Progress, Runtime, all_reduce_mean, batches_from, disagreement
 from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
@@ -354,7 +354,7 @@ def train_tokenizer(
         "train_tokenizer", checkpoint_dir, "lower tokenizer.lr or set tokenizer.grad_clip"
     )
     started = time.perf_counter()
-    bar = progress_bar(p.total_steps, start, runtime, "train_tokenizer")
+    bar = Progress(p.total_steps, start, runtime, "train_tokenizer")
 
     def validate(step: int) -> dict[str, float]:
         # Isolated: validation draws nothing that training then misses (val_every is not in the run's
@@ -425,7 +425,13 @@ def train_tokenizer(
                 result.train = means
                 window = MetricWindow()
                 if runtime.is_main:
-                    bar.set_postfix(loss=f"{means['train/loss']:.4f}", psnr=f"{means['train/psnr']:.2f}")
+                    bar.report(
+                        done,
+                        ("images/s", means["train/images_per_s"]),
+                        loss=f"{means['train/loss']:.4f}",
+                        psnr=f"{means['train/psnr']:.2f}",
+                        usage=f"{means['train/codebook_usage_pct']:.1f}%",
+                    )
                     if on_metrics is not None:
                         on_metrics(means, done)
             if validating and (done % p.val_every == 0 or last):
