@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imtok.data.shards import IMAGE_FIELDS, ShardError, _read_shards, decode_sample, to_float
+from imtok.data.shards import IMAGE_FIELDS, LabelRange, ShardError, _read_shards, decode_sample, to_float
 from imtok.data.tokens import TokenSample, count_codes, write_token_shard
 
 FLIP_SUFFIX = "_hflip"
@@ -49,11 +49,14 @@ class ShardImages(IterableDataset):
     ``shards`` are ``(position, url, expected count)``; a piece never spans two shards.
     """
 
-    def __init__(self, shards: list[tuple[int, str, int]], batch_size: int) -> None:
+    def __init__(
+        self, shards: list[tuple[int, str, int]], batch_size: int, labels: LabelRange | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.shards = shards
         self.batch_size = batch_size
+        self.labels = labels  # the split's class labels (shards.label_range), checked per sample
 
     def __iter__(self) -> Iterator[ShardPiece]:
         worker = get_worker_info()
@@ -67,7 +70,7 @@ class ShardImages(IterableDataset):
         pending: list[tuple[torch.Tensor, int, str]] = []
         samples = _read_shards(iter([{"url": url}]), {url: expected}, IMAGE_FIELDS)
         for seen, sample in enumerate(samples, start=1):
-            pending.append(decode_sample(sample))
+            pending.append(decode_sample(sample, self.labels))
             if len(pending) == self.batch_size and seen < expected:
                 yield piece(position, pending, last=False)
                 pending = []
@@ -171,11 +174,16 @@ def encode_pieces(
 
 
 def shard_loader(
-    shards: list[tuple[int, str, int]], batch_size: int, *, num_workers: int, pin_memory: bool
+    shards: list[tuple[int, str, int]],
+    batch_size: int,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    labels: LabelRange | None = None,
 ) -> DataLoader:
     """The DataLoader over ``ShardImages``: pieces already batched, so ``batch_size=None``."""
     return DataLoader(
-        ShardImages(shards, batch_size),
+        ShardImages(shards, batch_size, labels),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -200,11 +208,15 @@ def extract_shards(
     num_workers: int,
     codebook_size: int,
     grid: tuple[int, int],
+    labels: LabelRange | None = None,
 ) -> list[ShardResult]:
-    """Encode ``shards`` (this rank's share) and write one token shard per image shard into ``out_dir``."""
+    """Encode ``shards`` (this rank's share) and write one token shard per image shard into ``out_dir``;
+    ``labels`` (the split's, ``shards.label_range``) are checked on every sample."""
     # a worker beyond one per shard would start for nothing
     workers = min(num_workers, len(shards))
-    loader = shard_loader(shards, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = shard_loader(
+        shards, batch_size, num_workers=workers, pin_memory=device.type == "cuda", labels=labels
+    )
     names = {position: Path(url).name for position, url, _ in shards}
     # one writer thread: tar writing (tens of microseconds a sample) runs while the next shard encodes;
     # at most MAX_PENDING_WRITES shards wait for it, so a fast encoder cannot pile up samples

@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imtok.data.shards import META_NAME, clear_split_dir, read_meta, shard_urls, write_json_atomic
+from imtok.data.shards import (
+    META_NAME,
+    clear_split_dir,
+    label_range,
+    read_meta,
+    shard_urls,
+    write_json_atomic,
+)
 from imtok.data.sources import SPLITS
 from imtok.data.tokens import token_split_meta
 from imtok.extraction import Encode, channels_last_encode, extract_shards, gather_results, rank_shards
@@ -121,6 +128,7 @@ def extract_split(
         num_workers=params.num_workers,
         codebook_size=tokenizer.codebook_size,
         grid=(side, side),
+        labels=label_range(image_meta),
     )
     listed, counts = gather_results(results, tokenizer.codebook_size)
     content = None

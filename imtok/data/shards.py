@@ -18,6 +18,7 @@ ranks together cover the whole split each epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -294,20 +295,49 @@ def _split_samples(location: str | Path) -> Iterator[dict[str, Any]]:
 
 def iter_samples(location: str | Path) -> Iterator[dict[str, Any]]:
     """Every raw sample of a split in stored order: ``{"__key__", "png" (bytes), "cls" (int)}``."""
+    labels = label_range(read_meta(location))
     for sample in _split_samples(location):
-        yield {"__key__": sample["__key__"], "png": sample["png"], "cls": sample_label(sample)}
+        label = sample_label(sample, labels=labels)
+        yield {"__key__": sample["__key__"], "png": sample["png"], "cls": label}
 
 
-def sample_label(sample: dict[str, Any], remedy: str = "the shard is damaged, write the split again") -> int:
-    """The integer class label of a raw shard sample; one that is not an integer names its sample and
-    says ``remedy``."""
+class LabelRange(NamedTuple):
+    """The class labels a split may hold: ``low <= label < classes``."""
+
+    low: int  # 0, or -1 where the split's meta.json says unconditional samples (label -1) are in it
+    classes: int  # len(class_names)
+
+
+def label_range(meta: dict[str, Any]) -> LabelRange | None:
+    """The labels a split's meta.json allows: its ``class_names``, and -1 for the samples of an
+    unconditional prior (``"conditional": false``); None when it names no classes."""
+    classes = len(meta.get("class_names") or [])
+    if not classes:
+        return None
+    return LabelRange(-1 if meta.get("conditional") is False else 0, classes)
+
+
+def sample_label(
+    sample: dict[str, Any],
+    remedy: str = "the shard is damaged, write the split again",
+    labels: LabelRange | None = None,
+) -> int:
+    """The integer class label of a raw shard sample, checked against ``labels`` when given; a label
+    that is not an integer, or outside the split's classes, names its shard and sample and says
+    ``remedy``."""
+    where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
     try:
-        return int(sample["cls"])
+        label = int(sample["cls"])
     except (TypeError, ValueError, UnicodeDecodeError):
-        where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
         raise ShardError(
             f"{where} holds a class label {repr(sample['cls'])[:40]} that is not an integer; {remedy}"
         ) from None
+    if labels is not None and not labels.low <= label < labels.classes:
+        raise ShardError(
+            f"{where} holds class label {label}, outside the split's {labels.classes} classes (0 to "
+            f"{labels.classes - 1} in its meta.json class_names); {remedy}"
+        )
+    return label
 
 
 def decode_png_uint8(data: bytes) -> torch.Tensor:
@@ -348,8 +378,9 @@ def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pending: list[tuple[torch.Tensor, int, str]] = []
+    labels = label_range(read_meta(location))
     for sample in _split_samples(location):
-        pending.append(decode_sample(sample))
+        pending.append(decode_sample(sample, labels))
         if len(pending) == batch_size:
             yield collate_images(pending)
             pending = []
@@ -357,8 +388,9 @@ def iter_batches(location: str | Path, batch_size: int) -> Iterator[Batch]:
         yield collate_images(pending)
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
-    """(uint8 image, label, key) of a raw shard sample; a PNG that does not decode names its shard."""
+def decode_sample(sample: dict[str, Any], labels: LabelRange | None = None) -> tuple[torch.Tensor, int, str]:
+    """(uint8 image, label, key) of a raw shard sample; a PNG that does not decode, or a label outside
+    ``labels``, names its shard."""
     where = f"{sample.get('__url__', 'a shard')}: sample {sample['__key__']!r}"
     try:
         image = decode_png_uint8(sample["png"])
@@ -367,7 +399,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str]:
             f"{where} holds a PNG that does not decode ({type(exc).__name__}: {exc}); the shard is "
             "damaged, write the split again"
         ) from None
-    return image, sample_label(sample), sample["__key__"]
+    return image, sample_label(sample, labels=labels), sample["__key__"]
 
 
 def collate_images(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:
@@ -391,6 +423,7 @@ def batch_pipeline(
     shuffle_buffer: int = 0,
     seed: int = 0,
     expected_counts: dict[str, int] | None = None,
+    labels: LabelRange | None = None,
 ) -> wds.DataPipeline:
     """The per-worker WebDataset pipeline: split shards by worker, read, shuffle, decode, batch.
 
@@ -399,7 +432,8 @@ def batch_pipeline(
     stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_worker, read_shards(expected_counts)]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-    stages += [wds.map(decode_sample), wds.batched(batch_size, collation_fn=collate_images, partial=True)]
+    decode = functools.partial(decode_sample, labels=labels)
+    stages += [wds.map(decode), wds.batched(batch_size, collation_fn=collate_images, partial=True)]
     return wds.DataPipeline(*stages)
 
 
@@ -504,6 +538,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer,
             seed=seed,
             expected_counts={self.urls[i]: self.counts[i] for i in shards},
+            labels=label_range(self.meta),
         )
         # Its own generator: a DataLoader draws its workers' base seed when an iterator starts, from
         # torch's global generator unless given one. A run resumed mid-epoch starts an iterator that an

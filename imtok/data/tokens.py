@@ -26,9 +26,11 @@ import webdataset as wds
 from imtok.data.shards import (
     META_NAME,
     PARTIAL_SUFFIX,
+    LabelRange,
     ShardError,
     _read_shards,
     clear_split_dir,
+    label_range,
     read_meta,
     sample_label,
     shard_urls,
@@ -208,7 +210,7 @@ def read_token_meta(location: str | Path) -> dict[str, Any]:
     return meta
 
 
-def decode_token_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+def decode_token_sample(sample: dict[str, Any], labels: LabelRange | None = None) -> tuple[np.ndarray, int]:
     """(integer token ids, label) of a raw token-shard sample; damaged data names its shard and sample."""
     where = f"{sample.get('__url__', 'a token shard')}: sample {sample['__key__']!r}"
     try:
@@ -223,7 +225,7 @@ def decode_token_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
             f"{where} holds tokens of dtype {array.dtype}, not integer code ids; the token shard is "
             "damaged or not from extract_tokens, run extract_tokens again"
         )
-    return array, sample_label(sample, "the token shard is damaged, run extract_tokens again")
+    return array, sample_label(sample, "the token shard is damaged, run extract_tokens again", labels)
 
 
 def load_token_split(location: str | Path) -> TokenSplit:
@@ -235,8 +237,9 @@ def load_token_split(location: str | Path) -> TokenSplit:
     tokens = np.empty((meta["count"], *grid), dtype=np.int32)  # ids < 2^31 (token_dtype)
     labels: list[int] = []
     keys: list[str] = []
+    allowed = label_range(meta)
     for sample in _read_shards(iter({"url": url} for url in urls), expected, TOKEN_FIELDS):
-        array, label = decode_token_sample(sample)
+        array, label = decode_token_sample(sample, allowed)
         if array.shape != grid:
             raise ShardError(
                 f"{location}: sample {sample['__key__']!r} has tokens of shape {array.shape}, but meta.json "
