@@ -522,3 +522,32 @@ def test_distributed_ranks_keep_identical_codebooks(tmp_path):
     # and both ranks' data moved it: codes sit near the clusters of rank 0 and of rank 1
     near = torch.cdist(torch.tensor([[3.0, 0, 0, 0], [0, 0, -3.0, 0]]), state["embed"]).min(dim=1).values
     assert torch.all(near < 1.0)
+
+
+PEAK_RSS = """
+import resource, torch
+from imtok.quantizers.vq import VectorQuantizer
+torch.manual_seed(0)
+quantizer = VectorQuantizer(65536, 8, kmeans_init=False).eval()
+latents = torch.randn(32768 // 64, 8, 8, 8)  # (B, C, H, W): 32,768 vectors of 8 channels
+with torch.no_grad():
+    quantizer(latents)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # MiB
+"""
+
+
+def test_the_cpu_search_peak_memory_stays_small_in_fresh_processes():
+    # Each chunk used to allocate a fresh 16 MiB block; glibc's adaptive mmap threshold then kept
+    # gigabytes resident in most fresh processes (7.5-8.1 GB here). Three fresh processes: all small.
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    peaks = []
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS], capture_output=True, text=True, timeout=300, env=env, check=True
+        )
+        peaks.append(int(done.stdout.split()[-1]))
+    assert max(peaks) < 1500, f"peak resident MiB per fresh process: {peaks}"
