@@ -323,6 +323,9 @@ class PrepareParams:
     maxcount: int = 10000  # samples per shard
     maxsize: int = 100_000_000  # bytes of payload per shard
     synthetic_count: int = 2000  # images the synthetic source generates (both splits together)
+    # folder: larger images are skipped (and reported) before they are decoded: 64 MP passes every
+    # camera photo up to 8192 x 8192, while a 13000 x 13000 PNG would take 3.8 GB to decode
+    max_pixels: int = 64_000_000
     upload: str | None = None  # s3://bucket/prefix: upload <prefix>/train and <prefix>/val after writing
     # processes that load and PNG-encode images while the stage writes the shards (0: the stage
     # itself); the shards are byte-identical for any count
@@ -345,6 +348,11 @@ class PrepareParams:
             (self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null (all), got {self.limit}"),
             (self.maxcount >= 1, "maxcount", f"must be a positive number of samples, got {self.maxcount}"),
             (self.maxsize >= 1, "maxsize", f"must be a positive number of bytes, got {self.maxsize}"),
+            (
+                self.max_pixels >= 1,
+                "max_pixels",
+                f"must be a positive number of pixels, got {self.max_pixels}",
+            ),
             (
                 self.synthetic_count >= 2,
                 "synthetic_count",

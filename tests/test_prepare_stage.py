@@ -188,3 +188,62 @@ def test_encoding_workers_change_neither_the_shards_nor_the_dvc_params(tmp_path,
     assert len(outputs[0]) > 8 and outputs[0] == outputs[2]
     listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]["params"]
     assert "prepare.num_workers" not in listed
+
+
+def test_an_image_over_max_pixels_is_skipped_undecoded_and_reported(tmp_path, monkeypatch, recwarn):
+    import resource
+
+    images = tmp_path / "images"
+    (images / "c0").mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (12, 12), i * 40).save(images / "c0" / f"{i}.png")
+    # 13000 x 13000, 656 KB on disk: decoding it whole took 3.8 GB and 15 s
+    Image.new("L", (13000, 13000), 0).save(images / "c0" / "bomb.png", optimize=True)
+    (images / "c0" / "text.png").write_bytes(b"not an image at all")
+    params = _write_params(tmp_path / "params.yaml", source="folder", root=str(images), image_size=8)
+    monkeypatch.chdir(tmp_path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["--params", str(params)]) == 0
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 500, f"peak memory grew {grown_mib:.0f} MiB: the image was decoded"
+    report = json.loads((tmp_path / "reports/prepare.json").read_text())
+    reasons = {Path(entry["file"]).name: entry["reason"] for entry in report["skipped_files"]}
+    assert set(reasons) == {"bomb.png", "text.png"}
+    assert "13000x13000 is 169,000,000 pixels, over prepare.max_pixels=64,000,000" in reasons["bomb.png"]
+    assert str(images / "c0" / "text.png") in reasons["text.png"]  # the file, not a BytesIO repr
+    assert "BytesIO" not in reasons["text.png"]
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target(tmp_path):
+    from imtok.data.sources import ImageFolder
+
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (4000, 3000), (200, 10, 10)).save(tmp_path / "c" / "big.jpg", quality=90)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "c" / "small.jpg", quality=90)
+    source = ImageFolder(tmp_path, image_size=32, val_fraction=0.5)
+    opened = []
+    original = Image.Image.load
+
+    def recording_load(image):  # records the size PIL decodes at, then decodes
+        opened.append(image.size)
+        return original(image)
+
+    Image.Image.load = recording_load
+    try:
+        arrays = [source.load(item) for item in source.items("train") + source.items("val")]
+    finally:
+        Image.Image.load = original
+    assert all(array.shape == (32, 32, 3) for array in arrays)
+    assert (500, 375) in opened, opened  # 1/8 scale: both sides still over 32
+    assert (4000, 3000) not in opened
+
+
+def test_a_split_whose_meta_lists_no_shards_says_why_and_what_to_do(tmp_path):
+    from imtok.data.shards import ShardLoader, write_json_atomic
+
+    split = tmp_path / "train"
+    split.mkdir()
+    write_json_atomic(split / "meta.json", {"count": 0, "image_size": 8, "channels": 1, "shards": []})
+    with pytest.raises(ValueError, match=r"lists 0 shards.*reports/prepare\.json.*prepare\.root"):
+        ShardLoader(split, 4)

@@ -486,6 +486,12 @@ class ShardLoader:
         self.world_size = detected_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if not self.urls:
+            raise ValueError(
+                f"{self.location}: its meta.json lists 0 shards, so the split holds no images (every "
+                "image skipped or none found: see reports/prepare.json); check prepare.source and "
+                "prepare.root, then run prepare again"
+            )
         if len(self.urls) < self.world_size:
             raise ValueError(
                 f"{self.location} has {len(self.urls)} shard(s) for {self.world_size} ranks; every rank "

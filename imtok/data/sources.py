@@ -17,6 +17,7 @@ import re
 import struct
 import time
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,11 +357,14 @@ class ImageFolder:
         channels: int = 3,
         seed: int = 0,
         val_fraction: float = 0.1,
+        *,
+        max_pixels: int = 64_000_000,
     ):
         self.root = Path(root)
         self.location = str(self.root)
         self.image_size = image_size
         self.channels = channels
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise EmptySource(f"{self.root} is not a directory")
         paths = sorted(
@@ -395,19 +399,41 @@ class ImageFolder:
         return list(self._items[split])
 
     def load(self, item: SourceItem) -> np.ndarray:
+        """The image of ``item`` fitted to the square; an unusable file raises ``UnreadableImage``
+        naming it. Only the header is read before the size check: an image over ``max_pixels`` is
+        refused undecoded, and a large JPEG is decoded at the smallest scale (1/2, 1/4, 1/8) that
+        still covers the target size (PIL's draft mode)."""
+        path = Path(item.origin)
         try:
-            data = Path(item.origin).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise UnreadableImage(f"cannot read the file: {exc}") from None
+            raise UnreadableImage(f"{path}: cannot read the file: {exc}") from None
         if not data:
-            raise UnreadableImage("empty file (0 bytes)")
+            raise UnreadableImage(f"{path}: empty file (0 bytes)")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()  # decodes now, so truncation shows up here
-                image = ImageOps.exif_transpose(image)
-                return fit_image(image, self.image_size, self.channels)
+            with warnings.catch_warnings():
+                # the pixel count is checked here, against prepare.max_pixels, before decoding
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+                    if width * height > self.max_pixels:
+                        raise UnreadableImage(
+                            f"{path}: {width}x{height} is {width * height:,} pixels, over "
+                            f"prepare.max_pixels={self.max_pixels:,}; skipped undecoded (raise "
+                            "prepare.max_pixels to keep it)"
+                        )
+                    if image.format == "JPEG":
+                        image.draft(None, (self.image_size, self.image_size))
+                    image.load()  # decodes now, so truncation shows up here
+                    image = ImageOps.exif_transpose(image)
+                    return fit_image(image, self.image_size, self.channels)
+        except UnreadableImage:
+            raise
         except Exception as exc:  # any decoder failure means this file is unusable
-            raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+            message = str(exc)
+            if "<_io.BytesIO object" in message:  # PIL names the buffer it read, not the file
+                message = message.split("<_io.BytesIO object", 1)[0].rstrip(" '\"")
+            raise UnreadableImage(f"{path}: {type(exc).__name__}: {message}") from None
 
     def checksum(self, split: str) -> str:
         _check_split(split)
@@ -499,7 +525,12 @@ def source_from_params(params: PrepareParams, download_dir: str | Path = "data/r
     if params.source == "folder":
         try:
             return ImageFolder(
-                params.root, params.image_size, params.channels, params.seed, params.val_fraction
+                params.root,
+                params.image_size,
+                params.channels,
+                params.seed,
+                params.val_fraction,
+                max_pixels=params.max_pixels,
             )
         except EmptySource as exc:
             raise EmptySource(f"prepare.root: {exc}") from None
