@@ -101,7 +101,7 @@ def upstream(stages: list[Stage], name: str) -> list[str]:
         other.name
         for other in stages
         if other.name != name
-        for out in other.outs
+        for out in (*other.outs, *other.uncached)  # reports/params.json of check_params is uncached
         for dep in stage.deps
         if _covers(out, dep)
     }

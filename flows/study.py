@@ -53,7 +53,7 @@ LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_
 }
 SIZES = (2**8, 2**10, 2**12, 2**14)
 PARTS = {  # part -> the stages it reproduces (None: all)
-    "tokenizer": ["prepare", "train_tokenizer", "train_classifier", "evaluate_tokenizer"],
+    "tokenizer": ["check_params", "prepare", "train_tokenizer", "train_classifier", "evaluate_tokenizer"],
     "prior": None,
 }
 TOKENIZER_COLUMNS = {  # table column -> flattened metric key (flows.pipeline.read_metrics)

@@ -46,6 +46,7 @@ TINY_PARAMS = {
 }
 
 STAGES = (
+    "check_params",
     "prepare",
     "train_tokenizer",
     "extract_tokens",

@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_dag_follows_dvc_yaml_and_places_model_stages_on_the_gpu_pool():
     stages = read_stages(REPO)
     names = [stage.name for stage in stages]
-    assert names[0] == "prepare" and names[-1] == "evaluate"
+    assert names[:2] == ["check_params", "prepare"] and names[-1] == "evaluate"
     pools = {stage.name: stage.pool for stage in stages}
-    assert pools["prepare"] == "cpu"
-    assert all(pools[name] == "gpu" for name in names if name != "prepare")
-    assert upstream(stages, "prepare") == []
+    assert pools["check_params"] == pools["prepare"] == "cpu"
+    assert all(pools[name] == "gpu" for name in names if name not in ("check_params", "prepare"))
+    assert upstream(stages, "check_params") == []
+    assert upstream(stages, "prepare") == ["check_params"]  # so every stage is downstream of it
     assert upstream(stages, "extract_tokens") == ["prepare", "train_tokenizer"]
     # The tokenizer is evaluated without a prior (the study's tokenizer sweep stops there).
     assert upstream(stages, "evaluate_tokenizer") == ["prepare", "train_tokenizer", "train_classifier"]

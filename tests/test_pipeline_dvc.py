@@ -61,3 +61,33 @@ def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_an
     changed = run(["dvc", "repro"], root, env)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in changed}
     assert ran == {"train_prior", "sample", "evaluate"}, changed
+
+
+@pytest.mark.slow
+def test_a_misspelled_key_stops_dvc_repro_naming_it_and_a_valid_edit_reruns_only_its_readers(tmp_path):
+    from project_factory import TINY_PARAMS, make_project
+
+    root = make_project(tmp_path / "misspelled", TINY_PARAMS)
+    env = environment(root)
+    first = run(["dvc", "repro", "prepare"], root, env)
+    assert "Running stage 'check_params'" in first and "Running stage 'prepare'" in first
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tokenizer"]["learning_rate"] = 0.01  # no stage lists it: DVC alone would skip everything
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    import subprocess
+
+    done = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, done.stdout
+    assert "tokenizer.learning_rate: unknown key" in done.stdout + done.stderr
+    assert "Running stage 'train_tokenizer'" not in done.stdout
+
+    del params["tokenizer"]["learning_rate"]
+    params["prepare"]["maxcount"] = 50  # a key prepare reads: check_params and prepare run
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = run(["dvc", "repro", "prepare"], root, env)
+    assert "Running stage 'check_params'" in again and "Running stage 'prepare'" in again
+    params["prior"]["lr"] = 0.002  # a key only train_prior reads: prepare stays as it is
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    valid = run(["dvc", "repro", "prepare"], root, env)
+    assert "Running stage 'check_params'" in valid and "Running stage 'prepare'" not in valid, valid
