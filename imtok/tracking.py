@@ -374,10 +374,12 @@ def log_registered_model(
     model_file: str | os.PathLike[str],
     input_dtype: str = "float32",
     version_tags: Mapping[str, Any],
+    description: str = "",
     alias: str = CANDIDATE_ALIAS,
     artifact_name: str = "model",
 ) -> RegisteredModel:
-    """Log ``model`` to the active run, register it, tag the version and point ``alias`` at it.
+    """Log ``model`` to the active run, register it, tag and describe the version (``description``:
+    the one line the registry's version list shows) and point ``alias`` at it.
 
     ``input_shape`` and ``input_dtype`` describe one sample of the input in the signature (the batch
     dimension is free): float32 images for a tokenizer, int64 token grids for a prior.
@@ -407,6 +409,8 @@ def log_registered_model(
         client = mlflow.MlflowClient()
         for name, value in version_tags.items():
             client.set_model_version_tag(registered_name, version, name, str(value))
+        if description:
+            client.update_model_version(registered_name, version, description=description)
         client.set_registered_model_alias(registered_name, alias, version)
         log.info("registered %s version %s with alias %s", registered_name, version, alias)
         return RegisteredModel(registered_name, version, info.model_uri)

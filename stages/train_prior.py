@@ -173,6 +173,11 @@ def train(
                     "fingerprint": run_key,
                     "val_loss": f"{final['loss']:.4f}",
                 },
+                description=(
+                    f"{section.kind} prior, {'class-conditional' if config.num_classes else 'unconditional'}"
+                    f", over {config.codebook_size} codes on a {'x'.join(map(str, grid))} grid; val loss "
+                    f"{final['loss']:.4f}; tokenizer {provenance['tokenizer_uri'] or provenance['tokenizer']}"
+                ),
             )
             summary["registered_model"] = {
                 "name": registered.name,

@@ -105,6 +105,16 @@ def version_tags(
     return tags
 
 
+def describe(tags: dict[str, Any]) -> str:
+    """The registry's one line for a tokenizer version, from its ``version_tags``."""
+    levels = f" (levels {tags['levels']})" if "levels" in tags else ""
+    return (
+        f"{tags['quantizer']}, {tags['codebook_size']} codes{levels}, {tags['token_grid']} tokens of "
+        f"{tags['image_size']}px {tags['dataset']} images; val PSNR {float(tags['val_psnr']):.2f} dB, "
+        f"codebook usage {float(tags['val_codebook_usage_pct']):.1f}%"
+    )
+
+
 def _write_outputs(
     out_dir: Path, model: Any, config: Any, summary: dict[str, Any], grid: tuple[Any, Any] | None
 ) -> None:
@@ -202,7 +212,8 @@ def train(
                 registered_name=REGISTERED_NAME,
                 input_shape=(channels, image_size, image_size),
                 model_file=out_dir / MODEL_FILE,
-                version_tags=version_tags(params, config, final, commit, run_key),
+                version_tags=(tags := version_tags(params, config, final, commit, run_key)),
+                description=describe(tags),
             )
             summary["registered_model"] = {
                 "name": registered.name,

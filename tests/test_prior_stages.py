@@ -92,6 +92,8 @@ def test_a_tiny_prior_learns_the_tokens_and_is_registered_with_its_tokenizer(
     assert (
         version.tags["tokenizer_sha256"] == tokens_meta["tokenizer_sha256"] and version.tags["prior"] == kind
     )
+    assert version.description.startswith(f"{kind} prior, class-conditional, over ")  # the registry's line
+    assert "val loss" in version.description and "tokenizer" in version.description
     summary = json.loads((tmp_path / "prior" / "prior.json").read_text())
     assert summary["grid"] == [4, 4] and summary["num_classes"] == 4
     assert np.isfinite(report["val"]["loss"]) and 0 <= report["val"]["accuracy"] <= 1

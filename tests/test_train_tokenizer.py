@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -87,6 +88,12 @@ def test_stage_logs_a_run_registers_the_model_and_the_registry_gives_the_same_in
     assert str(version.version) == "1"
     assert version.tags["quantizer"] == "fsq" and version.tags["token_grid"] == "4x4"
     assert version.tags["dataset"] == "synthetic" and "val_psnr" in version.tags
+    # the one line the registry's version list shows
+    assert re.fullmatch(
+        r"fsq, \d+ codes \(levels [\d,]+\), 4x4 tokens of 16px synthetic images; val PSNR [\d.]+ dB, "
+        r"codebook usage [\d.]+%",
+        version.description,
+    ), version.description
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["imtok.stage"] == "train_tokenizer"
