@@ -71,8 +71,8 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
     subset = pipeline(project=str(by_flow), stages=["sample"])
     assert subset["metrics"] == {}  # without evaluate the metric files may be an earlier run's
 
-    # A sweep over two points that change only the sampler: DVC reruns sample and evaluate only,
-    # each point becomes a DVC experiment, params.yaml is restored, one table holds both rows.
+    # A sweep over two points that change only the sampler: DVC reruns the params check, sample and
+    # evaluate only; each point becomes a DVC experiment, params.yaml is restored, one table holds both rows.
     from flows.sweep import sweep
 
     before = (by_flow / "params.yaml").read_text()
@@ -86,7 +86,7 @@ def test_the_flow_writes_the_lock_dvc_repro_writes_then_dvc_has_nothing_to_do(
     )
     assert [row["name"] for row in rows] == ["seed-1", "seed-2"]
     assert [row["params.sample.seed"] for row in rows] == [1, 2]
-    assert [row["stages_ran"] for row in rows] == ["sample evaluate"] * 2
+    assert [row["stages_ran"] for row in rows] == ["check_params sample evaluate"] * 2
     assert all(isinstance(row["generation.fid_fmnist"], float) for row in rows)
     assert rows[0]["generation.fid_fmnist"] != rows[1]["generation.fid_fmnist"]
     assert rows[0]["tokenizer.psnr"] == rows[1]["tokenizer.psnr"]  # same tokenizer, not retrained

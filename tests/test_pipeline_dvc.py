@@ -60,7 +60,7 @@ def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_an
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(["dvc", "repro"], root, env)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in changed}
-    assert ran == {"train_prior", "sample", "evaluate"}, changed
+    assert ran == {"check_params", "train_prior", "sample", "evaluate"}, changed
 
 
 @pytest.mark.slow
