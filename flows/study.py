@@ -13,9 +13,10 @@ The study runs in two parts a user can run separately, over the same points (nam
 
 - ``tokenizer``: prepare, train_tokenizer, train_classifier, evaluate_tokenizer: usage, perplexity,
   PSNR, SSIM, rFID on the whole val split, and each point's validation curves;
-- ``prior``: the whole pipeline, each point saved as a DVC experiment (``dvc exp apply <name>``); the
-  tokenizers the first part trained come back from DVC's run cache, so only tokens, prior, samples
-  and their evaluation run: sampling FID, precision, recall.
+- ``prior``: the whole pipeline, each point saved as a DVC experiment (``dvc exp apply <name>``); each
+  tokenizer the first part trained resumes from its final checkpoint (no training: it is exported,
+  registered and evaluated again), then tokens, prior, samples and their evaluation run: sampling
+  FID, precision, recall.
 
 After either part the report is rewritten from the sweep tables on disk: ``<out>.csv`` and ``.md``
 (one row per point), ``<out>.png`` (usage, PSNR and sampling FID against codebook size, log axis) and
