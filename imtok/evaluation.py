@@ -31,6 +31,29 @@ log = logging.getLogger("imtok.evaluation")
 CLOCK_SLACK_S = 60.0  # file times and registry times come from different clocks (a remote server)
 
 
+class Extractors(NamedTuple):
+    """The feature extractors an evaluation uses, where they run, and what the report says of them."""
+
+    device: torch.device
+    extractors: list[Any]
+    features: dict[str, Any]  # {"used": [names], "skipped": {name: why}}
+
+
+def evaluation_extractors(params: Params, classifier_path: Path) -> Extractors:
+    """``evaluate.device`` resolved, and the extractors found: InceptionV3 where its weights are on
+    this machine, the domain classifier where ``classifier_path`` exists."""
+    from imtok.metrics.features import feature_extractors
+    from imtok.runtime import resolve_device
+
+    settings = params.evaluate
+    device = resolve_device(settings.device, key="evaluate.device")
+    available = feature_extractors(
+        settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
+    )
+    used = [extractor.name for extractor in available.extractors]
+    return Extractors(device, available.extractors, {"used": used, "skipped": available.skipped})
+
+
 def split_batches(location: Path, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
     """The split's images (float in [-1, 1]) and labels batch by batch in stored order, the first
     ``limit`` only when given; a ValueError naming the split when it holds none."""

@@ -24,6 +24,7 @@ from imtok.data.shards import META_NAME, read_meta
 from imtok.evaluation import (
     check_same_shape,
     collect_features,
+    evaluation_extractors,
     generation_metrics,
     log_eval_artifacts,
     record_prior,
@@ -31,10 +32,8 @@ from imtok.evaluation import (
     summary_of,
     write_curves,
 )
-from imtok.metrics.features import feature_extractors
 from imtok.params import Params
 from imtok.plots import curves_png
-from imtok.runtime import resolve_device
 from stages.common import stage_main, write_json
 
 SHARDS_DIR = Path("data/shards")
@@ -60,11 +59,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Measure, write the metrics and plot, and (``record``) log them to MLflow and promote."""
     settings = params.evaluate
-    device = resolve_device(settings.device, key="evaluate.device")
-    available = feature_extractors(
-        settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
-    )
-    extractors = available.extractors
+    _, extractors, features = evaluation_extractors(params, classifier_path)
     classifier = next((e.classifier for e in extractors if hasattr(e, "classifier")), None)
     generation: dict[str, float] = {}
     if (samples_dir / META_NAME).is_file():
@@ -84,7 +79,6 @@ def evaluate(
     if record:
         promotion = record_prior(params, generation, samples_dir)
         log_eval_artifacts(summary.get("mlflow_run_id"), [plots_dir / "prior_curves.png"])
-    features = {"used": [extractor.name for extractor in extractors], "skipped": available.skipped}
     return {"features": features, "generation": generation, "promotion": promotion}
 
 

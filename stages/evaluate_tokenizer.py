@@ -22,6 +22,7 @@ from typing import Any
 
 from imtok.evaluation import (
     collect_features,
+    evaluation_extractors,
     log_eval_artifacts,
     record_tokenizer,
     reference_rows,
@@ -32,10 +33,8 @@ from imtok.evaluation import (
     write_curves,
     write_usage_plot,
 )
-from imtok.metrics.features import feature_extractors
 from imtok.params import Params
 from imtok.plots import curves_png, usage_png
-from imtok.runtime import resolve_device
 from stages.common import stage_main, write_json
 
 SHARDS_DIR = Path("data/shards")
@@ -62,12 +61,8 @@ def evaluate_tokenizer(
     from imtok.tracking import load_tokenizer
 
     settings = params.evaluate
-    device = resolve_device(settings.device, key="evaluate.device")
+    device, extractors, features = evaluation_extractors(params, classifier_path)
     tokenizer, _ = load_tokenizer(tokenizer_dir)
-    available = feature_extractors(
-        settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
-    )
-    extractors = available.extractors
     val = tokenizer_pass(
         tokenizer.to(device), split_batches(shards_dir / "val", settings.batch_size), extractors, device
     )
@@ -75,7 +70,6 @@ def evaluate_tokenizer(
     train = collect_features(
         extractors, split_batches(shards_dir / "train", settings.batch_size, limit=val.totals.count)
     )
-    features = {"used": [extractor.name for extractor in extractors], "skipped": available.skipped}
     reference = reference_rows(val.real, train)
     write_json(metrics_dir / "tokenizer.json", metrics)
     write_json(metrics_dir / "reference.json", reference)
