@@ -65,6 +65,8 @@ def make_project(root: Path, params: dict) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "prefect.yaml"):
         shutil.copy(REPO / name, root / name)
+    # dvc.yaml's top-level plots name the committed study figures: a clone has them, so the project too
+    shutil.copytree(REPO / "reports" / "study", root / "reports" / "study")
     full = yaml.safe_load((REPO / "params.yaml").read_text())  # DVC needs every key a stage lists
     for section, values in params.items():
         full[section].update(values)

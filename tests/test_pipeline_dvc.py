@@ -43,7 +43,10 @@ def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_an
     generation = json.loads((root / "metrics" / "generation.json").read_text())
     assert "fid" not in generation  # no InceptionV3 weights here: only the domain network's names
     plots = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
-    assert any("codebook_usage.csv" in key for key in json.dumps(plots).split('"'))
+    assert "errors" not in plots, plots
+    keys = json.dumps(plots).split('"')
+    assert any("codebook_usage.csv" in key for key in keys)
+    assert any(key.endswith("reports/study/codebook_size.png") for key in keys)
 
     import mlflow
 
