@@ -42,7 +42,7 @@ demo: $(STAMP) data-deps
 
 # The MLflow UI over the embedded store (runs, metrics, the model registry) on localhost.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python -m imtok.ui --host 127.0.0.1 --port 5000
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs `uv`).
 lock:

@@ -47,7 +47,7 @@ def main() -> None:
     print(
         f"\nSample grid (one row per class): {grid.resolve()}" if grid.is_file() else "\nno sample grid yet"
     )
-    print("Browse runs and the model registry: make ui  (http://127.0.0.1:5000)")
+    print("Browse runs and the model registry: make ui  (it prints the link to the training runs)")
 
 
 if __name__ == "__main__":

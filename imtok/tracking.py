@@ -54,6 +54,27 @@ HTTP_DEFAULTS = {
 
 _answered: set[str] = set()  # server URIs whose /health answered in this process
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations: all empty for us) unless
+# the page's workflowType says otherwise; the tag is what the UI reads where that switch is off.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+RUNS_VIEW = "workflowType=machine_learning"
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The UI page of an experiment's training runs (not the GenAI overview a bare link opens)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
+def mark_training_experiment(mlflow: Any, experiment: Any) -> None:
+    """Tag the experiment as model training (once; best effort: the tag is for the UI only)."""
+    key, value = EXPERIMENT_KIND_TAG
+    if experiment.tags.get(key) == value:
+        return
+    try:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    except Exception as error:
+        log.warning("could not tag experiment %s as model training: %s", experiment.name, error)
+
 
 class TrackingUnavailable(ValueError):
     """The MLflow server is not there: the message names MLFLOW_TRACKING_URI and what to do."""
@@ -115,7 +136,7 @@ def configure() -> Any:
             check_server()
             _answered.add(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_name())
+    mark_training_experiment(mlflow, mlflow.set_experiment(experiment_name()))
     return mlflow
 
 

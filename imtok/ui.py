@@ -1,0 +1,88 @@
+"""``make ui``: the MLflow UI on this project's store, opened on the experiment's training runs.
+
+A bare ``http://127.0.0.1:5000`` lands MLflow 3's UI on its GenAI overview (traces, latency: empty for
+a tokenizer project); this starts ``mlflow ui`` on the local store, creates the experiment if no stage
+has yet, and prints the link to its runs table. With ``MLFLOW_TRACKING_URI`` pointing at a server,
+that server is the UI: only the link is printed.
+
+    python -m imtok.ui [--host 127.0.0.1] [--port 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from imtok import tracking
+
+
+def wait_for_health(base: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"mlflow ui exited with code {process.returncode} before it answered at {base}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise SystemExit(f"mlflow ui did not answer at {base}/health within {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    mlflow = tracking.configure()  # creates the experiment (tagged as model training) if it is new
+    experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
+    uri = tracking.tracking_uri()
+    if tracking.is_server(uri):
+        link = tracking.runs_url(uri, experiment.experiment_id)
+        print(f"MLflow UI (the server of MLFLOW_TRACKING_URI): {link}")
+        return
+    base = f"http://{args.host}:{args.port}"
+    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri]
+    command += ["--host", args.host, "--port", str(args.port)]
+    # its own process group (mlflow ui starts uvicorn workers), stopped as a whole on Ctrl-C or SIGTERM;
+    # MLflow's job runner serves GenAI features only
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        wait_for_health(base, process)
+        print(f"\nMLflow UI, the training runs of experiment {experiment.name!r}:", flush=True)
+        print(f"  {tracking.runs_url(base, experiment.experiment_id)}\n(Ctrl-C stops it)", flush=True)
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_group(process)
+
+
+def interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+if __name__ == "__main__":
+    main()
