@@ -136,7 +136,17 @@ def configure() -> Any:
             check_server()
             _answered.add(uri)
     mlflow.set_tracking_uri(uri)
-    mark_training_experiment(mlflow, mlflow.set_experiment(experiment_name()))
+    try:
+        experiment = mlflow.set_experiment(experiment_name())
+    except mlflow.exceptions.MlflowException as error:
+        if is_server(uri) and ("401" in str(error) or "403" in str(error)):
+            raise TrackingUnavailable(
+                f"MLFLOW_TRACKING_URI={uri}: the server refused this client ({str(error)[:120]}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of its basic-auth app "
+                "(infra/.env: MLFLOW_ADMIN_USER, MLFLOW_ADMIN_PASSWORD). Nothing was trained or replaced."
+            ) from error
+        raise
+    mark_training_experiment(mlflow, experiment)
     return mlflow
 
 

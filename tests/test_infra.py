@@ -221,7 +221,7 @@ def pinned(installs: list[list[str]], package: str) -> str:
     """The version of ``package`` pinned by ``pip install`` arguments."""
     for args in installs:
         for arg in args:
-            if arg.lower().startswith(f"{package}=="):
+            if re.match(rf"{re.escape(package)}(\[[\w,-]+\])?==", arg.lower()):
                 return arg.split("==", 1)[1]
     raise AssertionError(f"no pip install pins {package}: {installs}")
 
@@ -270,13 +270,17 @@ def test_secrets_are_interpolated_not_written() -> None:
         f"{name}.{key}"
         for name, svc in raw.items()
         for key, value in (svc.get("environment") or {}).items()
-        if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key) and "${" not in str(value)
+        if re.search(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING", key) and "${" not in str(value)
     ]
     assert not literal, f"secrets written into docker-compose.yml instead of ${{VAR}}: {literal}"
 
 
 def test_env_example_secrets_are_placeholders() -> None:
-    real = [k for k, v in env_example().items() if re.search(r"PASSWORD|SECRET", k) and "change-me" not in v]
+    real = [
+        k
+        for k, v in env_example().items()
+        if re.search(r"PASSWORD|SECRET|AUTH_STRING", k) and "change-me" not in v
+    ]
     assert not real, f".env.example must hold change-me placeholders for {real}"
 
 
@@ -478,7 +482,7 @@ def test_worker_context_ignores_local_state() -> None:
     assert not missing, f"worker.Dockerfile.dockerignore does not exclude {sorted(missing)}"
 
 
-@pytest.mark.parametrize("package", ["mlflow", "boto3"])
+@pytest.mark.parametrize("package", ["mlflow", "flask-wtf", "boto3"])
 def test_mlflow_image_pins_the_locked_version(package: str) -> None:
     version = pinned(pip_installs(INFRA / "mlflow.Dockerfile"), package)
     assert version == locked_version(package), (
@@ -519,3 +523,38 @@ def test_workers_run_flows_in_the_mounted_checkout_prefect_yaml_changes_into(nam
     (step,) = deployment["pull"]
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
     assert directory.replace(" ", "") == "{{$IMTOK_PROJECT_DIR}}", directory
+
+
+# --- exposure and authentication ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlflow", "minio", "prefect-server"])
+def test_published_ports_listen_on_loopback_unless_the_env_file_opens_them(name: str) -> None:
+    raw = [str(entry) for entry in raw_compose()["services"][name]["ports"]]
+    for entry in raw:
+        assert entry.startswith("${IMTOK_BIND_ADDRESS:-127.0.0.1}:"), (
+            f"{name} publishes {entry} on every interface"
+        )
+    assert env_example()["IMTOK_BIND_ADDRESS"] == "127.0.0.1"
+    opened = interpolate(raw, {"IMTOK_BIND_ADDRESS": "0.0.0.0"})
+    assert all(entry.startswith("0.0.0.0:") for entry in opened)
+
+
+def test_mlflow_runs_the_basic_auth_app_with_credentials_from_the_env_file() -> None:
+    assert option(command("mlflow"), "--app-name") == "basic-auth"
+    env = raw_compose()["services"]["mlflow"]["environment"]
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert str(env[key]).startswith("${"), f"mlflow's {key} is not taken from infra/.env"
+    config = environment("mlflow")["MLFLOW_AUTH_CONFIG_PATH"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service("mlflow")["volumes"]}
+    assert (INFRA / mounts[config]).is_file(), f"{config} is not mounted from a file under infra/"
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_send_the_credentials_the_servers_require(name: str) -> None:
+    worker, mlflow = environment(name), environment("mlflow")
+    assert worker["MLFLOW_TRACKING_USERNAME"] == mlflow["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert worker["MLFLOW_TRACKING_PASSWORD"] == mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert (
+        worker["PREFECT_API_AUTH_STRING"] == environment("prefect-server")["PREFECT_SERVER_API_AUTH_STRING"]
+    )
