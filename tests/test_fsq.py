@@ -224,3 +224,29 @@ def test_every_quantizer_rejects_indices_outside_the_codebook(make, bad):
         quantizer.indices_to_codes(indices)
     indices[0, 1, 1] = 14
     assert quantizer.indices_to_codes(indices).shape == (1, quantizer.dim, 2, 2)
+
+
+def reference_indices(fsq: FSQ, z: torch.Tensor) -> torch.Tensor:
+    """Indices by the definition: each channel's digit (level index) weighted by its mixed-radix basis,
+    summed in int64."""
+    rounded = fsq._round_to_levels(fsq.bound(z))
+    digits = (torch.nan_to_num(rounded, nan=0.0) + fsq._scale).long()
+    return (digits * fsq._basis).sum(dim=1)
+
+
+@pytest.mark.parametrize("levels", [*LEVEL_SETS, [8] * 8, [8] * 10])  # 2^24 and 2^30 codes: int64 path
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_inference_path_matches_the_training_path_bit_for_bit(levels, symmetric):
+    """Without a gradient FSQ quantizes in place and sums indices in float32 (the fast CPU path); codes
+    and indices must equal those of the autograd path and the int64 definition exactly, NaN included."""
+    fsq = FSQ(levels, symmetric=symmetric, fused=False)
+    z = torch.randn(3, len(levels), 9, 7) * 3
+    z[0, 0, 0, 0] = float("nan")
+    z[1, -1, 2, 3] = 40.0  # saturated: the outermost level
+    trained_codes, trained_indices = fsq.quantize(z.clone().requires_grad_(True))
+    with torch.no_grad():
+        codes, indices = fsq.quantize(z)
+    assert torch.equal(indices, trained_indices)
+    assert torch.equal(indices, reference_indices(fsq, z))
+    assert torch.equal(codes.nan_to_num(9.0), trained_codes.detach().nan_to_num(9.0))
+    assert torch.isnan(codes[0, :, 0, 0]).any() and 0 <= int(indices[0, 0, 0]) < fsq.codebook_size
