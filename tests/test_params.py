@@ -161,7 +161,7 @@ def test_every_quantizer_option_has_a_type_the_params_rules_check():
     import typing
 
     from imtok.models.autoencoder import QUANTIZERS
-    from imtok.params import value_matches
+    from imtok.typerules import value_matches
 
     for kind, cls in QUANTIZERS.items():
         hints = typing.get_type_hints(cls.__init__)

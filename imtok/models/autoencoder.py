@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.params import type_name, value_matches
 from imtok.quantizers import FSQ, QuantizerOutput, RegularizedVQ, VectorQuantizer
 from imtok.quantizers.fsq import validate_levels
+from imtok.typerules import type_name, value_matches
 
 QUANTIZERS: dict[str, type[nn.Module]] = {"fsq": FSQ, "vq": VectorQuantizer, "regvq": RegularizedVQ}
 

@@ -14,6 +14,9 @@ T = TypeVar("T")
 # Fast paths (compiled or Triton kernels) that failed in this process, by name, with the error: a
 # default (not explicitly requested) fast path is not tried again after its first failure.
 FAST_PATH_FAILURES: dict[str, str] = {}
+# VQ's fused nearest-code search (search_triton) keeps a tile of latents in registers: code dimensions
+# up to this one.
+MAX_FUSED_DIM = 64
 
 
 def under_dispatch_mode() -> bool:

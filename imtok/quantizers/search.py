@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from imtok.quantizers.common import FAST_PATH_FAILURES, run_fast_path
+from imtok.quantizers.common import FAST_PATH_FAILURES, MAX_FUSED_DIM, run_fast_path
 
 FUSED_PATH = "fused nearest-code search"
 
@@ -27,10 +27,6 @@ def distance_block(x: Tensor, codebook_t: Tensor, codebook_sq_norms: Tensor) -> 
 def squared_distances(x: Tensor, codebook: Tensor) -> Tensor:
     """Full (N, K) squared distances ||x||^2 - 2 x.c + ||c||^2; for small problems and reference checks."""
     return distance_block(x, codebook.t(), codebook.pow(2).sum(dim=1))
-
-
-# The fused kernel keeps a tile of latents in registers: code dimensions up to this one.
-MAX_FUSED_DIM = 64
 
 
 def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> bool:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from imtok.quantizers.search import MAX_FUSED_DIM
+from imtok.quantizers.common import MAX_FUSED_DIM
 
 BLOCK_ROWS = 64  # latents per program
 BLOCK_CODES = 128  # codes per tile of the inner loop

@@ -22,7 +22,6 @@ reseed from (seed, rank, step) on resume, so their random draws differ from an u
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -465,11 +464,3 @@ def train_tokenizer(
     if ema is not None:
         ema.copy_to(model)
     return result
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
-def is_power_of_two(value: int) -> bool:
-    return value > 0 and math.log2(value).is_integer()
