@@ -406,11 +406,13 @@ def log_registered_model(
     input_dtype: str = "float32",
     version_tags: Mapping[str, Any],
     description: str = "",
+    model_description: str = "",
     alias: str = CANDIDATE_ALIAS,
     artifact_name: str = "model",
 ) -> RegisteredModel:
     """Log ``model`` to the active run, register it, tag and describe the version (``description``:
-    the one line the registry's version list shows) and point ``alias`` at it.
+    the one line the registry's version list shows) and point ``alias`` at it. A registered model
+    without a description gets ``model_description`` (what its versions are; a user's own text stays).
 
     ``input_shape`` and ``input_dtype`` describe one sample of the input in the signature (the batch
     dimension is free): float32 images for a tokenizer, int64 token grids for a prior.
@@ -442,6 +444,8 @@ def log_registered_model(
             client.set_model_version_tag(registered_name, version, name, str(value))
         if description:
             client.update_model_version(registered_name, version, description=description)
+        if model_description and not client.get_registered_model(registered_name).description:
+            client.update_registered_model(registered_name, description=model_description)
         client.set_registered_model_alias(registered_name, alias, version)
         log.info("registered %s version %s with alias %s", registered_name, version, alias)
         return RegisteredModel(registered_name, version, info.model_uri)

@@ -43,6 +43,11 @@ OUT_DIR = Path("models/prior")
 CHECKPOINT_ROOT = Path("checkpoints/prior")
 REPORT_PATH = Path("reports/train_prior.json")
 REGISTERED_NAME = "imtok-prior"
+MODEL_DESCRIPTION = (
+    "Priors over imtok tokens (MaskGIT or GPT) trained by the train_prior stage, one version per run. "
+    "Each version names its tokenizer (URI and checksum), codebook, token grid, classes and val loss; "
+    "alias candidate is the newest, champion the best on evaluate.prior_metric."
+)
 MODEL_FILE = "prior.pt"
 # What train and val must share: otherwise they were extracted by different tokenizers.
 SHARED_KEYS = ("codebook_size", "grid", "tokenizer_sha256")
@@ -178,6 +183,7 @@ def train(
                     f", over {config.codebook_size} codes on a {'x'.join(map(str, grid))} grid; val loss "
                     f"{final['loss']:.4f}; tokenizer {provenance['tokenizer_uri'] or provenance['tokenizer']}"
                 ),
+                model_description=MODEL_DESCRIPTION,
             )
             summary["registered_model"] = {
                 "name": registered.name,

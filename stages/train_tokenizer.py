@@ -48,6 +48,11 @@ OUT_DIR = Path("models/tokenizer")
 CHECKPOINT_ROOT = Path("checkpoints/tokenizer")
 REPORT_PATH = Path("reports/train_tokenizer.json")
 REGISTERED_NAME = "imtok-tokenizer"
+MODEL_DESCRIPTION = (
+    "Image tokenizers trained by imtok's train_tokenizer stage, one version per run. Each version's "
+    "description and tags give its quantizer, codes, levels, token grid, dataset, commit and val "
+    "metrics; alias candidate is the newest, champion the best on evaluate.tokenizer_metric."
+)
 MODEL_FILE = "tokenizer.pt"
 
 
@@ -214,6 +219,7 @@ def train(
                 model_file=out_dir / MODEL_FILE,
                 version_tags=(tags := version_tags(params, config, final, commit, run_key)),
                 description=describe(tags),
+                model_description=MODEL_DESCRIPTION,
             )
             summary["registered_model"] = {
                 "name": registered.name,

@@ -94,6 +94,9 @@ def test_stage_logs_a_run_registers_the_model_and_the_registry_gives_the_same_in
         r"codebook usage [\d.]+%",
         version.description,
     ), version.description
+    from stages.train_tokenizer import MODEL_DESCRIPTION
+
+    assert client.get_registered_model(REGISTERED_NAME).description == MODEL_DESCRIPTION  # the model page
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["imtok.stage"] == "train_tokenizer"
