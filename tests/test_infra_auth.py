@@ -71,26 +71,16 @@ def test_mlflow_with_the_compose_auth_settings_refuses_strangers_and_lets_the_wo
         client = clean_env("MLFLOW_") | {"MLFLOW_TRACKING_URI": base, "PYTHONPATH": str(REPO)}
         script = "import imtok.tracking as t; m = t.configure(); m.start_run(); m.log_metric('psnr', 1.0)"
         script += "; m.end_run(); print('logged')"
-        refused = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=client,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert refused.returncode != 0 and "set MLFLOW_TRACKING_USERNAME" in refused.stderr, refused.stderr[
-            -2000:
-        ]
+
+        def log_a_run(env: dict[str, str]) -> subprocess.CompletedProcess:
+            command = [sys.executable, "-c", script]
+            return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+        refused = log_a_run(client)
+        assert refused.returncode != 0, refused.stdout
+        assert "set MLFLOW_TRACKING_USERNAME" in refused.stderr, refused.stderr[-2000:]
         client |= {key: worker[key] for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-        logged = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=client,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        logged = log_a_run(client)
         assert logged.returncode == 0 and "logged" in logged.stdout, logged.stderr[-2000:]
 
 
