@@ -16,11 +16,13 @@ import warnings
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from imtok.weights import Cache, FoundWeights, Setting, existing, locate_weights
 
 ReconstructionKind = Literal["l1", "l2"]
 
@@ -69,14 +71,6 @@ def reconstruction_loss(x: Tensor, y: Tensor, kind: ReconstructionKind = "l1") -
 
 # ---------------------------------------------------------------------------------------------------
 # VGG-19 weights
-
-
-class VGGWeights(NamedTuple):
-    """Outcome of a weights lookup: a state dict and its file, or None and why nothing was found."""
-
-    state_dict: dict[str, Tensor] | None
-    source: str | None
-    reason: str | None
 
 
 def _vgg19_trunk() -> nn.Sequential:
@@ -197,37 +191,37 @@ def read_vgg_weights(path: str | Path) -> dict[str, Tensor]:
     return state_dict
 
 
-def load_vgg_weights(path: str | Path | None = None) -> VGGWeights:
-    """Find VGG-19 weights on this machine: the configured file, then the HF and torch hub caches.
+def load_vgg_weights(path: str | Path | None = None) -> FoundWeights:
+    """Find VGG-19 weights on this machine (``imtok.weights``): the configured file, then the HF and
+    torch hub caches.
 
     Order: (a) ``path`` when given (a missing or unreadable configured file is an error, not a
     fallback); (b) timm's ``vgg19.tv_in1k`` in the Hugging Face hub cache (``HF_HUB_CACHE``,
     ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME/hub`` or ``XDG_CACHE_HOME/huggingface/hub``); (c)
-    torchvision's ``vgg19-dcbccda6.pth`` in torch hub's ``checkpoints`` (``TORCH_HOME/hub``). Only the
-    local disk is read, never the network. When nothing is found the state dict is None and
-    ``reason`` lists the places checked and how to provide weights.
+    torchvision's ``vgg19-dcbccda6.pth`` in torch hub's ``checkpoints`` (``TORCH_HOME/hub``). When
+    nothing is found the state dict is None and ``reason`` lists the places checked and how to provide
+    weights.
     """
-    if path is not None:
-        return VGGWeights(read_vgg_weights(path), str(Path(path).expanduser()), None)
     hub_cache = _hf_hub_cache()
-    for filename in HF_FILENAMES:
-        found = _hf_cached_file(hub_cache, HF_REPO_ID, filename)
-        if found is not None:
-            return VGGWeights(read_vgg_weights(found), str(found), None)
-    checkpoint = _torch_hub_checkpoint()
-    if checkpoint.is_file():
-        return VGGWeights(read_vgg_weights(checkpoint), str(checkpoint), None)
     hf_repo_dir = hub_cache / f"models--{HF_REPO_ID.replace('/', '--')}"
-    reason = (
-        "no pretrained VGG-19 weights found (they are never downloaded). Checked: "
-        f"(a) {WEIGHTS_SETTING}: not set; "
-        f"(b) Hugging Face hub cache: {hf_repo_dir} ({' or '.join(HF_FILENAMES)}); "
-        f"(c) torch hub cache: {checkpoint}. "
+
+    def in_hf_cache() -> Path | None:
+        found = (_hf_cached_file(hub_cache, HF_REPO_ID, filename) for filename in HF_FILENAMES)
+        return next((path for path in found if path is not None), None)
+
+    checkpoint = _torch_hub_checkpoint()
+    return locate_weights(
+        "pretrained VGG-19 weights",
+        [Setting(WEIGHTS_SETTING, path)],
+        [
+            Cache(f"Hugging Face hub cache: {hf_repo_dir} ({' or '.join(HF_FILENAMES)})", in_hf_cache),
+            Cache(f"torch hub cache: {checkpoint}", lambda: existing(checkpoint)),
+        ],
+        read_vgg_weights,
         f"To enable, copy the model.safetensors of {HF_REPO_ID} (timm) or torchvision's "
         f"{TORCH_HUB_FILENAME} to this machine and set {WEIGHTS_SETTING} to its path (or place it at "
-        "(b) or (c))."
+        "(b) or (c)).",
     )
-    return VGGWeights(None, None, reason)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imtok.data.shards import to_uint8
+from imtok.weights import Cache, FoundWeights, Setting, existing, locate_weights
 
 # The environment variable naming a local weights file (an explicit argument takes precedence).
 WEIGHTS_ENV = "IMTOK_INCEPTION_WEIGHTS"
@@ -259,14 +259,6 @@ class FIDInceptionV3(nn.Module):
 # Weights
 
 
-class InceptionWeights(NamedTuple):
-    """Outcome of a weights lookup: a state dict and its file, or None and why nothing was found."""
-
-    state_dict: dict[str, Tensor] | None
-    source: str | None
-    reason: str | None
-
-
 @cache
 def expected_shapes() -> dict[str, tuple[int, ...]]:
     """State-dict name -> shape of the FID InceptionV3, as torch-fidelity's extractor expects them."""
@@ -331,29 +323,28 @@ def read_inception_weights(path: str | Path) -> dict[str, Tensor]:
     return check_inception_state_dict(loaded, path)
 
 
-def load_inception_weights(path: str | Path | None = None) -> InceptionWeights:
-    """Find the FID InceptionV3 weights on this machine; only the local disk is read.
+def load_inception_weights(path: str | Path | None = None) -> FoundWeights:
+    """Find the FID InceptionV3 weights on this machine (``imtok.weights``); only the local disk is read.
 
     Order: (a) ``path``, (b) the file named by ``IMTOK_INCEPTION_WEIGHTS`` (a configured file that is
     missing or wrong is an error, not a fallback), (c) torch hub's checkpoint cache
     (``$TORCH_HOME/hub/checkpoints``) under pytorch-fid's or torch-fidelity's file name. When nothing
     is found the state dict is None and ``reason`` lists the places checked and how to provide them.
     """
-    configured = path if path is not None else os.environ.get(WEIGHTS_ENV) or None
-    if configured is not None:
-        configured = Path(configured).expanduser()
-        return InceptionWeights(read_inception_weights(configured), str(configured), None)
-    for checkpoint in torch_hub_checkpoints():
-        if checkpoint.is_file():
-            return InceptionWeights(read_inception_weights(checkpoint), str(checkpoint), None)
-    places = " or ".join(str(checkpoint) for checkpoint in torch_hub_checkpoints())
-    reason = (
-        "no FID InceptionV3 weights found (they are never downloaded). Checked: (a) an explicit path: "
-        f"none given; (b) {WEIGHTS_ENV}: not set; (c) torch hub cache: {places}. To enable, copy "
-        f"{TORCH_HUB_FILENAMES[0]} (pytorch-fid) or {TORCH_HUB_FILENAMES[1]} (torch-fidelity) to this "
-        f"machine and set {WEIGHTS_ENV} to its path (or place it at (c))."
+    checkpoints = torch_hub_checkpoints()
+    return locate_weights(
+        "FID InceptionV3 weights",
+        [Setting("an explicit path", path), Setting(WEIGHTS_ENV, os.environ.get(WEIGHTS_ENV))],
+        [
+            Cache(
+                f"torch hub cache: {' or '.join(map(str, checkpoints))}",
+                lambda: next((found for found in map(existing, checkpoints) if found is not None), None),
+            )
+        ],
+        read_inception_weights,
+        f"To enable, copy {TORCH_HUB_FILENAMES[0]} (pytorch-fid) or {TORCH_HUB_FILENAMES[1]} "
+        f"(torch-fidelity) to this machine and set {WEIGHTS_ENV} to its path (or place it at (c)).",
     )
-    return InceptionWeights(None, None, reason)
 
 
 # ---------------------------------------------------------------------------------------------------
