@@ -339,13 +339,13 @@ def tag_and_promote(
     client: Any, name: str, version: str, metric: str, metrics: dict[str, float], key: str
 ) -> dict[str, Any]:
     """Tag ``eval.<metric>`` on the version for every metric, then move the champion alias if it wins."""
-    from imtok import tracking
+    from imtok import registry
 
     higher = higher_is_better(metric, key=key)
     for each, value in metrics.items():
         # full precision: a later evaluation on another metric compares against these tags
         client.set_model_version_tag(name, version, f"eval.{each}", repr(float(value)))
-    decision = tracking.promote_if_better(name, version, metric, metrics[metric], higher_is_better=higher)
+    decision = registry.promote_if_better(name, version, metric, metrics[metric], higher_is_better=higher)
     return {
         "metric": metric,
         "higher_is_better": higher,

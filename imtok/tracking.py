@@ -1,4 +1,5 @@
-"""MLflow helpers: one run per stage execution, metrics and images, model logging and the registry.
+"""MLflow runs: the store and experiment, one run per stage execution, metrics, artifacts and tags
+(the model registry is ``imtok.registry``).
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db`` in the working
 directory, with artifacts under ``./mlruns``), the experiment from ``MLFLOW_EXPERIMENT_NAME`` (default
@@ -18,22 +19,17 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "imtok"
-CANDIDATE_ALIAS = "candidate"
-CHAMPION_ALIAS = "champion"
 # MLflow caps a param value at 6000 characters; longer values (long lists) are cut with a marker.
 MAX_PARAM_LENGTH = 6000
 
@@ -42,7 +38,6 @@ MAX_PARAM_LENGTH = 6000
 # long the end of a run waits for metrics held back during an outage and for the model's registration.
 START_WAIT_S = 20.0
 FLUSH_WAIT_S = float(os.environ.get("IMTOK_FLUSH_WAIT_S", "30"))
-REGISTER_WAIT_S = float(os.environ.get("IMTOK_REGISTER_WAIT_S", "120"))
 # MLflow's own HTTP retries (7, with backoff) made one call to a dead server take 252 s; a stage's
 # calls go through these shorter ones, and the waits above bound the whole.
 HTTP_DEFAULTS = {
@@ -382,219 +377,3 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     _best_effort("tags", lambda: mlflow.set_tags({name: str(value) for name, value in tags.items()}))
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    """Where a logged model landed: its ``models:/name/version`` URI and the run's model URI."""
-
-    name: str
-    version: str
-    model_uri: str  # models:/<model id>, the logged model itself
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def log_registered_model(
-    model: Any,
-    *,
-    registered_name: str,
-    input_shape: tuple[int, ...],
-    model_file: str | os.PathLike[str],
-    input_dtype: str = "float32",
-    version_tags: Mapping[str, Any],
-    description: str = "",
-    model_description: str = "",
-    alias: str = CANDIDATE_ALIAS,
-    artifact_name: str = "model",
-) -> RegisteredModel:
-    """Log ``model`` to the active run, register it, tag and describe the version (``description``:
-    the one line the registry's version list shows) and point ``alias`` at it. A registered model
-    without a description gets ``model_description`` (what its versions are; a user's own text stays).
-
-    ``input_shape`` and ``input_dtype`` describe one sample of the input in the signature (the batch
-    dimension is free): float32 images for a tokenizer, int64 token grids for a prior.
-    ``pip_requirements`` are given rather than inferred: inference imports and probes the model and
-    costs seconds per call. The module's own package (imtok) must be importable where it is loaded.
-    """
-    import mlflow
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(input_dtype), (-1, *input_shape))]))
-
-    def register() -> RegisteredModel:
-        info = mlflow.pytorch.log_model(
-            model,
-            name=artifact_name,
-            serialization_format="pickle",
-            signature=signature,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            extra_files=[str(model_file)],
-            registered_model_name=registered_name,
-        )
-        version = str(info.registered_model_version)
-        client = mlflow.MlflowClient()
-        for name, value in version_tags.items():
-            client.set_model_version_tag(registered_name, version, name, str(value))
-        if description:
-            client.update_model_version(registered_name, version, description=description)
-        if model_description and not client.get_registered_model(registered_name).description:
-            client.update_registered_model(registered_name, description=model_description)
-        client.set_registered_model_alias(registered_name, alias, version)
-        log.info("registered %s version %s with alias %s", registered_name, version, alias)
-        return RegisteredModel(registered_name, version, info.model_uri)
-
-    deadline = time.monotonic() + REGISTER_WAIT_S
-    while True:
-        try:
-            return register()
-        except Exception as error:  # an unreachable store: retried within REGISTER_WAIT_S
-            if not is_server(tracking_uri()):
-                raise
-            if time.monotonic() + 5.0 > deadline:
-                raise TrackingUnavailable(
-                    f"MLFLOW_TRACKING_URI={tracking_uri()}: could not register {registered_name} "
-                    f"({str(error).splitlines()[0][:200]}); the trained model is safe in {model_file}. "
-                    "When the server answers again, run the stage again: it resumes from its newest "
-                    "checkpoint, trains no further, and registers the model"
-                ) from None
-            log.warning("registering %s failed (%s); trying again", registered_name, str(error)[:120])
-            time.sleep(5.0)
-
-
-def is_model_uri(location: str | os.PathLike[str]) -> bool:
-    """Whether ``location`` names an MLflow model (``models:/``, ``runs:/``) rather than a local path."""
-    return str(location).startswith(("models:/", "runs:/"))
-
-
-@contextmanager
-def fetched_model_file(location: str | os.PathLike[str], filename: str) -> Iterator[Path]:
-    """The local path of model file ``filename`` given a directory, the file itself or an MLflow URI.
-
-    A context manager: for a URI only the weights-only model file is downloaded (from ``extra_files/``
-    of the logged model), never unpickled, into a temporary directory that is removed on leaving the
-    block, so repeated loads leave no copies of the weights behind. A URI that does not resolve raises
-    a ValueError naming it. Local paths are yielded as they are and never touched.
-    """
-    if not is_model_uri(location):
-        path = Path(location)
-        yield path / filename if path.is_dir() else path
-        return
-    mlflow = configure()
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory(prefix="imtok-model-") as target:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{str(location).rstrip('/')}/extra_files/{filename}", dst_path=target
-            )
-        except (MlflowException, OSError) as error:
-            raise ValueError(
-                f"{location}: cannot fetch {filename} from the MLflow store at {tracking_uri()} ({error}); "
-                "check the model name, version or alias and MLFLOW_TRACKING_URI"
-            ) from None
-        yield Path(local)
-
-
-def load_tokenizer(
-    location: str | os.PathLike[str], filename: str = "tokenizer.pt"
-) -> tuple[Any, dict[str, Any]]:
-    """A ``Tokenizer`` (eval mode, CPU) and its model-file payload from a directory, file or MLflow URI."""
-    from imtok.models.autoencoder import Tokenizer, TokenizerConfig
-    from imtok.models.files import read_model_file
-
-    with fetched_model_file(location, filename) as path:
-        payload = read_model_file(path, "tokenizer")
-        try:
-            tokenizer = Tokenizer(TokenizerConfig(**payload["config"]))
-            tokenizer.load_state_dict(payload["state_dict"])
-        except (TypeError, RuntimeError) as error:
-            raise ValueError(
-                f"{location}: the stored tokenizer does not match this version of imtok: {error}"
-            ) from None
-    return tokenizer.eval(), payload
-
-
-def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> tuple[Any, dict[str, Any]]:
-    """A prior (MaskGIT or GPT, eval mode, CPU) and its model-file payload, like ``load_tokenizer``."""
-    from imtok.models.files import read_model_file
-    from imtok.trainers.prior import build_prior
-
-    with fetched_model_file(location, filename) as path:
-        payload = read_model_file(path, "prior")
-        try:
-            prior = build_prior(payload["config"]["kind"], payload["config"]["model"])
-            prior.load_state_dict(payload["state_dict"])
-        except (TypeError, KeyError, RuntimeError) as error:
-            raise ValueError(
-                f"{location}: the stored prior does not match this version of imtok: {error}"
-            ) from None
-    return prior.eval(), payload
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """What ``promote_if_better`` decided, and why (also stored as a tag on the version)."""
-
-    promoted: bool
-    reason: str
-
-
-def promote_if_better(
-    registered_name: str,
-    version: str,
-    metric: str,
-    value: float,
-    *,
-    higher_is_better: bool,
-    alias: str = CHAMPION_ALIAS,
-) -> Promotion:
-    """Point ``alias`` at ``version`` when its ``metric`` beats the current holder's (or there is none).
-
-    Each evaluated version carries its value as the tag ``eval.<metric>``; the champion's tag is what
-    a candidate is compared with. A champion without that tag (evaluated on another metric) cannot be
-    compared, and is replaced, with the reason saying so. The reason goes to the version's tag
-    ``imtok.promotion``.
-    """
-    import math
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    configure()
-    client = mlflow.MlflowClient()
-    if not math.isfinite(value):
-        reason = f"not promoted: {metric} is {value}"
-        client.set_model_version_tag(registered_name, version, "imtok.promotion", reason)
-        return Promotion(False, reason)
-    client.set_model_version_tag(registered_name, version, f"eval.{metric}", repr(float(value)))
-    try:
-        holder = client.get_model_version_by_alias(registered_name, alias)
-    except MlflowException:
-        holder = None
-    direction = "higher" if higher_is_better else "lower"
-    if holder is None:
-        promoted, reason = True, f"first {alias}: {metric}={value:.6g}"
-    elif str(holder.version) == str(version):
-        promoted, reason = True, f"already {alias}: {metric}={value:.6g}"
-    elif f"eval.{metric}" not in holder.tags:
-        promoted = True
-        reason = f"replaces version {holder.version}, which has no {metric} to compare ({metric}={value:.6g})"
-    else:
-        held = float(holder.tags[f"eval.{metric}"])
-        promoted = value > held if higher_is_better else value < held
-        verdict = "beats" if promoted else "does not beat"
-        reason = (
-            f"{metric}={value:.6g} {verdict} version {holder.version}'s {held:.6g} ({direction} is better)"
-        )
-    if promoted:
-        client.set_registered_model_alias(registered_name, alias, version)
-    client.set_model_version_tag(registered_name, version, "imtok.promotion", reason)
-    log.info("%s version %s: %s", registered_name, version, reason)
-    return Promotion(promoted, reason)

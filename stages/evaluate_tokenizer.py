@@ -11,7 +11,7 @@ Writes ``metrics/tokenizer.json``, ``metrics/reference.json`` (DVC metrics: numb
 without internet), ``reports/evaluate_tokenizer.json`` (which features the metrics used, why any were
 left out, the promotion decision), logs the metrics and PNGs into the tokenizer's MLflow run, tags its
 registry version and moves the ``champion`` alias when it beats the champion on
-``evaluate.tokenizer_metric`` (see ``imtok.tracking.promote_if_better``). Needs no prior: the study's
+``evaluate.tokenizer_metric`` (see ``imtok.registry.promote_if_better``). Needs no prior: the study's
 tokenizer sweep stops here.
 """
 
@@ -58,7 +58,7 @@ def evaluate_tokenizer(
     record: bool = True,
 ) -> dict[str, Any]:
     """Measure, write the metrics and plots, and (``record``) log them to MLflow and promote."""
-    from imtok.tracking import load_tokenizer
+    from imtok.models.files import load_tokenizer
 
     settings = params.evaluate
     device, extractors, features = evaluation_extractors(params, classifier_path)

@@ -165,7 +165,8 @@ def extract(
 
     Under ``torchrun`` every process encodes its share of the shards on its own device.
     """
-    from imtok.tracking import fetched_model_file, load_tokenizer
+    from imtok.models.files import load_tokenizer
+    from imtok.registry import fetched_model_file
 
     started = time.perf_counter()
     owned = runtime is None

@@ -44,8 +44,8 @@ def matching_tokenizer(
     params: SampleParams, prior_meta: dict[str, Any], prior_config: Any
 ) -> tuple[Any, str]:
     """The tokenizer to decode with, checked against what the prior was trained on."""
-    from imtok.models.files import file_sha256
-    from imtok.tracking import fetched_model_file, load_tokenizer
+    from imtok.models.files import file_sha256, load_tokenizer
+    from imtok.registry import fetched_model_file
 
     location = params.tokenizer or prior_meta.get("tokenizer_uri") or prior_meta.get("tokenizer")
     if not location:
@@ -146,7 +146,7 @@ def sample(
     not the whole set: 50,000 samples at 256x256 RGB would be 39 GB as float images. The shards go to
     a staging directory that replaces ``samples_dir`` once meta.json is written.
     """
-    from imtok.tracking import load_prior
+    from imtok.models.files import load_prior
 
     started = time.perf_counter()
     prior, payload = load_prior(params.prior)

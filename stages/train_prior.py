@@ -81,7 +81,7 @@ def train(
     runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """Train, export and register the prior; returns the report on the main process (else None)."""
-    from imtok import tracking
+    from imtok import registry, tracking
     from imtok.trainers.prior import evaluate_prior, prior_config, train_prior
 
     section = params.prior
@@ -161,7 +161,7 @@ def train(
 
         replace_directory(out_dir, fill)
         if register:
-            registered = tracking.log_registered_model(
+            registered = registry.log_registered_model(
                 model,
                 registered_name=REGISTERED_NAME,
                 input_shape=grid,

@@ -145,7 +145,7 @@ def train(
     runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """Train, export and register the tokenizer; returns the report on the main process (else None)."""
-    from imtok import tracking
+    from imtok import registry, tracking
     from imtok.trainers.tokenizer import evaluate_tokenizer, train_tokenizer
 
     section = params.tokenizer
@@ -212,7 +212,7 @@ def train(
         grid = (pair[0][: section.grid_images], pair[1][: section.grid_images]) if pair else None
         _write_outputs(out_dir, model, config, summary, grid)
         if register:
-            registered = tracking.log_registered_model(
+            registered = registry.log_registered_model(
                 model,
                 registered_name=REGISTERED_NAME,
                 input_shape=(channels, image_size, image_size),

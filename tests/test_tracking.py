@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from imtok import tracking
+from imtok import registry, tracking
 
 
 def new_version(client, name: str, tmp_path) -> str:
@@ -26,12 +26,12 @@ def test_a_better_candidate_takes_champion_and_a_worse_one_does_not(mlflow_store
 
     client = mlflow.MlflowClient()
     first, second, third = (new_version(client, "imtok-prior", tmp_path) for _ in range(3))
-    decision = tracking.promote_if_better("imtok-prior", first, "fid_fmnist", 40.0, higher_is_better=False)
+    decision = registry.promote_if_better("imtok-prior", first, "fid_fmnist", 40.0, higher_is_better=False)
     assert decision.promoted and decision.reason.startswith("first champion")
-    assert tracking.promote_if_better(
+    assert registry.promote_if_better(
         "imtok-prior", second, "fid_fmnist", 30.0, higher_is_better=False
     ).promoted
-    worse = tracking.promote_if_better("imtok-prior", third, "fid_fmnist", 35.0, higher_is_better=False)
+    worse = registry.promote_if_better("imtok-prior", third, "fid_fmnist", 35.0, higher_is_better=False)
     assert not worse.promoted and "does not beat version 2's 30" in worse.reason
     assert str(client.get_model_version_by_alias("imtok-prior", "champion").version) == second
     assert client.get_model_version("imtok-prior", third).tags["imtok.promotion"] == worse.reason
@@ -43,9 +43,9 @@ def test_higher_is_better_metrics_and_non_finite_values(mlflow_store, tmp_path):
 
     client = mlflow.MlflowClient()
     first, second, third = (new_version(client, "imtok-tokenizer", tmp_path) for _ in range(3))
-    tracking.promote_if_better("imtok-tokenizer", first, "psnr", 20.0, higher_is_better=True)
-    assert tracking.promote_if_better("imtok-tokenizer", second, "psnr", 21.0, higher_is_better=True).promoted
-    assert not tracking.promote_if_better(
+    registry.promote_if_better("imtok-tokenizer", first, "psnr", 20.0, higher_is_better=True)
+    assert registry.promote_if_better("imtok-tokenizer", second, "psnr", 21.0, higher_is_better=True).promoted
+    assert not registry.promote_if_better(
         "imtok-tokenizer", third, "psnr", float("nan"), higher_is_better=True
     ).promoted
     assert str(client.get_model_version_by_alias("imtok-tokenizer", "champion").version) == second
@@ -63,7 +63,7 @@ def test_model_uris_that_do_not_resolve_are_named_and_leave_nothing(mlflow_store
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with (
         pytest.raises(ValueError, match="models:/nothing@here: cannot fetch"),
-        tracking.fetched_model_file("models:/nothing@here", "tokenizer.pt"),
+        registry.fetched_model_file("models:/nothing@here", "tokenizer.pt"),
     ):
         pass
     assert list(scratch.iterdir()) == []
@@ -71,9 +71,9 @@ def test_model_uris_that_do_not_resolve_are_named_and_leave_nothing(mlflow_store
 
 def test_local_model_files_are_passed_through_untouched(tmp_path):
     (tmp_path / "tokenizer.pt").write_bytes(b"weights")
-    with tracking.fetched_model_file(tmp_path, "tokenizer.pt") as path:
+    with registry.fetched_model_file(tmp_path, "tokenizer.pt") as path:
         assert path == tmp_path / "tokenizer.pt"
-    with tracking.fetched_model_file(tmp_path / "tokenizer.pt", "ignored.pt") as path:
+    with registry.fetched_model_file(tmp_path / "tokenizer.pt", "ignored.pt") as path:
         assert path == tmp_path / "tokenizer.pt"
     assert (tmp_path / "tokenizer.pt").read_bytes() == b"weights"
 
@@ -113,3 +113,22 @@ def test_every_metric_is_tagged_at_full_precision_so_a_later_switch_of_metric_co
     assert not decision["promoted"], decision["reason"]
     assert str(client.get_model_version_by_alias("imtok-tokenizer", "champion").version) == first
     assert float(client.get_model_version("imtok-tokenizer", first).tags["eval.ssim"]) == 0.91234549
+
+
+@pytest.mark.parametrize(
+    ("holder", "held", "same", "higher", "value", "promoted", "says"),
+    [
+        (None, None, False, True, 20.0, True, "first champion: psnr=20"),
+        ("3", 20.0, True, True, 20.0, True, "already champion"),
+        ("3", None, False, True, 20.0, True, "replaces version 3, which has no psnr to compare"),
+        ("3", 20.0, False, True, 21.0, True, "psnr=21 beats version 3's 20 (higher is better)"),
+        ("3", 20.0, False, True, 20.0, False, "psnr=20 does not beat version 3's 20"),
+        ("3", 40.0, False, False, 35.0, True, "psnr=35 beats version 3's 40 (lower is better)"),
+        ("3", 40.0, False, False, 45.0, False, "does not beat"),
+    ],
+)
+def test_the_promotion_rule_without_mlflow(holder, held, same, higher, value, promoted, says):
+    decided, reason = registry.promotion_decision(
+        "psnr", value, holder, held, same_version=same, higher_is_better=higher
+    )
+    assert decided is promoted and says in reason

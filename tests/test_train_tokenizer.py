@@ -67,7 +67,7 @@ def test_stage_logs_a_run_registers_the_model_and_the_registry_gives_the_same_in
     import mlflow
     import mlflow.pytorch
 
-    from imtok.tracking import load_tokenizer
+    from imtok.models.files import load_tokenizer
 
     report = train(
         tiny_params(),

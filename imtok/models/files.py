@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imtok.registry import fetched_model_file
 from imtok.training import atomic_save
 
 MODEL_FILE_FORMAT = 1
@@ -73,3 +74,37 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_tokenizer(
+    location: str | os.PathLike[str], filename: str = "tokenizer.pt"
+) -> tuple[Any, dict[str, Any]]:
+    """A ``Tokenizer`` (eval mode, CPU) and its model-file payload from a directory, file or MLflow URI."""
+    from imtok.models.autoencoder import Tokenizer, TokenizerConfig
+
+    with fetched_model_file(location, filename) as path:
+        payload = read_model_file(path, "tokenizer")
+        try:
+            tokenizer = Tokenizer(TokenizerConfig(**payload["config"]))
+            tokenizer.load_state_dict(payload["state_dict"])
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(
+                f"{location}: the stored tokenizer does not match this version of imtok: {error}"
+            ) from None
+    return tokenizer.eval(), payload
+
+
+def load_prior(location: str | os.PathLike[str], filename: str = "prior.pt") -> tuple[Any, dict[str, Any]]:
+    """A prior (MaskGIT or GPT, eval mode, CPU) and its model-file payload, like ``load_tokenizer``."""
+    from imtok.models.priors import build_prior
+
+    with fetched_model_file(location, filename) as path:
+        payload = read_model_file(path, "prior")
+        try:
+            prior = build_prior(payload["config"]["kind"], payload["config"]["model"])
+            prior.load_state_dict(payload["state_dict"])
+        except (TypeError, KeyError, RuntimeError) as error:
+            raise ValueError(
+                f"{location}: the stored prior does not match this version of imtok: {error}"
+            ) from None
+    return prior.eval(), payload

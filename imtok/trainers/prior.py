@@ -28,15 +28,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from imtok.data.tokens import TokenSplit
-from imtok.models.gpt import GPT, GPTConfig, gpt_loss
+from imtok.models.gpt import GPTConfig, gpt_loss
 from imtok.models.maskgit import (
-    MaskGIT,
     MaskGITConfig,
     check_labels,
     masked_token_loss,
     maskgit_loss,
     random_token_mask,
 )
+from imtok.models.priors import build_prior
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
 from imtok.runtime import Progress, Runtime, all_reduce_mean
@@ -76,16 +76,6 @@ def prior_config(params: PriorParams, codebook_size: int, grid: tuple[int, int],
         label_dropout=params.label_dropout if params.conditional else 0.0,
         label_smoothing=params.label_smoothing,
     )
-
-
-def build_prior(kind: str, config: Any) -> nn.Module:
-    """A ``MaskGIT`` or ``GPT`` from its config (dataclass or the dict a model file stores)."""
-    if kind not in ("maskgit", "gpt"):
-        raise ValueError(f"prior.kind: unknown kind {kind!r}; use maskgit or gpt")
-    config_class, model_class = (MaskGITConfig, MaskGIT) if kind == "maskgit" else (GPTConfig, GPT)
-    if isinstance(config, Mapping):
-        config = config_class(**config)
-    return model_class(config)
 
 
 def prior_loss(
