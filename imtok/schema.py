@@ -1,0 +1,78 @@
+"""A JSON schema of params.yaml, generated from the typed sections in ``imtok.params``, so editors
+complete keys and flag a misspelled one or a value of the wrong type while you type.
+
+Every section forbids keys it does not know (as ``check_params`` does); each key carries its
+default (from ``imtok.params``) and, as its description, the comment that follows it in
+params.yaml. Cross-key rules (e.g. ``prepare.image_size`` divisible by the tokenizer's downsampling)
+stay with ``check_params``. The committed ``params.schema.json`` is checked to be current by a test;
+after changing a section or a comment, regenerate it:
+
+    python -m imtok.schema --write            # writes params.schema.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from imtok.params import Params
+
+SCHEMA_FILE = "params.schema.json"
+SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
+
+
+def key_comments(params_text: str) -> dict[str, dict[str, str]]:
+    """``{section: {key: comment}}``: the comment at the end of each key's line in params.yaml."""
+    from ruamel.yaml import YAML
+
+    document = YAML().load(params_text)  # round trip: keeps the comments
+    comments: dict[str, dict[str, str]] = {}
+    for section, values in document.items():
+        for key, tokens in getattr(getattr(values, "ca", None), "items", {}).items():
+            token = next((item for item in tokens if item is not None and hasattr(item, "value")), None)
+            first = token.value.strip().splitlines()[0] if token is not None and token.value.strip() else ""
+            if first.startswith("#") and first.lstrip("#").strip():
+                comments.setdefault(section, {})[key] = first.lstrip("#").strip()
+    return comments
+
+
+def params_schema(params_text: str) -> dict[str, Any]:
+    """The JSON schema of params.yaml, with ``params_text``'s comments as key descriptions."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(Params).json_schema()
+    comments = key_comments(params_text)
+    schema["additionalProperties"] = False
+    for section, reference in schema["properties"].items():
+        name = reference["$ref"].rsplit("/", 1)[-1]
+        definition = schema["$defs"][name]
+        definition["additionalProperties"] = False
+        for key, prop in definition["properties"].items():
+            prop.pop("title", None)
+            if key in comments.get(section, {}):
+                prop["description"] = comments[section][key]
+    return {"$schema": SCHEMA_URL, "title": "imtok params.yaml", **schema}
+
+
+def schema_text(params_text: str) -> str:
+    return json.dumps(params_schema(params_text), indent=1, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--write", action="store_true", help=f"write {SCHEMA_FILE} beside --params")
+    args = parser.parse_args(argv)
+    text = schema_text(args.params.read_text())
+    if args.write:
+        from imtok.atomic import write_text_atomic
+
+        write_text_atomic(args.params.parent / SCHEMA_FILE, text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
