@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from imtok.quantizers import FSQ, RegularizedVQ, VectorQuantizer
+from imtok.quantizers import BSQ, FSQ, LFQ, RegularizedVQ, SimVQ, VectorQuantizer
 from imtok.quantizers.common import codebook_stats
 
 VQ_DIM = 8
@@ -29,7 +29,8 @@ def random_latents(num_vectors: int, channels: int, generator: torch.Generator) 
 
 
 def quantizers_for(codebook_size: int) -> dict[str, torch.nn.Module]:
-    """The quantizers compared at one codebook size, by display name."""
+    """The quantizers compared at one codebook size (a power of two), by display name."""
+    bits = codebook_size.bit_length() - 1
     return {
         f"FSQ {FSQ.levels_for(codebook_size)}": FSQ(FSQ.levels_for(codebook_size)),
         "VQ, EMA + k-means init + restarts": VectorQuantizer(codebook_size, VQ_DIM),
@@ -37,6 +38,9 @@ def quantizers_for(codebook_size: int) -> dict[str, torch.nn.Module]:
             codebook_size, VQ_DIM, kmeans_init=False, restart_after_steps=None
         ),
         "Regularized VQ": RegularizedVQ(codebook_size, VQ_DIM),
+        "SimVQ": SimVQ(codebook_size, VQ_DIM),
+        f"LFQ, {bits} bits": LFQ(bits),
+        f"BSQ, {bits} bits": BSQ(bits),
     }
 
 
@@ -57,7 +61,7 @@ def train_steps(
 
 def quantizer_dim(quantizer: torch.nn.Module) -> int:
     """Channel count a quantizer expects."""
-    return len(quantizer.levels) if isinstance(quantizer, FSQ) else VQ_DIM
+    return quantizer.dim
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     return cls(**values)
 
 
-QuantizerKind = Literal["fsq", "vq", "regvq"]
+QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq"]
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s` keys (no .inf or NaN)
 Precision = Literal["auto", "fp32", "bf16"]
 

@@ -8,12 +8,15 @@ from imtok.models import Tokenizer, TokenizerConfig, build_quantizer
 from imtok.models.autoencoder import DEFAULT_CODE_DIM, norm_groups
 from imtok.quantizers import FSQ, RegularizedVQ, VectorQuantizer
 
-KINDS = ("fsq", "vq", "regvq")
+KINDS = ("fsq", "vq", "regvq", "lfq", "bsq", "simvq")
 # Small codebooks for tiny models; vq uses a learned (not EMA) codebook so its gradient can be checked.
 QUANTIZER_FIELDS = {
     "fsq": {"levels": (5, 5, 5)},
     "vq": {"codebook_size": 32, "latent_dim": 4, "quantizer_options": {"ema": False}},
     "regvq": {"codebook_size": 32, "latent_dim": 4},
+    "lfq": {"codebook_size": 32},
+    "bsq": {"latent_dim": 5},
+    "simvq": {"codebook_size": 32, "latent_dim": 4},
 }
 MULTIPLIERS = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 2)}  # downsampling factor f -> one per level
 
@@ -239,13 +242,13 @@ def test_norm_groups_divide_the_width(channels):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: build_quantizer("lfq"), lambda: TokenizerConfig(quantizer="lfq")],
+    [lambda: build_quantizer("magvit"), lambda: TokenizerConfig(quantizer="magvit")],
     ids=["build_quantizer", "config"],
 )
 def test_unknown_quantizer_kind_names_the_key_and_the_allowed_kinds(make):
     with pytest.raises(ValueError, match=r"tokenizer\.quantizer") as error:
         make()
-    assert all(kind in str(error.value) for kind in KINDS) and "'lfq'" in str(error.value)
+    assert all(kind in str(error.value) for kind in KINDS) and "'magvit'" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -313,3 +316,14 @@ def test_decode_rejects_indices_outside_the_codebook():
         model.decode(torch.full((1, 4, 4), 32))
     with pytest.raises(ValueError, match="indices"):
         model.decode(torch.zeros(1, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["lfq", "bsq"])
+def test_binary_quantizers_take_their_channels_from_a_power_of_two_codebook(kind):
+    assert build_quantizer(kind, codebook_size=4096).dim == 12
+    assert build_quantizer(kind, dim=6).codebook_size == 64
+    assert build_quantizer(kind).codebook_size == 1024  # the default size
+    with pytest.raises(ValueError, match=r"tokenizer\.codebook_size: .* power of two \(e\.g\. 512 or 1024\)"):
+        build_quantizer(kind, codebook_size=1000)
+    with pytest.raises(ValueError, match=r"tokenizer\.latent_dim: .* set latent_dim to 8 or null"):
+        build_quantizer(kind, codebook_size=256, dim=4)

@@ -43,7 +43,7 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
             "prepare.image_size",
         ),
         ({"tokenizer": {"downsample": 8}}, "tokenizer.channel_multipliers"),
-        ({"tokenizer": {"quantizer": "lfq"}}, "tokenizer.quantizer"),
+        ({"tokenizer": {"quantizer": "magvit"}}, "tokenizer.quantizer"),
         ({"tokenizer": {"levels": [8, 5, 5, 5]}}, "tokenizer.levels"),
         ({"tokenizer": {"levels": [8, 1], "codebook_size": None}}, "tokenizer.levels[1]"),
         ({"tokenizer": {"quantizer": "vq", "levels": [8, 5]}}, "tokenizer.levels"),

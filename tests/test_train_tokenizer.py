@@ -256,7 +256,7 @@ def test_how_often_a_run_validates_does_not_change_its_weights(tiny_shards, tmp_
         assert torch.equal(states[1][name], value), name
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq", "regvq"])
+@pytest.mark.parametrize("quantizer", ["vq", "fsq", "regvq", "lfq", "simvq"])
 def test_two_gloo_processes_train_and_hold_identical_weights(tiny_shards, tmp_path, quantizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = torchrun_command(

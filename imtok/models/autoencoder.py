@@ -21,11 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers import FSQ, QuantizerOutput, RegularizedVQ, VectorQuantizer
+from imtok.quantizers import BSQ, FSQ, LFQ, QuantizerOutput, RegularizedVQ, SimVQ, VectorQuantizer
 from imtok.quantizers.fsq import validate_levels
 from imtok.typerules import type_name, value_matches
 
-QUANTIZERS: dict[str, type[nn.Module]] = {"fsq": FSQ, "vq": VectorQuantizer, "regvq": RegularizedVQ}
+QUANTIZERS: dict[str, type[nn.Module]] = {
+    "fsq": FSQ,
+    "vq": VectorQuantizer,
+    "regvq": RegularizedVQ,
+    "lfq": LFQ,
+    "bsq": BSQ,
+    "simvq": SimVQ,
+}
+BINARY_QUANTIZERS = ("lfq", "bsq")  # one bit per channel: 2^latent_dim codes
 
 # Codebook size used when none is given: the FSQ paper's middle setting (FSQ gets its Table 1 levels).
 DEFAULT_CODEBOOK_SIZE = 2**10
@@ -85,9 +93,11 @@ def _quantizer_arguments(
         raise ValueError(f"tokenizer.codebook_size: expected an integer >= 2 or null, got {codebook_size}")
     if dim is not None and dim < 1:
         raise ValueError(f"tokenizer.latent_dim: expected an integer >= 1 or null, got {dim}")
+    if kind != "fsq" and levels is not None:
+        raise ValueError(f"tokenizer.levels: only fsq takes levels; set it to null for {kind!r}")
+    if kind in BINARY_QUANTIZERS:
+        return cls, (_binary_dim(kind, codebook_size, dim),)
     if kind != "fsq":
-        if levels is not None:
-            raise ValueError(f"tokenizer.levels: only fsq takes levels; set it to null for {kind!r}")
         return cls, (codebook_size or DEFAULT_CODEBOOK_SIZE, dim or DEFAULT_CODE_DIM)
     try:
         if levels is None:  # the paper's levels only approximate the size (2^10 -> 8*5*5*5 = 1000)
@@ -109,6 +119,24 @@ def _quantizer_arguments(
     return cls, (levels,)
 
 
+def _binary_dim(kind: str, codebook_size: int | None, dim: int | None) -> int:
+    """Channels of an lfq/bsq quantizer: log2(codebook_size), latent_dim, or log2 of the default size."""
+    if codebook_size is None:
+        return dim or DEFAULT_CODEBOOK_SIZE.bit_length() - 1
+    bits = codebook_size.bit_length() - 1
+    if codebook_size != 2**bits:
+        raise ValueError(
+            f"tokenizer.codebook_size: {kind} has 2^latent_dim codes, so it must be a power of two "
+            f"(e.g. {2**bits} or {2 ** (bits + 1)}), got {codebook_size}"
+        )
+    if dim is not None and dim != bits:
+        raise ValueError(
+            f"tokenizer.latent_dim: {kind} has one bit per channel, so {codebook_size} codes need "
+            f"{bits} channels; set latent_dim to {bits} or null, got {dim}"
+        )
+    return bits
+
+
 def build_quantizer(
     kind: str,
     *,
@@ -117,10 +145,11 @@ def build_quantizer(
     dim: int | None = None,
     **options: Any,
 ) -> nn.Module:
-    """The quantizer named ``kind`` ("fsq", "vq" or "regvq"); ``options`` go to its constructor.
+    """The quantizer named ``kind`` (a key of ``QUANTIZERS``); ``options`` go to its constructor.
 
     fsq: ``levels``, else the paper's levels for ``codebook_size`` (``dim`` must be len(levels) if set).
-    vq, regvq: ``codebook_size`` codes of ``dim`` channels. Unset sizes take the defaults above.
+    vq, regvq, simvq: ``codebook_size`` codes of ``dim`` channels. lfq, bsq: 2^dim codes, ``dim`` from
+    ``codebook_size`` (a power of two) or given. Unset sizes take the defaults above.
     """
     cls, args = _quantizer_arguments(kind, levels, codebook_size, dim, options)
     return cls(*args, **options)
@@ -138,7 +167,7 @@ class TokenizerConfig:
     mid_attention: bool = True  # single-head self-attention between the middle residual blocks
     conv_downsample: bool = True  # stride-2 conv3x3 (True) or 2x2 average pooling (False)
     dropout: float = 0.0
-    quantizer: str = "fsq"  # fsq | vq | regvq
+    quantizer: str = "fsq"  # a key of QUANTIZERS: fsq | vq | regvq | lfq | bsq | simvq
     levels: tuple[int, ...] | None = None  # fsq only; null: the FSQ paper's levels for codebook_size
     codebook_size: int | None = None  # null: DEFAULT_CODEBOOK_SIZE; fsq without levels: levels_for(it)
     latent_dim: int | None = None  # channels the quantizer sees; null: len(levels) or DEFAULT_CODE_DIM
