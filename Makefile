@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.imtok-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data-deps test lint demo ui lock clean-venv
+.PHONY: setup data-deps browser-deps test test-fast lint demo ui lock clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ data-deps:
 		|| echo "note: could not install dataset-fashion-mnist; tests that need it fall back as they report"; \
 	else echo "note: $(FMNIST_DIR) is absent and apt is not usable here; see docs/data.md"; fi
 
+# Chromium for the UI test (what a user sees in MLflow), the same way; without it that test is skipped.
+browser-deps:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: could not install chromium; the MLflow UI test is skipped"; \
+	else echo "note: no chromium here and apt is not usable; the MLflow UI test is skipped"; fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -31,8 +39,13 @@ lint: $(STAMP)
 # The suite in PYTEST_WORKERS pytest-xdist processes (0: in this process); an idle worker takes
 # the tests still queued on a busy one (worksteal).
 PYTEST_WORKERS ?= 2
-test: $(STAMP) data-deps lint
+test: $(STAMP) data-deps browser-deps lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
+
+# The inner loop: the unit tier, without the tests marked slow (stages and DVC in subprocesses,
+# services, multi-process DDP, training runs; see tests/conftest.py). Not a substitute for `make test`.
+test-fast: $(STAMP) data-deps
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not slow and not integration"
 
 # The main job: the whole pipeline on Fashion-MNIST (prepare, tokenizer, tokens, prior, samples,
 # classifier, evaluation) through DVC, then the metrics table and the path of the sample grid.

@@ -17,7 +17,7 @@
 # runs nothing (the tests check every command against its module's options that way).
 set -uo pipefail
 
-all_parts=(machine fsq vq8 vq256 vqoom vqchunked train extract metrics)
+all_parts=(machine fsq vq8 vq256 vqoom vqchunked newer train extract metrics)
 out=${1:-benchmarks/gpu-results}
 shift || true
 parts=("$@")
@@ -77,11 +77,12 @@ for part in "${parts[@]}"; do
 		) 2>&1 | tee "$out/machine.md"
 		[ "${PIPESTATUS[0]}" = 0 ] || failed+=(machine)
 		;;
-	fsq) run fsq benchmarks.quantizers --device cuda --repeats 20 --skip-vq ;;
-	vq8) run vq8 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 8 ;;
-	vq256) run vq256 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 256 ;;
-	vqoom) run vqoom benchmarks.quantizers --device cuda --repeats 5 --skip-fsq --vq-vectors 262144 ;;
-	vqchunked) run vqchunked benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-search chunked ;;
+	fsq) run fsq benchmarks.quantizers --device cuda --repeats 20 --skip-vq --skip-newer ;;
+	vq8) run vq8 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 8 --skip-newer ;;
+	vq256) run vq256 benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-dim 256 --skip-newer ;;
+	vqoom) run vqoom benchmarks.quantizers --device cuda --repeats 5 --skip-fsq --vq-vectors 262144 --skip-newer ;;
+	vqchunked) run vqchunked benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --vq-search chunked --skip-newer ;;
+	newer) run newer benchmarks.quantizers --device cuda --repeats 10 --skip-fsq --skip-vq ;;
 	metrics) run metrics benchmarks.metrics --device cuda --batch-size 256 --repeats 10 ;;
 	train)
 		run train benchmarks.train "${model[@]}" --batch-size 32 --compile --steps 20 --rounds 2 \

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from benchmarks.common import copy_bandwidth, fast_path_report, machine_description, time_call
-from imtok.quantizers import FSQ, VectorQuantizer
+from imtok.quantizers import BSQ, FSQ, LFQ, SimVQ, VectorQuantizer
 from imtok.quantizers.common import scatter_counts
 
 TABLE_ONE_SIZES = (2**8, 2**10, 2**12, 2**14, 2**16)
@@ -206,6 +206,37 @@ def vq_rows(
         yield _row(f"K=2^{size.bit_length() - 1}, dim {dim}", z, timings, "")
 
 
+def newer_rows(
+    device: torch.device, num_vectors: int, repeats: int, sizes: tuple[int, ...] = TABLE_ONE_SIZES
+) -> Iterator[str]:
+    """Markdown rows: LFQ and BSQ (entropy loss in training) beside the peer's LFQ (spherical for BSQ),
+    SimVQ beside the peer's SimVQ on the same weights, at every Table-1 size (2^d codes)."""
+    from vector_quantize_pytorch import LFQ as PeerLFQ
+    from vector_quantize_pytorch import SimVQ as PeerSimVQ
+
+    codes_of = {"ours": lambda out: (out.codes, out.loss), "peer": lambda out: (out[0], out[2].sum())}
+    for size in sizes:
+        bits = size.bit_length() - 1
+        z = latent_grid(num_vectors, bits, device)
+        for name, ours in (("LFQ", LFQ(bits)), ("BSQ", BSQ(bits))):
+            # the peer's defaults beside ours: entropy weight 0.1; no commitment on either side
+            ours.commitment_weight = 0.0
+            peer = PeerLFQ(dim=bits, codebook_size=size, channel_first=True, spherical=name == "BSQ")
+            timings = time_pair(
+                {"ours": ours.to(device), "peer": peer.to(device)}, z, codes_of, device, repeats
+            )
+            yield _row(f"{name} 2^{bits}", z, timings, "")
+        dim = 8
+        z = latent_grid(num_vectors, dim, device)
+        ours = SimVQ(size, dim).to(device)
+        peer = PeerSimVQ(dim=dim, codebook_size=size, channel_first=True, rotation_trick=False).to(device)
+        with torch.no_grad():
+            peer.frozen_codebook.copy_(ours.frozen_codebook)
+            peer.code_transform.weight.copy_(ours.transform.weight)
+        timings = time_pair({"ours": ours, "peer": peer}, z, codes_of, device, repeats)
+        yield _row(f"SimVQ 2^{bits}, dim {dim}", z, timings, "")
+
+
 def _row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: str) -> str:
     def ms(key: str) -> str:
         return "OOM" if timings[key] is None else f"{timings[key] * 1e3:.2f}"
@@ -247,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-fsq", action="store_true")
     parser.add_argument("--skip-vq", action="store_true")
+    parser.add_argument("--skip-newer", action="store_true", help="skip LFQ, BSQ and SimVQ")
+    parser.add_argument("--newer-vectors", type=int, default=None, help="latent vectors for LFQ/BSQ/SimVQ")
     parser.add_argument(
         "--vq-search",
         choices=sorted(SEARCH_PATHS),
@@ -282,6 +315,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(HEADER)
         for row in vq_rows(device, vq_vectors, args.vq_dim, args.repeats, args.vq_search, tuple(args.sizes)):
+            print(row, flush=True)
+    if not args.skip_newer:
+        newer_vectors = args.newer_vectors or (262_144 if on_gpu else 16_384)
+        print(
+            f"\nLFQ, BSQ (peer: LFQ, spherical=True) and SimVQ (peer: SimVQ, same weights), "
+            f"{newer_vectors:,} latent vectors; fwd+bwd includes the entropy loss over every code\n"
+        )
+        print(HEADER)
+        for row in newer_rows(device, newer_vectors, args.repeats, tuple(args.sizes)):
             print(row, flush=True)
     print()
     print(fast_path_report())

@@ -21,7 +21,7 @@ from benchmarks.common import UtilisationSampler, parse_nvidia_smi_utilisation, 
 from benchmarks.quantizers import memory_floor_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_PARTS = {"fsq", "vq8", "vq256", "vqoom", "vqchunked", "train", "extract", "metrics"}
+GPU_PARTS = {"fsq", "vq8", "vq256", "vqoom", "vqchunked", "newer", "train", "extract", "metrics"}
 
 
 def gpu_script(*args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
@@ -81,6 +81,8 @@ def test_every_gpu_command_parses_with_the_options_of_its_module():
         assert parsed[part].device == "cuda", part
     assert parsed["vqoom"].vq_vectors == 262_144 and parsed["vqoom"].skip_fsq
     assert parsed["vq256"].vq_dim == 256 and parsed["vqchunked"].vq_search == "chunked"
+    assert parsed["newer"].skip_fsq and parsed["newer"].skip_vq and not parsed["newer"].skip_newer
+    assert all(parsed[part].skip_newer for part in ("fsq", "vq8", "vq256", "vqoom", "vqchunked"))
     for part in ("train", "extract"):  # the goal's shape: 256x256 RGB, bf16, channels_last, compiled
         options = parsed[part]
         assert (options.image_size, options.channels, options.precision) == (256, 3, "bf16")
@@ -98,7 +100,7 @@ def test_the_gpu_script_refuses_an_unknown_part_and_a_part_given_as_the_output_d
 def test_quantizer_benchmark_tables_give_every_path_the_peer_and_the_memory_floor():
     out = run_benchmark(
         "benchmarks.quantizers", "--fsq-vectors", "1024", "--vq-vectors", "256", "--sizes", "256", "4096",
-        "--repeats", "1",
+        "--newer-vectors", "256", "--repeats", "1",
     )  # fmt: skip
     fsq = table(out, "size")
     assert [row[0] for row in fsq] == ["2^8 [8, 6, 5]", "2^12 [7, 5, 5, 5, 5]"]
@@ -116,6 +118,13 @@ def test_quantizer_benchmark_tables_give_every_path_the_peer_and_the_memory_floo
     assert [row[0] for row in vq] == ["K=2^8, dim 8", "K=2^12, dim 8"]
     for row in vq:
         assert number(row[1]) == 256
+        for cell in row[3:]:
+            number(cell)
+    newer = table(out.split("LFQ, BSQ", 1)[1], "size")
+    assert [row[0] for row in newer] == [
+        "LFQ 2^8", "BSQ 2^8", "SimVQ 2^8, dim 8", "LFQ 2^12", "BSQ 2^12", "SimVQ 2^12, dim 8"
+    ]  # fmt: skip
+    for row in newer:
         for cell in row[3:]:
             number(cell)
     assert "none fell back" in out
