@@ -11,6 +11,7 @@ that server is the UI: only the link is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         stop_group(process)
 
 
@@ -71,17 +74,21 @@ def interrupted(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop_group(process: subprocess.Popen) -> None:
+def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the UI's process group, SIGKILL it after ``grace_s``: mlflow ui and its uvicorn workers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=20)
-            return
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             continue
+        if sig == signal.SIGTERM:  # the leader is gone; workers left in its group go too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        return
 
 
 if __name__ == "__main__":

@@ -65,8 +65,12 @@ def make_project(root: Path, params: dict) -> Path:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "prefect.yaml"):
         shutil.copy(REPO / name, root / name)
-    # dvc.yaml's top-level plots name the committed study figures: a clone has them, so the project too
-    shutil.copytree(REPO / "reports" / "study", root / "reports" / "study")
+    # dvc.yaml's top-level plots name the committed study figures: a clone has them, so the project
+    # too (those files only: the study's tables would add the committed points to a test's own study)
+    for entry in yaml.safe_load((REPO / "dvc.yaml").read_text()).get("plots", []):
+        name = entry if isinstance(entry, str) else next(iter(entry))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
     full = yaml.safe_load((REPO / "params.yaml").read_text())  # DVC needs every key a stage lists
     for section, values in params.items():
         full[section].update(values)

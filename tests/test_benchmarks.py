@@ -234,3 +234,11 @@ def test_time_call_times_bursts_per_call_where_asked_and_single_calls_otherwise(
     assert rest == 0 and bursts > 1 and 0 <= seconds < BURST_S  # a call of microseconds: many per sample
     assert burst_size(1e-9, True) == MAX_BURST
     assert burst_size(BURST_S / 4, True) == 4 and burst_size(1.0, True) == 1 and burst_size(1e-9, False) == 1
+
+
+def test_the_fsq_cpu_benchmark_times_our_default_path_beside_the_peer_at_every_table_one_size():
+    out = run_benchmark("benchmarks.fsq_cpu", "--vectors", "512", "--repeats", "1", "--threads", "1")
+    rows = table(out, "levels")
+    assert [row[0] for row in rows][:2] == ["[8, 6, 5]", "[8, 5, 5, 5]"] and len(rows) == 5
+    for row in rows:
+        assert number(row[1]) > 0 and number(row[2]) > 0 and row[3].endswith("x")

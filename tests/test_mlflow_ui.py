@@ -68,3 +68,21 @@ def test_make_ui_prints_a_link_that_opens_on_the_training_runs_in_a_real_browser
         assert "train_tokenizer" in runs_page, runs_page[-3000:]  # the runs table lists the run
         overview = rendered(link.split("/runs?")[0])  # what the bare experiment link shows
         assert "train_tokenizer" not in overview
+    # stopped (SIGINT, as Ctrl-C), it takes mlflow ui and its uvicorn workers with it
+    deadline = time.monotonic() + 30
+    while left := processes_mentioning(str(tmp_path / "mlflow.db")) + processes_mentioning(f"--port {port}"):
+        assert time.monotonic() < deadline, f"still running after the UI stopped: {left}"
+        time.sleep(0.5)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain ``text`` (the test's own store path)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(command.strip())
+    return found
