@@ -235,3 +235,40 @@ def reproduced_project(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
             os.replace(temporary, record)
     first = json.loads(record.read_text())
     return Reproduced(home / "project", first["output"], first["lock"])
+
+
+# The two tiers. `make test` runs everything; `make test-fast` (the inner loop) leaves out what is
+# marked slow: the modules below run stages, DVC, services or several processes, or train for real,
+# and the tests below are the slow ones in modules that are otherwise unit tests. Chosen from a
+# `--durations=0` run of the whole suite on the 2-core Xeon (2026-12-07), where each took several
+# seconds or more; a new test of that kind belongs here (or carries @pytest.mark.slow itself).
+FULL_TIER_MODULES = {
+    "test_benchmarks.py", "test_classifier.py", "test_code_counts.py", "test_dvc_views.py",
+    "test_encoding.py", "test_evaluate_promotion.py", "test_evaluate_streaming.py",
+    "test_extract_tokens.py", "test_extraction.py", "test_flow_pipeline.py", "test_flows_subprocess.py",
+    "test_flows_units.py", "test_infra_auth.py", "test_integration_services.py", "test_mlflow_ui.py",
+    "test_pipeline_dvc.py", "test_prepare_stage.py", "test_prior_ddp.py", "test_prior_stages.py",
+    "test_runtime_launch.py", "test_s3.py", "test_stage_common.py", "test_stage_lifetimes.py",
+    "test_tracking.py", "test_tracking_outage.py", "test_train_tokenizer.py", "test_training.py",
+    "test_training_loop.py",
+}  # fmt: skip
+FULL_TIER_TESTS = {
+    "test_autoencoder.py::test_short_training_lowers_reconstruction_error",
+    "test_fid.py::test_inception_features_and_fid_match_torch_fidelity",
+    "test_fsq_fused.py::test_fused_path_matches_the_eager_reference",
+    "test_fsq_fused.py::test_training_and_inference_calls_share_one_compiled_kernel",
+    "test_lfq_bsq.py::test_two_gloo_ranks_compute_the_codebook_entropy_of_the_whole_batch",
+    "test_maskgit.py::test_training_lowers_the_loss",
+    "test_regvq.py::test_distributed_prior_kl_and_its_gradients_equal_one_process_on_the_whole_batch",
+    "test_search_triton.py::test_fused_kernel_matches_brute_force_in_the_interpreter",
+    "test_shards.py::test_ddp_ranks_read_disjoint_parts_that_cover_the_split_in_equal_batches",
+    "test_shards.py::test_a_killed_prepare_leaves_no_partial_shard_and_a_rerun_completes",
+    "test_vq.py::test_the_cpu_search_peak_memory_stays_small_in_fresh_processes",
+    "test_vq.py::test_distributed_ranks_keep_identical_codebooks",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in FULL_TIER_MODULES or f"{item.path.name}::{item.originalname}" in FULL_TIER_TESTS:
+            item.add_marker(pytest.mark.slow)

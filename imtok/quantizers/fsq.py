@@ -188,6 +188,8 @@ class FSQ(nn.Module):
         """
         level_values = torch.nan_to_num(level_values, nan=0.0)
         digits = level_values + self._scale  # small integers, exact in float32
+        if self._has_half_integer_levels:  # NaN's 0.0 is off their grid: floor, as the int64 cast truncates
+            digits = digits.floor_()
         if self._float_basis is None:  # a codebook past 2^24 codes: float32 sums would round
             return (digits.long() * self._basis).sum(dim=1)
         # One multiply-add per channel in float32 (exact below 2^24), cast once: on CPU a channel sum
