@@ -128,6 +128,14 @@ def check_indices(indices: Tensor, codebook_size: int) -> None:
         )
 
 
+def codes_from_codebook(indices: Tensor, codebook: Tensor) -> Tensor:
+    """Channel-first codes (B, D, H, W) of integer indices (B, H, W) in a (K, D) codebook, in float32."""
+    check_indices(indices, codebook.shape[0])
+    with torch.autocast(device_type=indices.device.type, enabled=False):
+        codes = torch.nn.functional.embedding(indices.long(), codebook)  # (B, H, W, D)
+    return codes.permute(0, 3, 1, 2)
+
+
 def require(ok: bool, name: str, allowed: str, value: object) -> None:
     """Raise a ValueError naming the argument and its allowed range unless ``ok``."""
     if not ok:

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from imtok.quantizers.common import (
     QuantizerOutput,
     check_channels,
-    check_indices,
     codebook_stats,
+    codes_from_codebook,
     initialization_pending,
     mark_initialized,
     require,
@@ -285,10 +285,7 @@ class RegularizedVQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, C, H, W) for integer indices (B, H, W)."""
-        check_indices(indices, self.codebook_size)
-        with torch.autocast(device_type=indices.device.type, enabled=False):
-            codes = F.embedding(indices.long(), self.codebook)  # (B, H, W, C)
-        return codes.permute(0, 3, 1, 2)
+        return codes_from_codebook(indices, self.codebook)
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from imtok.quantizers.common import FAST_PATH_FAILURES, MAX_FUSED_DIM, run_fast_path
+from imtok.quantizers.common import FAST_PATH_FAILURES, MAX_FUSED_DIM, require, run_fast_path
 
 FUSED_PATH = "fused nearest-code search"
 
@@ -27,6 +27,13 @@ def distance_block(x: Tensor, codebook_t: Tensor, codebook_sq_norms: Tensor) -> 
 def squared_distances(x: Tensor, codebook: Tensor) -> Tensor:
     """Full (N, K) squared distances ||x||^2 - 2 x.c + ||c||^2; for small problems and reference checks."""
     return distance_block(x, codebook.t(), codebook.pow(2).sum(dim=1))
+
+
+def check_search_options(chunk_size: int | None, fused: bool | None) -> None:
+    """The nearest-code search's options of a quantizer (``search_chunk_size``, ``search_fused``),
+    or a ValueError naming the one that is wrong."""
+    require(chunk_size is None or chunk_size >= 1, "search_chunk_size", "None or an integer >= 1", chunk_size)
+    require(fused in (None, True, False), "search_fused", "true, false or null", fused)
 
 
 def fused_search_applies(x: Tensor, codebook: Tensor, fused: bool | None) -> bool:

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from imtok.quantizers.common import (
     QuantizerOutput,
     check_channels,
-    check_indices,
     codebook_stats,
+    codes_from_codebook,
     require,
 )
-from imtok.quantizers.search import nearest_code
+from imtok.quantizers.search import check_search_options, nearest_code
 
 
 class SimVQ(nn.Module):
@@ -47,13 +47,7 @@ class SimVQ(nn.Module):
         require(codebook_size >= 2, "codebook_size", "an integer >= 2", codebook_size)
         require(dim >= 1, "dim", "an integer >= 1", dim)
         require(beta >= 0.0, "beta", "a value >= 0", beta)
-        require(
-            search_chunk_size is None or search_chunk_size >= 1,
-            "search_chunk_size",
-            "None or an integer >= 1",
-            search_chunk_size,
-        )
-        require(search_fused in (None, True, False), "search_fused", "true, false or null", search_fused)
+        check_search_options(search_chunk_size, search_fused)
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = beta
@@ -88,10 +82,7 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (B, dim, H, W) for integer indices (B, H, W)."""
-        check_indices(indices, self.codebook_size)
-        with torch.autocast(device_type=indices.device.type, enabled=False):
-            codes = F.embedding(indices.long(), self.codebook)  # (B, H, W, d)
-        return codes.permute(0, 3, 1, 2)
+        return codes_from_codebook(indices, self.codebook)
 
     def extra_repr(self) -> str:
         return f"codebook_size={self.codebook_size}, dim={self.dim}, beta={self.beta}"

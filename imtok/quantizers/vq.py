@@ -17,7 +17,7 @@ from imtok.quantizers.common import (
     require,
     track_initialization,
 )
-from imtok.quantizers.search import nearest_code
+from imtok.quantizers.search import check_search_options, nearest_code
 
 
 def distributed_world() -> bool:
@@ -182,12 +182,7 @@ class VectorQuantizer(nn.Module):
             "None or an integer >= 1",
             restart_after_steps,
         )
-        require(
-            search_chunk_size is None or search_chunk_size >= 1,
-            "search_chunk_size",
-            "None or an integer >= 1",
-            search_chunk_size,
-        )
+        check_search_options(search_chunk_size, search_fused)
         self.codebook_size = codebook_size
         self.dim = dim
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -200,7 +195,6 @@ class VectorQuantizer(nn.Module):
         self.restart_after_steps = restart_after_steps
         self.cosine = cosine
         self.search_chunk_size = search_chunk_size
-        require(search_fused in (None, True, False), "search_fused", "true, false or null", search_fused)
         self.search_fused = search_fused
 
         projected = self.codebook_dim != dim
