@@ -74,21 +74,51 @@ def interrupted(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the UI's process group, SIGKILL it after ``grace_s``: mlflow ui and its uvicorn workers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; elsewhere none): mlflow ui starts uvicorn, which starts
+    its workers, and a child that leaves the process group must not outlive the UI."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if sig == signal.SIGTERM:  # the leader is gone; workers left in its group go too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        return
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the UI's process group and every process below it (mlflow ui, uvicorn and its workers),
+    SIGKILL what is left after ``grace_s``."""
+    pids = [process.pid, *descendants(process.pid)]  # before any exits and its children are re-parented
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            process.poll()  # reaps the leader, which else stays a zombie that counts as alive
+            if not any(alive(pid) for pid in pids if pid != process.pid) and process.returncode is not None:
+                return
+            time.sleep(0.1)
+    process.poll()
 
 
 if __name__ == "__main__":
