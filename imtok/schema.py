@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--write", action="store_true", help=f"write {SCHEMA_FILE} beside --params")
     args = parser.parse_args(argv)
-    text = schema_text(args.params.read_text())
+    try:
+        text = schema_text(args.params.read_text())
+    except OSError as error:
+        parser.error(f"--params: cannot read {args.params} ({error.strerror}); run from the repository root")
     if args.write:
         from imtok.atomic import write_text_atomic
 

@@ -5,13 +5,6 @@ The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.
 directory, with artifacts under ``./mlruns``), the experiment from ``MLFLOW_EXPERIMENT_NAME`` (default
 ``imtok``): pointing at an MLflow server is configuration. ``mlflow`` is imported inside the functions
 because importing it costs seconds that library users and most tests do not need to pay.
-
-Models are logged with ``mlflow.pytorch.log_model`` in the pickle format, so that
-``mlflow.pytorch.load_model`` returns the real module (a ``Tokenizer`` with ``encode``/``decode``), not
-a ``torch.export`` graph. MLflow refuses to unpickle unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``
-is set by whoever trusts the store. imtok's own stages never unpickle: each logged model also carries
-its weights-only model file (``extra_files/``), which ``fetched_model_file`` fetches
-(into a temporary directory removed after use).
 """
 
 from __future__ import annotations

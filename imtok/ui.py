@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
-    mlflow = tracking.configure()  # creates the experiment (tagged as model training) if it is new
+    try:
+        mlflow = tracking.configure()  # creates the experiment (tagged as model training) if it is new
+    except tracking.TrackingUnavailable as error:  # a server that is down or refuses us: one line
+        parser.exit(2, f"make ui: {error}\n")
     experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
     uri = tracking.tracking_uri()
     if tracking.is_server(uri):

@@ -327,3 +327,12 @@ def test_binary_quantizers_take_their_channels_from_a_power_of_two_codebook(kind
         build_quantizer(kind, codebook_size=1000)
     with pytest.raises(ValueError, match=r"tokenizer\.latent_dim: .* set latent_dim to 8 or null"):
         build_quantizer(kind, codebook_size=256, dim=4)
+
+
+def test_the_params_accept_exactly_the_quantizers_the_tokenizer_builds():
+    import typing
+
+    from imtok.models.autoencoder import QUANTIZERS
+    from imtok.params import QuantizerKind
+
+    assert set(typing.get_args(QuantizerKind)) == set(QUANTIZERS)  # two lists: this keeps them equal
