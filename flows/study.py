@@ -1,12 +1,16 @@
 """The FSQ paper's codebook-size study (its Figure 3) on our data, with the baselines the papers use.
 
-Four rows per codebook size (default 2^8, 2^10, 2^12, 2^14), one label each (``LABELS``):
+Rows per codebook size (default 2^8, 2^10, 2^12, 2^14), one label each (``LABELS``), the papers'
+four first:
 
 - ``fsq``: FSQ with the paper's Table-1 levels for the size;
 - ``vq-plain``: the VQ the FSQ and RegVQ papers compare against: an EMA codebook from random
   initialisation, no k-means seeding, no dead-code restarts;
 - ``vq``: our VQ, the same EMA codebook seeded by k-means on the first batch, with dead-code restarts;
-- ``regvq``: Regularized VQ (prior KL, stochastic Gumbel mask; its contrastive loss needs VGG-19).
+- ``regvq``: Regularized VQ (prior KL, stochastic Gumbel mask; its contrastive loss needs VGG-19);
+- ``lfq``, ``bsq``: lookup-free and binary spherical quantization, log2(size) channels, their entropy
+  loss at the defaults;
+- ``simvq``: SimVQ, a frozen random codebook through one learned linear layer.
 
 The study runs in two parts a user can run separately, over the same points (named
 ``<label>-<size>``):
@@ -51,6 +55,9 @@ LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_
     "vq-plain": {"quantizer": "vq", "quantizer_options": PLAIN_VQ_OPTIONS},
     "vq": {"quantizer": "vq", "quantizer_options": {}},
     "regvq": {"quantizer": "regvq", "quantizer_options": {}},
+    "lfq": {"quantizer": "lfq", "quantizer_options": {}},
+    "bsq": {"quantizer": "bsq", "quantizer_options": {}},
+    "simvq": {"quantizer": "simvq", "quantizer_options": {}},
 }
 SIZES = (2**8, 2**10, 2**12, 2**14)
 PARTS = {  # part -> the stages it reproduces (None: all)

@@ -128,10 +128,10 @@ def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_rep
     client = mlflow.MlflowClient(environment(root)["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("imtok").experiment_id
     trained = client.search_runs([experiment], "tags.`imtok.stage` = 'train_tokenizer'")
-    assert len(trained) == 8  # one per tokenizer point: the prior part trained none again
+    assert len(trained) == 2 * len(LABELS)  # one per tokenizer point: the prior part trained none again
     sampled = [row for row in rows if row["sampling fid_fmnist"] is not None]
     assert [(row["quantizer"], row["codebook size"]) for row in sampled] == [("vq-plain", 256)]
-    assert len(rows) == 8  # the tokenizer part's rows stay in the report
+    assert len(rows) == 2 * len(LABELS)  # the tokenizer part's rows stay in the report
     for name in (
         "codebook_size.csv",
         "codebook_size.md",
