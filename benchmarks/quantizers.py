@@ -1,4 +1,4 @@
-"""FSQ and VQ speed against vector-quantize-pytorch, side by side in one process.
+"""Quantizer speed against vector-quantize-pytorch, side by side in one process.
 
     python -m benchmarks.quantizers                      # CPU, sizes that fit a laptop
     python -m benchmarks.quantizers --device cuda        # GPU, the sizes RESULTS.md reports
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from benchmarks.common import copy_bandwidth, fast_path_report, machine_description, time_call
-from imtok.quantizers import BSQ, FSQ, LFQ, SimVQ, VectorQuantizer
+from imtok.quantizers import BSQ, FSQ, LFQ, ResidualFSQ, SimVQ, VectorQuantizer
 from imtok.quantizers.common import scatter_counts
 
 TABLE_ONE_SIZES = (2**8, 2**10, 2**12, 2**14, 2**16)
@@ -210,8 +210,10 @@ def newer_rows(
     device: torch.device, num_vectors: int, repeats: int, sizes: tuple[int, ...] = TABLE_ONE_SIZES
 ) -> Iterator[str]:
     """Markdown rows: LFQ and BSQ (entropy loss in training) beside the peer's LFQ (spherical for BSQ),
-    SimVQ beside the peer's SimVQ on the same weights, at every Table-1 size (2^d codes)."""
+    SimVQ beside the peer's SimVQ on the same weights, residual FSQ (two stages of the Table-1 levels)
+    beside the peer's ResidualFSQ, at every Table-1 size (2^d codes)."""
     from vector_quantize_pytorch import LFQ as PeerLFQ
+    from vector_quantize_pytorch import ResidualFSQ as PeerResidualFSQ
     from vector_quantize_pytorch import SimVQ as PeerSimVQ
 
     codes_of = {"ours": lambda out: (out.codes, out.loss), "peer": lambda out: (out[0], out[2].sum())}
@@ -235,6 +237,13 @@ def newer_rows(
             peer.code_transform.weight.copy_(ours.transform.weight)
         timings = time_pair({"ours": ours, "peer": peer}, z, codes_of, device, repeats)
         yield _row(f"SimVQ 2^{bits}, dim {dim}", z, timings, "")
+        levels = FSQ.levels_for(size)
+        z = latent_grid(num_vectors, len(levels), device)
+        ours = ResidualFSQ(levels, stages=2).to(device)
+        peer = PeerResidualFSQ(levels=levels, num_quantizers=2, is_channel_first=True).to(device)
+        no_loss = {"ours": codes_of["ours"], "peer": lambda out: (out[0], 0.0)}
+        timings = time_pair({"ours": ours, "peer": peer}, z, no_loss, device, repeats)
+        yield _row(f"residual FSQ 2 x {levels}", z, timings, "")
 
 
 def _row(label: str, z: torch.Tensor, timings: dict[str, float | None], floor: str) -> str:
@@ -278,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-fsq", action="store_true")
     parser.add_argument("--skip-vq", action="store_true")
-    parser.add_argument("--skip-newer", action="store_true", help="skip LFQ, BSQ and SimVQ")
-    parser.add_argument("--newer-vectors", type=int, default=None, help="latent vectors for LFQ/BSQ/SimVQ")
+    parser.add_argument("--skip-newer", action="store_true", help="skip LFQ, BSQ, SimVQ and residual FSQ")
+    parser.add_argument("--newer-vectors", type=int, default=None, help="vectors for the newer ones")
     parser.add_argument(
         "--vq-search",
         choices=sorted(SEARCH_PATHS),
@@ -319,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_newer:
         newer_vectors = args.newer_vectors or (262_144 if on_gpu else 16_384)
         print(
-            f"\nLFQ, BSQ (peer: LFQ, spherical=True) and SimVQ (peer: SimVQ, same weights), "
+            f"\nLFQ, BSQ (peer: LFQ, spherical=True), SimVQ (peer: SimVQ, same weights) and residual FSQ "
+            f"(peer: ResidualFSQ), "
             f"{newer_vectors:,} latent vectors; fwd+bwd includes the entropy loss over every code\n"
         )
         print(HEADER)

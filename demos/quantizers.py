@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from imtok.quantizers import BSQ, FSQ, LFQ, RegularizedVQ, SimVQ, VectorQuantizer
+from imtok.quantizers import BSQ, FSQ, LFQ, RegularizedVQ, ResidualFSQ, SimVQ, VectorQuantizer
 from imtok.quantizers.common import codebook_stats
 
 VQ_DIM = 8
@@ -41,6 +41,7 @@ def quantizers_for(codebook_size: int) -> dict[str, torch.nn.Module]:
         "SimVQ": SimVQ(codebook_size, VQ_DIM),
         f"LFQ, {bits} bits": LFQ(bits),
         f"BSQ, {bits} bits": BSQ(bits),
+        f"residual FSQ, 2 x {FSQ.levels_for(codebook_size)}": ResidualFSQ(FSQ.levels_for(codebook_size)),
     }
 
 

@@ -10,7 +10,9 @@ four first:
 - ``regvq``: Regularized VQ (prior KL, stochastic Gumbel mask; its contrastive loss needs VGG-19);
 - ``lfq``, ``bsq``: lookup-free and binary spherical quantization, log2(size) channels, their entropy
   loss at the defaults;
-- ``simvq``: SimVQ, a frozen random codebook through one learned linear layer.
+- ``simvq``: SimVQ, a frozen random codebook through one learned linear layer;
+- ``rfsq``: residual FSQ, two stages of the FSQ paper's levels for the size: the size is each stage's
+  vocabulary, and an image has twice as many tokens (stage 1 refines stage 0).
 
 The study runs in two parts a user can run separately, over the same points (named
 ``<label>-<size>``):
@@ -58,6 +60,7 @@ LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_
     "lfq": {"quantizer": "lfq", "quantizer_options": {}},
     "bsq": {"quantizer": "bsq", "quantizer_options": {}},
     "simvq": {"quantizer": "simvq", "quantizer_options": {}},
+    "rfsq": {"quantizer": "rfsq", "quantizer_options": {"stages": 2}},
 }
 SIZES = (2**8, 2**10, 2**12, 2**14)
 PARTS = {  # part -> the stages it reproduces (None: all)

@@ -66,7 +66,7 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     return cls(**values)
 
 
-QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq"]
+QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"]
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s` keys (no .inf or NaN)
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -146,7 +146,7 @@ class TokenizerParams:
     conv_downsample: bool = True
     dropout: float = 0.0
     quantizer: QuantizerKind = "fsq"
-    levels: tuple[int, ...] | None = None  # fsq: null = the FSQ paper's levels for codebook_size
+    levels: tuple[int, ...] | None = None  # fsq, rfsq: null = the FSQ paper's levels for codebook_size
     codebook_size: int | None = 1024
     latent_dim: int | None = None  # vq/regvq code channels; fsq: len(levels)
     quantizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)

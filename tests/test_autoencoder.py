@@ -8,7 +8,7 @@ from imtok.models import Tokenizer, TokenizerConfig, build_quantizer
 from imtok.models.autoencoder import DEFAULT_CODE_DIM, norm_groups
 from imtok.quantizers import FSQ, RegularizedVQ, VectorQuantizer
 
-KINDS = ("fsq", "vq", "regvq", "lfq", "bsq", "simvq")
+KINDS = ("fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq")
 # Small codebooks for tiny models; vq uses a learned (not EMA) codebook so its gradient can be checked.
 QUANTIZER_FIELDS = {
     "fsq": {"levels": (5, 5, 5)},
@@ -17,6 +17,7 @@ QUANTIZER_FIELDS = {
     "lfq": {"codebook_size": 32},
     "bsq": {"latent_dim": 5},
     "simvq": {"codebook_size": 32, "latent_dim": 4},
+    "rfsq": {"levels": (4, 4, 2), "quantizer_options": {"stages": 2}},
 }
 MULTIPLIERS = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 2)}  # downsampling factor f -> one per level
 
@@ -70,7 +71,8 @@ def test_forward_shapes_and_finite(kind, in_channels, f, mid_attention):
     assert reconstruction.shape == images.shape
     assert torch.isfinite(reconstruction).all()
     assert quantized.codes.shape == (2, model.quantizer.dim, *grid)
-    assert quantized.indices.shape == (2, *grid)
+    assert model.tokens(quantized.indices).shape == (2, *model.token_grid)
+    assert model.token_grid == (model.config.stages * grid[0], grid[1])
     assert quantized.loss.ndim == 0 and torch.isfinite(quantized.loss)
 
 
@@ -80,7 +82,7 @@ def test_average_pool_downsampling_gives_the_same_shapes(kind):
     images = random_images(2, 3)
     reconstruction, quantized = model(images)
     assert reconstruction.shape == images.shape
-    assert quantized.indices.shape == (2, 2, 2)
+    assert model.tokens(quantized.indices).shape == (2, 2 * model.config.stages, 2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,7 +94,7 @@ def test_encode_then_decode_equals_forward_in_eval_mode(kind):
     model.eval()
     reconstruction, quantized = model(images)
     indices = model.encode(images)
-    assert torch.equal(indices, quantized.indices)
+    assert torch.equal(indices, model.tokens(quantized.indices))
     decoded = model.decode(indices)
     assert decoded.shape == images.shape
     torch.testing.assert_close(decoded, reconstruction.clamp(-1, 1), atol=1e-5, rtol=1e-5)
@@ -114,7 +116,7 @@ def test_encode_is_deterministic_in_training_mode_and_leaves_the_model_as_it_was
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     model.eval()
-    assert torch.equal(first, model(images)[1].indices)
+    assert torch.equal(first, model.tokens(model(images)[1].indices))
 
 
 @pytest.mark.parametrize("f", [2, 4, 8])
@@ -123,13 +125,13 @@ def test_token_grid_is_image_size_over_f_and_indices_are_int64_codes(kind, f):
     torch.manual_seed(0)
     model = Tokenizer(tiny_config(kind, 1, f, image_size=24))
     assert model.downsample == f
-    assert model.token_grid == (24 // f, 24 // f)
+    assert model.token_grid == (model.config.stages * 24 // f, 24 // f)
     indices = model.encode(random_images(3, 1, size=24))
     assert indices.shape == (3, *model.token_grid)
     assert indices.dtype == torch.int64
     assert int(indices.min()) >= 0 and int(indices.max()) < model.codebook_size
     wide = model.encode(random_images(1, 1, size=24)[..., : 2 * f, :])  # non-square input: (2f, 24)
-    assert wide.shape == (1, 2, 24 // f)
+    assert wide.shape == (1, 2 * model.config.stages, 24 // f)
 
 
 def test_codebook_size_follows_the_quantizer():
@@ -299,7 +301,7 @@ def test_wrong_channel_count_names_in_channels_and_the_shape(shape):
         ({"levels": None, "codebook_size": 1000}, "codebook_size"),
         ({"latent_dim": 4}, "tokenizer.latent_dim"),
         ({"quantizer_options": {"decay": 0.9}}, "tokenizer.quantizer_options: unknown option 'decay'"),
-        ({"quantizer": "vq"}, "tokenizer.levels: only fsq takes levels"),
+        ({"quantizer": "vq"}, "tokenizer.levels: only fsq and rfsq take levels"),
         ({"quantizer": "vq", "levels": None, "codebook_size": 1}, "tokenizer.codebook_size"),
         ({"quantizer": "regvq", "levels": None, "latent_dim": 0}, "tokenizer.latent_dim"),
     ],

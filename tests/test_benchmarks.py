@@ -122,7 +122,8 @@ def test_quantizer_benchmark_tables_give_every_path_the_peer_and_the_memory_floo
             number(cell)
     newer = table(out.split("LFQ, BSQ", 1)[1], "size")
     assert [row[0] for row in newer] == [
-        "LFQ 2^8", "BSQ 2^8", "SimVQ 2^8, dim 8", "LFQ 2^12", "BSQ 2^12", "SimVQ 2^12, dim 8"
+        "LFQ 2^8", "BSQ 2^8", "SimVQ 2^8, dim 8", "residual FSQ 2 x [8, 6, 5]",
+        "LFQ 2^12", "BSQ 2^12", "SimVQ 2^12, dim 8", "residual FSQ 2 x [7, 5, 5, 5, 5]",
     ]  # fmt: skip
     for row in newer:
         for cell in row[3:]:

@@ -25,7 +25,7 @@ def test_code_counts_of_no_indices_are_zeros():
     )
 
 
-@pytest.mark.parametrize("quantizer", ["fsq", "vq", "regvq", "lfq", "bsq", "simvq"])
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"])
 def test_the_tokenizer_traces_as_one_graph_with_its_usage_statistics(quantizer):
     # bincount's data-dependent output size broke the graph inside every quantizer call (six or
     # seven breaks in a forward). The training forward after the first (VQ's k-means and RegVQ's

@@ -121,8 +121,9 @@ def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_rep
     sweep = (root / "reports/study/codebook_size-tokenizer-sweep.csv").read_text()
     assert "params.tokenizer.quantizer_options" in sweep.splitlines()[0]
 
-    rows = codebook_study(sizes=[256], labels=["vq-plain"], part="prior", project=str(root), out=out)
-    assert (sweep_table(root / out, "prior", ("vq-plain",))).is_file()
+    # residual FSQ's two stages reach the prior as a token grid twice as tall
+    rows = codebook_study(sizes=[256], labels=["rfsq"], part="prior", project=str(root), out=out)
+    assert (sweep_table(root / out, "prior", ("rfsq",))).is_file()
     import mlflow
 
     client = mlflow.MlflowClient(environment(root)["MLFLOW_TRACKING_URI"])
@@ -130,7 +131,7 @@ def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_rep
     trained = client.search_runs([experiment], "tags.`imtok.stage` = 'train_tokenizer'")
     assert len(trained) == 2 * len(LABELS)  # one per tokenizer point: the prior part trained none again
     sampled = [row for row in rows if row["sampling fid_fmnist"] is not None]
-    assert [(row["quantizer"], row["codebook size"]) for row in sampled] == [("vq-plain", 256)]
+    assert [(row["quantizer"], row["codebook size"]) for row in sampled] == [("rfsq", 256)]
     assert len(rows) == 2 * len(LABELS)  # the tokenizer part's rows stay in the report
     for name in (
         "codebook_size.csv",

@@ -1,4 +1,4 @@
-"""Convolutional image tokenizer: a VQGAN-style encoder and decoder around an FSQ, VQ or Regularized VQ.
+"""Convolutional image tokenizer: a VQGAN-style encoder and decoder around one of ``QUANTIZERS``.
 
 images (B, C, H, W) -> Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder -> (B, C, H, W)
 
@@ -7,6 +7,10 @@ f x f pixels with f = 2 ** (len(channel_multipliers) - 1). Reconstructions are n
 (as in VQGAN): ``forward`` returns the raw decoder output so the reconstruction loss keeps its gradient
 everywhere, and only ``decode(indices)``, which produces images for viewing, metrics and sampling,
 clamps them to [-1, 1].
+
+Tokens are the quantizer's indices, (B, h, w); a residual quantizer's per-stage indices (B, S, h, w) are
+stacked along the height into (B, S*h, w) (``imtok.quantizers.residual_fsq``: stage 0's rows first),
+so priors, token shards and sampling see one grid of ``token_grid`` whatever the quantizer.
 """
 
 import inspect
@@ -21,8 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.quantizers import BSQ, FSQ, LFQ, QuantizerOutput, RegularizedVQ, SimVQ, VectorQuantizer
+from imtok.quantizers import (
+    BSQ,
+    FSQ,
+    LFQ,
+    QuantizerOutput,
+    RegularizedVQ,
+    ResidualFSQ,
+    SimVQ,
+    VectorQuantizer,
+)
 from imtok.quantizers.fsq import validate_levels
+from imtok.quantizers.residual_fsq import DEFAULT_STAGES, split_stages, stack_stages
 from imtok.typerules import type_name, value_matches
 
 QUANTIZERS: dict[str, type[nn.Module]] = {
@@ -32,8 +46,10 @@ QUANTIZERS: dict[str, type[nn.Module]] = {
     "lfq": LFQ,
     "bsq": BSQ,
     "simvq": SimVQ,
+    "rfsq": ResidualFSQ,
 }
 BINARY_QUANTIZERS = ("lfq", "bsq")  # one bit per channel: 2^latent_dim codes
+GRID_QUANTIZERS = ("fsq", "rfsq")  # FSQ levels: one channel per level, codebook = prod(levels)
 
 # Codebook size used when none is given: the FSQ paper's middle setting (FSQ gets its Table 1 levels).
 DEFAULT_CODEBOOK_SIZE = 2**10
@@ -93,11 +109,11 @@ def _quantizer_arguments(
         raise ValueError(f"tokenizer.codebook_size: expected an integer >= 2 or null, got {codebook_size}")
     if dim is not None and dim < 1:
         raise ValueError(f"tokenizer.latent_dim: expected an integer >= 1 or null, got {dim}")
-    if kind != "fsq" and levels is not None:
-        raise ValueError(f"tokenizer.levels: only fsq takes levels; set it to null for {kind!r}")
+    if kind not in GRID_QUANTIZERS and levels is not None:
+        raise ValueError(f"tokenizer.levels: only fsq and rfsq take levels; set it to null for {kind!r}")
     if kind in BINARY_QUANTIZERS:
         return cls, (_binary_dim(kind, codebook_size, dim),)
-    if kind != "fsq":
+    if kind not in GRID_QUANTIZERS:
         return cls, (codebook_size or DEFAULT_CODEBOOK_SIZE, dim or DEFAULT_CODE_DIM)
     try:
         if levels is None:  # the paper's levels only approximate the size (2^10 -> 8*5*5*5 = 1000)
@@ -113,7 +129,7 @@ def _quantizer_arguments(
         )
     if dim is not None and dim != len(levels):
         raise ValueError(
-            f"tokenizer.latent_dim: fsq has one channel per level, so it must be {len(levels)} "
+            f"tokenizer.latent_dim: {kind} has one channel per level, so it must be {len(levels)} "
             f"(len(levels)) or null, got {dim}"
         )
     return cls, (levels,)
@@ -147,7 +163,8 @@ def build_quantizer(
 ) -> nn.Module:
     """The quantizer named ``kind`` (a key of ``QUANTIZERS``); ``options`` go to its constructor.
 
-    fsq: ``levels``, else the paper's levels for ``codebook_size`` (``dim`` must be len(levels) if set).
+    fsq, rfsq: ``levels``, else the paper's levels for ``codebook_size`` (``dim`` must be len(levels) if
+    set); rfsq's ``codebook_size`` is each stage's.
     vq, regvq, simvq: ``codebook_size`` codes of ``dim`` channels. lfq, bsq: 2^dim codes, ``dim`` from
     ``codebook_size`` (a power of two) or given. Unset sizes take the defaults above.
     """
@@ -167,8 +184,8 @@ class TokenizerConfig:
     mid_attention: bool = True  # single-head self-attention between the middle residual blocks
     conv_downsample: bool = True  # stride-2 conv3x3 (True) or 2x2 average pooling (False)
     dropout: float = 0.0
-    quantizer: str = "fsq"  # a key of QUANTIZERS: fsq | vq | regvq | lfq | bsq | simvq
-    levels: tuple[int, ...] | None = None  # fsq only; null: the FSQ paper's levels for codebook_size
+    quantizer: str = "fsq"  # a key of QUANTIZERS: fsq | vq | regvq | lfq | bsq | simvq | rfsq
+    levels: tuple[int, ...] | None = None  # fsq, rfsq; null: the FSQ paper's levels for codebook_size
     codebook_size: int | None = None  # null: DEFAULT_CODEBOOK_SIZE; fsq without levels: levels_for(it)
     latent_dim: int | None = None  # channels the quantizer sees; null: len(levels) or DEFAULT_CODE_DIM
     quantizer_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. beta, ema, mask_ratio
@@ -211,10 +228,17 @@ class TokenizerConfig:
         return 2 ** (len(self.channel_multipliers) - 1)
 
     @property
+    def stages(self) -> int:
+        """Indices per token position: rfsq's stages (stacked along the height of the grid), else 1."""
+        if self.quantizer != "rfsq":
+            return 1
+        return int(self.quantizer_options.get("stages", DEFAULT_STAGES))
+
+    @property
     def token_grid(self) -> tuple[int, int]:
-        """Token grid (h, w) of an ``image_size`` x ``image_size`` image."""
+        """Token grid (h, w) of an ``image_size`` x ``image_size`` image (h covers every stage)."""
         side = self.image_size // self.downsample
-        return side, side
+        return self.stages * side, side
 
     @property
     def widths(self) -> list[int]:
@@ -423,11 +447,19 @@ class Tokenizer(nn.Module):
         """
         with evaluating(self):
             quantized = self.quantizer(self.encode_latents(images))
-        return quantized.stats.get("argmax_indices", quantized.indices)
+        return self.tokens(quantized.stats.get("argmax_indices", quantized.indices))
+
+    def tokens(self, indices: Tensor) -> Tensor:
+        """The token grid (B, h, w) of the quantizer's indices: themselves, or rfsq's (B, S, h', w)
+        stacked into (B, S*h', w)."""
+        return stack_stages(indices) if self.config.quantizer == "rfsq" else indices
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """Images (B, C, h*f, w*f) clamped to [-1, 1] from integer code indices (B, h, w), in eval mode."""
+        """Images (B, C, h*f, w*f) clamped to [-1, 1] from integer code indices (B, h, w), in eval mode
+        (rfsq: the token grid (B, S*h, w) that ``encode`` returns)."""
+        if self.config.quantizer == "rfsq":
+            indices = split_stages(indices, self.config.stages)
         with evaluating(self):
             images = self.decode_codes(self.quantizer.indices_to_codes(indices))
         return images.clamp(-1.0, 1.0)

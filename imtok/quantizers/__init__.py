@@ -5,7 +5,8 @@ from imtok.quantizers.common import QuantizerOutput
 from imtok.quantizers.fsq import FSQ
 from imtok.quantizers.lfq import LFQ
 from imtok.quantizers.regvq import RegularizedVQ
+from imtok.quantizers.residual_fsq import ResidualFSQ
 from imtok.quantizers.simvq import SimVQ
 from imtok.quantizers.vq import VectorQuantizer
 
-__all__ = ["BSQ", "FSQ", "LFQ", "QuantizerOutput", "RegularizedVQ", "SimVQ", "VectorQuantizer"]
+__all__ = ["BSQ", "FSQ", "LFQ", "QuantizerOutput", "RegularizedVQ", "ResidualFSQ", "SimVQ", "VectorQuantizer"]
