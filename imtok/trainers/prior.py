@@ -15,9 +15,7 @@ predicted tokens) and the accuracy of the argmax prediction.
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
+from imtok import engine
 from imtok.data.tokens import TokenSplit
+from imtok.engine import MetricsCallback
 from imtok.models.gpt import GPTConfig, gpt_loss
 from imtok.models.maskgit import (
     MaskGITConfig,
@@ -39,25 +38,9 @@ from imtok.models.maskgit import (
 from imtok.models.priors import build_prior
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Progress, Runtime, all_reduce_mean
-from imtok.trainers.tokenizer import MetricWindow, adamw_param_groups, reseed_rank
-from imtok.training import (
-    ModelEma,
-    NonFiniteLossWatch,
-    agreed_latest_checkpoint,
-    clip_gradients,
-    isolated_rng,
-    load_checkpoint,
-    make_scheduler,
-    prune_checkpoints,
-    save_checkpoint,
-    sync_point,
-    unwrap_model,
-)
+from imtok.runtime import Runtime
+from imtok.training import NonFiniteLossWatch, unwrap_model
 
-log = logging.getLogger(__name__)
-
-MetricsCallback = Callable[[Mapping[str, float], int], None]
 VALIDATION_SEED = 1234  # masks of the validation loss: the same at every evaluation
 
 
@@ -189,6 +172,78 @@ class PriorResult:
     tokens_per_s: float = 0.0
 
 
+class PriorTask:
+    """A MaskGIT or GPT prior as an ``imtok.engine`` task, on in-memory token splits."""
+
+    name = "train_prior"
+    prefix = "prior"
+    unit = "tokens"
+    advice = "lower prior.lr or set prior.grad_clip"
+
+    def __init__(
+        self, params: PriorParams, config: Any, *, train: TokenSplit, val: TokenSplit | None
+    ) -> None:
+        self.p, self.config, self.train, self.val = params, config, train, val
+
+    def build(self, device: torch.device) -> nn.Module:
+        self.device = device
+        model = build_prior(self.p.kind, self.config).to(device)
+        for split in (self.train, self.val) if self.val is not None else (self.train,):
+            check_split(split, model.config.codebook_size, model.config.num_classes, self.p.conditional)
+        return model
+
+    def units_per_sample(self) -> int:
+        return self.train.tokens[0].numel()
+
+    def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
+        p, device = self.p, self.device
+        self.train_model = train_model
+        self.batches = index_batches(
+            len(self.train.tokens),
+            p.batch_size,
+            seed=p.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            start_step=start,
+            device=device,
+        )
+        self.tokens = self.train.tokens.to(device=device, dtype=torch.int32)  # ids < 2^31; half of int64
+        self.labels = self.train.labels.to(device) if p.conditional else None
+
+    def losses(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        index = next(self.batches)
+        labels = self.labels[index] if self.labels is not None else None
+        return prior_loss(self.p.kind, self.train_model, self.tokens[index].long(), labels)
+
+    def after_step(self, step: int, watch: NonFiniteLossWatch) -> dict[str, Tensor]:
+        return {}
+
+    def can_validate(self) -> bool:
+        return self.val is not None
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
+        p = self.p
+        assert self.val is not None
+        return evaluate_prior(
+            p.kind,
+            model,
+            self.val,
+            self.device,
+            batch_size=p.batch_size,
+            max_batches=p.val_batches,
+            conditional=p.conditional,
+        )
+
+    def progress(self, means: Mapping[str, float]) -> dict[str, str]:
+        return {"loss": f"{means['train/loss']:.4f}"}
+
+
 def train_prior(
     params: PriorParams,
     config: Any,
@@ -200,138 +255,22 @@ def train_prior(
     on_metrics: MetricsCallback | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> PriorResult:
-    """Train (or resume) a prior to ``params.total_steps``; callbacks run on the main process only."""
-    p = params
-    device = runtime.device
-    torch.manual_seed(p.seed)
-    model = build_prior(p.kind, config).to(device)
-    for split in (train, val) if val is not None else (train,):
-        check_split(split, model.config.codebook_size, model.config.num_classes, p.conditional)
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
-    scheduler = make_scheduler(
-        optimizer,
-        warmup_steps=p.warmup_steps,
-        total_steps=p.total_steps,
-        min_ratio=p.min_lr_ratio,
-        prefix="prior",
+    """Train (or resume) a prior to ``params.total_steps`` with ``imtok.engine``; callbacks run on the
+    main process only."""
+    run = engine.train(
+        PriorTask(params, config, train=train, val=val),
+        params,
+        checkpoint_dir=checkpoint_dir,
+        runtime=runtime,
+        on_metrics=on_metrics,
+        checkpoint_extra=checkpoint_extra,
     )
-    ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
-    checkpoint_dir = Path(checkpoint_dir)
-    start = 0
-    latest = agreed_latest_checkpoint(checkpoint_dir, runtime)
-    if latest is not None:
-        state = load_checkpoint(
-            latest,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema=ema,
-            config=config,
-            prefix="prior",
-        )
-        start = int(state["step"])
-        if runtime.is_main:
-            log.info("resuming from %s at step %d of %d", latest, start, p.total_steps)
-    reseed_rank(p.seed, runtime.rank, start)
-    train_model: nn.Module = model
-    if runtime.distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    batches = index_batches(
-        len(train.tokens),
-        p.batch_size,
-        seed=p.seed,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        start_step=start,
-        device=device,
+    return PriorResult(
+        model=run.model,
+        step=run.step,
+        start_step=run.start_step,
+        val=run.val,
+        train=run.train,
+        seconds=run.seconds,
+        tokens_per_s=run.units_per_s,
     )
-    tokens_on_device = train.tokens.to(device=device, dtype=torch.int32)  # ids < 2^31; half of int64
-    labels_on_device = train.labels.to(device) if p.conditional else None
-    tokens_per_image = train.tokens[0].numel()
-    window = MetricWindow()
-    result = PriorResult(model=model, step=start, start_step=start)
-    watch = NonFiniteLossWatch("train_prior", checkpoint_dir, "lower prior.lr or set prior.grad_clip")
-    started = time.perf_counter()
-    bar = Progress(p.total_steps, start, runtime, "train_prior")
-    try:
-        for step in range(start, p.total_steps):
-            index = next(batches)
-            tokens = tokens_on_device[index].long()
-            labels = labels_on_device[index] if labels_on_device is not None else None
-            model.train()
-            with runtime.autocast():
-                loss, stats = prior_loss(p.kind, train_model, tokens, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model, p.grad_clip)
-            watch.observe(step, loss=loss, grad_norm=grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            window.add(
-                {f"train/{name}": value for name, value in stats.items()} | {"train/grad_norm": grad_norm}
-            )
-            done = step + 1
-            bar.update(1)
-            last = done == p.total_steps
-            if sync_point(done, p.total_steps, p.log_every, p.val_every, p.checkpoint_every):
-                watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
-            if done % p.log_every == 0 or last:
-                means = all_reduce_mean(window.means(), runtime)
-                means["train/lr"] = scheduler.get_last_lr()[0]
-                elapsed = time.perf_counter() - started
-                means["train/tokens_per_s"] = (
-                    (done - start) * p.batch_size * tokens_per_image * runtime.world_size / elapsed
-                )
-                result.train = means
-                window = MetricWindow()
-                if runtime.is_main:
-                    bar.report(
-                        done, ("tokens/s", means["train/tokens_per_s"]), loss=f"{means['train/loss']:.4f}"
-                    )
-                    if on_metrics is not None:
-                        on_metrics(means, done)
-            if runtime.is_main and val is not None and p.val_batches and (done % p.val_every == 0 or last):
-                with isolated_rng(device):  # validation draws nothing that training then misses
-                    evaluated = model if ema is None else ema.averaged_copy(model)
-                    metrics = evaluate_prior(
-                        p.kind,
-                        evaluated,
-                        val,
-                        device,
-                        batch_size=p.batch_size,
-                        max_batches=p.val_batches,
-                        conditional=p.conditional,
-                    )
-                result.val = {f"val/{name}": value for name, value in metrics.items()}
-                if on_metrics is not None:
-                    on_metrics(result.val, done)
-            if done % p.checkpoint_every == 0 or last:
-                if runtime.is_main:
-                    save_checkpoint(
-                        checkpoint_dir / f"step-{done:08d}.pt",
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        step=done,
-                        ema=ema,
-                        extra=dict(checkpoint_extra or {}),
-                        config=config,
-                        prefix="prior",
-                    )
-                    prune_checkpoints(checkpoint_dir, keep=p.keep_checkpoints)
-                runtime.barrier()
-            result.step = done
-    finally:
-        bar.close()
-    result.seconds = time.perf_counter() - started
-    trained = result.step - start
-    result.tokens_per_s = (
-        trained * p.batch_size * tokens_per_image * runtime.world_size / max(result.seconds, 1e-9)
-    )
-    if ema is not None:
-        ema.copy_to(model)
-    return result

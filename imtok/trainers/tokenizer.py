@@ -1,4 +1,4 @@
-"""Training a tokenizer: the objective and the loop (single process or DDP under torchrun).
+"""Training a tokenizer: the objective, and the task that plugs it into ``imtok.engine``.
 
 Objective, per step (weights from the ``tokenizer`` params section):
 
@@ -10,31 +10,28 @@ Objective, per step (weights from the ``tokenizer`` params section):
   both are switched off with a ``VGGWeightsMissingWarning``; ``TokenizerObjective.disabled`` keeps the
   reason for the MLflow tags. They are never computed on random features;
 - GAN: PatchGAN with hinge loss from ``gan_start_step`` on, lambda the adaptive weight at the
-  decoder's last layer (VQGAN) when ``gan_adaptive``; the discriminator has its own AdamW.
+  decoder's last layer (VQGAN) when ``gan_adaptive``; the discriminator has its own AdamW, its
+  weights and optimizer state travel in the engine's checkpoints.
 
-The loop checkpoints every ``checkpoint_every`` steps (atomically, with optimizer, scheduler, EMA,
-discriminator and RNG states) and resumes from the newest checkpoint in its directory. A resumed
-single-process run replays the same batches (``imtok.runtime.batches_from``) and RNG stream, so its
-weights equal an uninterrupted run's. Under DDP the checkpoint holds rank 0's RNG state; other ranks
-reseed from (seed, rank, step) on resume, so their random draws differ from an uninterrupted run's.
+The loop, checkpoints and resume are the engine's (``imtok.engine``). Batches come from the train
+shards in an order replayed from any step (``imtok.runtime.batches_from``), so a resumed
+single-process run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
+from imtok import engine
 from imtok.data.shards import Batch, ShardLoader, iter_batches
+from imtok.engine import MetricsCallback, wrap_ddp
 from imtok.losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -53,24 +50,9 @@ from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals, psnr
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
 from imtok.params import TokenizerParams
 from imtok.quantizers import QuantizerOutput
-from imtok.runtime import Progress, Runtime, all_reduce_mean, batches_from, disagreement
-from imtok.training import (
-    ModelEma,
-    NonFiniteLossWatch,
-    agreed_latest_checkpoint,
-    clip_gradients,
-    isolated_rng,
-    load_checkpoint,
-    make_scheduler,
-    prune_checkpoints,
-    save_checkpoint,
-    sync_point,
-    unwrap_model,
-)
+from imtok.runtime import Runtime, batches_from, disagreement
+from imtok.training import NonFiniteLossWatch, unwrap_model
 
-log = logging.getLogger(__name__)
-
-MetricsCallback = Callable[[Mapping[str, float], int], None]
 GridCallback = Callable[[Tensor, Tensor, int], None]
 
 
@@ -153,15 +135,6 @@ def decoder_last_layer(model: nn.Module) -> Tensor:
     return unwrap_model(model).decoder.blocks[-1].weight
 
 
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices and kernels only; biases, norm scales and embeddings' 1-d params none."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def evaluate_tokenizer(
     model: Tokenizer,
@@ -223,28 +196,6 @@ class TrainResult:
     feature_source: str | None = None
 
 
-class MetricWindow:
-    """Running means of the step metrics between two log lines (kept on device to avoid syncs)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-
-    def add(self, values: Mapping[str, Tensor]) -> None:
-        for name, value in values.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
-
-
-def reseed_rank(seed: int, rank: int, step: int) -> None:
-    if rank > 0:
-        torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
-
-
 def agreed_losses(disabled: Mapping[str, str], runtime: Runtime) -> None:
     """Raise the same ValueError on every rank unless all ranks switched off the same losses.
 
@@ -264,6 +215,141 @@ def agreed_losses(disabled: Mapping[str, str], runtime: Runtime) -> None:
         )
 
 
+class TokenizerTask:
+    """The tokenizer as an ``imtok.engine`` task: the objective above on shard batches, the
+    discriminator's own step after the generator's, validation on the val split with a grid of
+    reconstructions."""
+
+    name = "train_tokenizer"
+    prefix = "tokenizer"
+    unit = "images"
+    advice = "lower tokenizer.lr or set tokenizer.grad_clip"
+
+    def __init__(
+        self,
+        params: TokenizerParams,
+        config: TokenizerConfig,
+        *,
+        train_dir: str | Path,
+        val_dir: str | Path,
+        runtime: Runtime,
+        on_grid: GridCallback | None = None,
+    ) -> None:
+        self.p, self.config, self.runtime, self.on_grid = params, config, runtime, on_grid
+        self.train_dir, self.val_dir = train_dir, val_dir
+
+    def build(self, device: torch.device) -> nn.Module:
+        p = self.p
+        self.device = device
+        model = Tokenizer(self.config).to(device)
+        if p.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        objective = TokenizerObjective(p, self.config.in_channels).to(device)
+        agreed_losses(objective.disabled, self.runtime)
+        if p.channels_last:
+            objective = objective.to(memory_format=torch.channels_last)  # the discriminator's convolutions
+        self.objective, self.discriminator = objective, objective.discriminator
+        self.d_optimizer = (
+            torch.optim.AdamW(self.discriminator.parameters(), lr=p.lr, betas=p.betas)
+            if self.discriminator is not None
+            else None
+        )
+        self.model = model
+        return model
+
+    def units_per_sample(self) -> int:
+        return 1
+
+    def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
+        if self.discriminator is not None:
+            if "discriminator" not in extra:
+                raise ValueError(f"{path}: holds no discriminator state but tokenizer.gan_weight > 0")
+            self.discriminator.load_state_dict(extra["discriminator"])
+            self.d_optimizer.load_state_dict(extra["disc_optimizer"])  # type: ignore[union-attr]
+
+    def state(self) -> dict[str, Any]:
+        if self.discriminator is None:
+            return {}
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "disc_optimizer": self.d_optimizer.state_dict(),  # type: ignore[union-attr]
+        }
+
+    def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
+        p = self.p
+        self.train_discriminator = (
+            wrap_ddp(self.discriminator, runtime) if self.discriminator is not None else None
+        )
+        self.forward = torch.compile(train_model) if p.compile else train_model
+        loader = ShardLoader(
+            self.train_dir,
+            p.batch_size,
+            shuffle=True,
+            num_workers=p.num_workers,
+            seed=p.seed,
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context="fork" if p.num_workers else None,
+        )
+        self.stream = batches_from(loader, start)
+        self.last_layer = decoder_last_layer(self.model)
+
+    def losses(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        images = next(self.stream).images.to(self.device, non_blocking=True)
+        if self.p.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        reconstruction, quantized = self.forward(images)
+        loss, terms = self.objective.generator_loss(
+            images, reconstruction, quantized, step, self.last_layer, self.train_discriminator
+        )
+        self.images, self.reconstruction, self.quantized = images, reconstruction, quantized
+        return loss, {**terms, "loss": loss}
+
+    def after_step(self, step: int, watch: NonFiniteLossWatch) -> dict[str, Tensor]:
+        images, reconstruction, quantized = self.images, self.reconstruction, self.quantized
+        metrics: dict[str, Tensor] = {}
+        if self.train_discriminator is not None and gan_factor(step, self.p.gan_start_step) > 0:
+            with self.runtime.autocast():
+                real = self.train_discriminator(images)
+                fake = self.train_discriminator(reconstruction.detach().float())
+                d_loss = hinge_d_loss(real.float(), fake.float())
+            self.d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            d_loss.backward()
+            self.d_optimizer.step()  # type: ignore[union-attr]
+            metrics["disc"] = d_loss
+            watch.observe(step, disc_loss=d_loss)
+        with torch.no_grad():
+            clamped = reconstruction.detach().float().clamp(-1, 1)
+            metrics["psnr"] = psnr(images, clamped).clamp(max=MAX_PSNR_DB).mean()
+        metrics["codebook_usage_pct"] = 100.0 * quantized.stats["usage"]
+        metrics["perplexity"] = quantized.stats["perplexity"]
+        self.images = self.reconstruction = self.quantized = None  # free the step's activations
+        return metrics
+
+    def can_validate(self) -> bool:
+        return True
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
+        metrics, pair = evaluate_tokenizer(
+            model,
+            iter_batches(self.val_dir, self.p.batch_size),
+            self.device,
+            max_batches=self.p.val_batches,
+            recon_kind=self.p.recon_loss,
+            autocast=self.runtime.autocast,
+        )
+        if self.on_grid is not None and pair is not None:
+            count = self.p.grid_images
+            self.on_grid(pair[0][:count], pair[1][:count], step)
+        return metrics
+
+    def progress(self, means: Mapping[str, float]) -> dict[str, str]:
+        return {
+            "loss": f"{means['train/loss']:.4f}",
+            "psnr": f"{means['train/psnr']:.2f}",
+            "usage": f"{means['train/codebook_usage_pct']:.1f}%",
+        }
+
+
 def train_tokenizer(
     params: TokenizerParams,
     config: TokenizerConfig,
@@ -276,191 +362,30 @@ def train_tokenizer(
     on_grid: GridCallback | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) a tokenizer to ``params.total_steps``; see the module docstring.
+    """Train (or resume training) a tokenizer to ``params.total_steps`` with ``imtok.engine``.
 
     ``on_metrics(metrics, step)`` and ``on_grid(images, reconstructions, step)`` are called on the main
     process only. ``checkpoint_extra`` (plain values) is stored in every checkpoint.
     """
-    p = params
-    device = runtime.device
-    torch.manual_seed(p.seed)  # the same initial weights on every rank
-    model = Tokenizer(config).to(device)
-    if p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    objective = TokenizerObjective(p, config.in_channels).to(device)
-    agreed_losses(objective.disabled, runtime)
-    if p.channels_last:
-        objective = objective.to(memory_format=torch.channels_last)  # the discriminator's convolutions
-    discriminator = objective.discriminator
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
-    scheduler = make_scheduler(
-        optimizer, warmup_steps=p.warmup_steps, total_steps=p.total_steps, min_ratio=p.min_lr_ratio
+    task = TokenizerTask(
+        params, config, train_dir=train_dir, val_dir=val_dir, runtime=runtime, on_grid=on_grid
     )
-    d_optimizer = (
-        torch.optim.AdamW(discriminator.parameters(), lr=p.lr, betas=p.betas) if discriminator else None
+    run = engine.train(
+        task,
+        params,
+        checkpoint_dir=checkpoint_dir,
+        runtime=runtime,
+        on_metrics=on_metrics,
+        checkpoint_extra=checkpoint_extra,
     )
-    ema = ModelEma(model, p.ema_decay) if p.ema_decay else None
-    start = 0
-    checkpoint_dir = Path(checkpoint_dir)
-    latest = agreed_latest_checkpoint(checkpoint_dir, runtime)
-    if latest is not None:
-        state = load_checkpoint(
-            latest, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, config=config
-        )
-        start = int(state["step"])
-        extra = state["extra"]
-        if discriminator is not None:
-            if "discriminator" not in extra:
-                raise ValueError(f"{latest}: holds no discriminator state but tokenizer.gan_weight > 0")
-            discriminator.load_state_dict(extra["discriminator"])
-            d_optimizer.load_state_dict(extra["disc_optimizer"])  # type: ignore[union-attr]
-        reseed_rank(p.seed, runtime.rank, start)
-        if runtime.is_main:
-            log.info("resuming from %s at step %d of %d", latest, start, p.total_steps)
-    else:
-        reseed_rank(p.seed, runtime.rank, 0)
-
-    train_model: nn.Module = model
-    train_discriminator = discriminator
-    if runtime.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-        if discriminator is not None:
-            train_discriminator = DistributedDataParallel(discriminator, device_ids=device_ids)
-    forward = torch.compile(train_model) if p.compile else train_model
-
-    loader = ShardLoader(
-        train_dir,
-        p.batch_size,
-        shuffle=True,
-        num_workers=p.num_workers,
-        seed=p.seed,
-        pin_memory=device.type == "cuda",
-        multiprocessing_context="fork" if p.num_workers else None,
+    return TrainResult(
+        model=run.model,  # type: ignore[arg-type]
+        step=run.step,
+        start_step=run.start_step,
+        val=run.val,
+        train=run.train,
+        seconds=run.seconds,
+        images_per_s=run.units_per_s,
+        disabled_losses=dict(task.objective.disabled),
+        feature_source=task.objective.feature_source,
     )
-    validating = runtime.is_main and p.val_batches > 0
-    stream = batches_from(loader, start)
-    last_layer = decoder_last_layer(model)
-    window = MetricWindow()
-    result = TrainResult(
-        model=model,
-        step=start,
-        start_step=start,
-        disabled_losses=dict(objective.disabled),
-        feature_source=objective.feature_source,
-    )
-    watch = NonFiniteLossWatch(
-        "train_tokenizer", checkpoint_dir, "lower tokenizer.lr or set tokenizer.grad_clip"
-    )
-    started = time.perf_counter()
-    bar = Progress(p.total_steps, start, runtime, "train_tokenizer")
-
-    def validate(step: int) -> dict[str, float]:
-        # Isolated: validation draws nothing that training then misses (val_every is not in the run's
-        # fingerprint, so a run resumed with another value must still continue identically).
-        with isolated_rng(device):
-            # the averaged weights, which are what gets exported
-            evaluated = model if ema is None else ema.averaged_copy(model)
-            metrics, pair = evaluate_tokenizer(
-                evaluated,
-                iter_batches(val_dir, p.batch_size),
-                device,
-                max_batches=p.val_batches,
-                recon_kind=p.recon_loss,
-                autocast=runtime.autocast,
-            )
-        if on_grid is not None and pair is not None:
-            on_grid(pair[0][: p.grid_images], pair[1][: p.grid_images], step)
-        return metrics
-
-    try:
-        for step in range(start, p.total_steps):
-            images = next(stream).images.to(device, non_blocking=True)
-            if p.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            model.train()
-            with runtime.autocast():
-                reconstruction, quantized = forward(images)
-                loss, terms = objective.generator_loss(
-                    images, reconstruction, quantized, step, last_layer, train_discriminator
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model, p.grad_clip)
-            watch.observe(step, loss=loss, grad_norm=grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            step_metrics = {f"train/{name}": value for name, value in terms.items()}
-            step_metrics["train/loss"] = loss
-            if train_discriminator is not None and gan_factor(step, p.gan_start_step) > 0:
-                with runtime.autocast():
-                    real = train_discriminator(images)
-                    fake = train_discriminator(reconstruction.detach().float())
-                    d_loss = hinge_d_loss(real.float(), fake.float())
-                d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                d_loss.backward()
-                d_optimizer.step()  # type: ignore[union-attr]
-                step_metrics["train/disc"] = d_loss
-                watch.observe(step, disc_loss=d_loss)
-            with torch.no_grad():
-                clamped = reconstruction.detach().float().clamp(-1, 1)
-                step_metrics["train/psnr"] = psnr(images, clamped).clamp(max=MAX_PSNR_DB).mean()
-            step_metrics["train/codebook_usage_pct"] = 100.0 * quantized.stats["usage"]
-            step_metrics["train/perplexity"] = quantized.stats["perplexity"]
-            step_metrics["train/grad_norm"] = grad_norm
-            window.add(step_metrics)
-            done = step + 1
-            bar.update(1)
-            last = done == p.total_steps
-            if sync_point(done, p.total_steps, p.log_every, p.val_every, p.checkpoint_every):
-                watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
-            if done % p.log_every == 0 or last:
-                means = all_reduce_mean(window.means(), runtime)
-                means["train/lr"] = scheduler.get_last_lr()[0]
-                elapsed = time.perf_counter() - started
-                means["train/images_per_s"] = (done - start) * p.batch_size * runtime.world_size / elapsed
-                result.train = means
-                window = MetricWindow()
-                if runtime.is_main:
-                    bar.report(
-                        done,
-                        ("images/s", means["train/images_per_s"]),
-                        loss=f"{means['train/loss']:.4f}",
-                        psnr=f"{means['train/psnr']:.2f}",
-                        usage=f"{means['train/codebook_usage_pct']:.1f}%",
-                    )
-                    if on_metrics is not None:
-                        on_metrics(means, done)
-            if validating and (done % p.val_every == 0 or last):
-                result.val = {f"val/{name}": value for name, value in validate(done).items()}
-                if on_metrics is not None:
-                    on_metrics(result.val, done)
-            if done % p.checkpoint_every == 0 or last:
-                if runtime.is_main:
-                    extra = dict(checkpoint_extra or {})
-                    if discriminator is not None:
-                        extra["discriminator"] = discriminator.state_dict()
-                        extra["disc_optimizer"] = d_optimizer.state_dict()  # type: ignore[union-attr]
-                    save_checkpoint(
-                        checkpoint_dir / f"step-{done:08d}.pt",
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        step=done,
-                        ema=ema,
-                        extra=extra,
-                        config=config,
-                    )
-                    prune_checkpoints(checkpoint_dir, keep=p.keep_checkpoints)
-                runtime.barrier()
-            result.step = done
-    finally:
-        bar.close()
-    result.seconds = time.perf_counter() - started
-    trained = result.step - start
-    result.images_per_s = trained * p.batch_size * runtime.world_size / max(result.seconds, 1e-9)
-    if ema is not None:
-        ema.copy_to(model)
-    return result
