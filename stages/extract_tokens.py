@@ -102,7 +102,8 @@ def extract_split(
     split_dir = shards_dir / split
     image_meta = read_meta(split_dir)
     check_images_fit(image_meta, tokenizer.config, split_dir, params.tokenizer)
-    side = int(image_meta["image_size"]) // tokenizer.downsample
+    size = int(image_meta["image_size"])
+    grid = tokenizer.config.grid_of(size, size)
     out_dir = tokens_dir / split
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def extract_split(
         flip=flip,
         num_workers=params.num_workers,
         codebook_size=tokenizer.codebook_size,
-        grid=(side, side),
+        grid=grid,
         labels=label_range(image_meta),
     )
     listed, counts = gather_results(results, tokenizer.codebook_size)
@@ -137,7 +138,7 @@ def extract_split(
             listed,
             counts,
             location=out_dir,
-            grid=(side, side),
+            grid=grid,
             codebook_size=tokenizer.codebook_size,
             meta={
                 "split": split,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from imtok.data.tokens import TokenSplit, load_token_split
-from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, PriorParams
 from imtok.runtime import (
     Runtime,
@@ -33,7 +32,7 @@ from imtok.runtime import (
     setup_runtime,
     shutdown_runtime,
 )
-from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
+from stages.common import Registration, export_model, no_register_option, stage_main, training_run
 
 log = logging.getLogger("stages.train_prior")
 
@@ -81,7 +80,7 @@ def train(
     runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """Train, export and register the prior; returns the report on the main process (else None)."""
-    from imtok import registry, tracking
+    from imtok import tracking
     from imtok.trainers.prior import evaluate_prior, prior_config, train_prior
 
     section = params.prior
@@ -150,24 +149,17 @@ def train(
             "mlflow_run_id": run.info.run_id,
             "val": final,
         }
-        model_config = {"kind": section.kind, "model": dataclasses.asdict(config)}
-
-        def fill(staging: Path) -> None:
-            save_model_file(
-                staging / MODEL_FILE, kind="prior", config=model_config, model=model, meta=summary
-            )
-            summary["sha256"] = file_sha256(staging / MODEL_FILE)
-            write_json(staging / "prior.json", summary)
-
-        replace_directory(out_dir, fill)
-        if register:
-            registered = registry.log_registered_model(
-                model,
-                registered_name=REGISTERED_NAME,
-                input_shape=grid,
-                input_dtype="int64",
-                model_file=out_dir / MODEL_FILE,
-                version_tags={
+        export_model(
+            out_dir,
+            kind="prior",
+            model_file=MODEL_FILE,
+            config={"kind": section.kind, "model": dataclasses.asdict(config)},
+            model=model,
+            summary=summary,
+            registration=Registration(
+                REGISTERED_NAME,
+                grid,
+                {
                     "prior": section.kind,
                     "codebook_size": config.codebook_size,
                     "token_grid": "x".join(map(str, grid)),
@@ -178,20 +170,15 @@ def train(
                     "fingerprint": run_key,
                     "val_loss": f"{final['loss']:.4f}",
                 },
-                description=(
-                    f"{section.kind} prior, {'class-conditional' if config.num_classes else 'unconditional'}"
-                    f", over {config.codebook_size} codes on a {'x'.join(map(str, grid))} grid; val loss "
-                    f"{final['loss']:.4f}; tokenizer {provenance['tokenizer_uri'] or provenance['tokenizer']}"
-                ),
-                model_description=MODEL_DESCRIPTION,
+                f"{section.kind} prior, {'class-conditional' if config.num_classes else 'unconditional'}, "
+                f"over {config.codebook_size} codes on a {'x'.join(map(str, grid))} grid; val loss "
+                f"{final['loss']:.4f}; tokenizer {provenance['tokenizer_uri'] or provenance['tokenizer']}",
+                MODEL_DESCRIPTION,
+                input_dtype="int64",
             )
-            summary["registered_model"] = {
-                "name": registered.name,
-                "version": registered.version,
-                "uri": registered.uri,
-            }
-            write_json(out_dir / "prior.json", summary)
-        tracking.log_artifact(out_dir / "prior.json")
+            if register
+            else None,
+        )
         return {
             "step": result.step,
             "resumed_from_step": result.start_step,

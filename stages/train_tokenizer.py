@@ -28,7 +28,6 @@ from typing import Any
 
 from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
-from imtok.models.files import file_sha256, save_model_file
 from imtok.params import Params, TokenizerParams, check_discriminator_depth
 from imtok.runtime import (
     Runtime,
@@ -38,7 +37,7 @@ from imtok.runtime import (
     setup_runtime,
     shutdown_runtime,
 )
-from stages.common import no_register_option, replace_directory, stage_main, training_run, write_json
+from stages.common import Registration, export_model, no_register_option, stage_main, training_run
 
 log = logging.getLogger("stages.train_tokenizer")
 
@@ -85,7 +84,7 @@ def version_tags(
     params: Params, config: Any, final: dict[str, float], commit: str, run_fingerprint: str
 ) -> dict[str, Any]:
     """What a person filters by when browsing the registry."""
-    from imtok.models.autoencoder import build_quantizer
+    from imtok.models.autoencoder import GRID_QUANTIZERS, build_quantizer
 
     quantizer = build_quantizer(
         config.quantizer,
@@ -105,7 +104,7 @@ def version_tags(
         "val_psnr": f"{final['psnr']:.3f}",
         "val_codebook_usage_pct": f"{final['codebook_usage_pct']:.2f}",
     }
-    if config.quantizer == "fsq":
+    if config.quantizer in GRID_QUANTIZERS:
         tags["levels"] = ",".join(map(str, quantizer.levels))
     return tags
 
@@ -120,21 +119,6 @@ def describe(tags: dict[str, Any]) -> str:
     )
 
 
-def _write_outputs(
-    out_dir: Path, model: Any, config: Any, summary: dict[str, Any], grid: tuple[Any, Any] | None
-) -> None:
-    """Model file, summary and reconstruction grid, swapped in as one directory."""
-
-    def fill(staging: Path) -> None:
-        save_model_file(staging / MODEL_FILE, kind="tokenizer", config=config, model=model, meta=summary)
-        if grid is not None:
-            save_grid(paired_rows(*grid), staging / "reconstructions.png")
-        summary["sha256"] = file_sha256(staging / MODEL_FILE)
-        write_json(staging / "tokenizer.json", summary)
-
-    replace_directory(out_dir, fill)
-
-
 def train(
     params: Params,
     *,
@@ -145,7 +129,7 @@ def train(
     runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """Train, export and register the tokenizer; returns the report on the main process (else None)."""
-    from imtok import registry, tracking
+    from imtok import tracking
     from imtok.trainers.tokenizer import evaluate_tokenizer, train_tokenizer
 
     section = params.tokenizer
@@ -209,27 +193,27 @@ def train(
             "mlflow_run_id": run.info.run_id,
             "val": final,
         }
-        grid = (pair[0][: section.grid_images], pair[1][: section.grid_images]) if pair else None
-        _write_outputs(out_dir, model, config, summary, grid)
-        if register:
-            registered = registry.log_registered_model(
-                model,
-                registered_name=REGISTERED_NAME,
-                input_shape=(channels, image_size, image_size),
-                model_file=out_dir / MODEL_FILE,
-                version_tags=(tags := version_tags(params, config, final, commit, run_key)),
-                description=describe(tags),
-                model_description=MODEL_DESCRIPTION,
+
+        def add_grid(staging: Path) -> None:
+            if pair is not None:
+                count = section.grid_images
+                save_grid(paired_rows(pair[0][:count], pair[1][:count]), staging / "reconstructions.png")
+
+        tags = version_tags(params, config, final, commit, run_key)
+        export_model(
+            out_dir,
+            kind="tokenizer",
+            model_file=MODEL_FILE,
+            config=config,
+            model=model,
+            summary=summary,
+            registration=Registration(
+                REGISTERED_NAME, (channels, image_size, image_size), tags, describe(tags), MODEL_DESCRIPTION
             )
-            summary["registered_model"] = {
-                "name": registered.name,
-                "version": registered.version,
-                "uri": registered.uri,
-                "model_uri": registered.model_uri,
-            }
-            summary["sha256"] = file_sha256(out_dir / MODEL_FILE)
-            write_json(out_dir / "tokenizer.json", summary)
-        tracking.log_artifact(out_dir / "tokenizer.json")
+            if register
+            else None,
+            also=add_grid,
+        )
         report = {
             "step": result.step,
             "resumed_from_step": result.start_step,

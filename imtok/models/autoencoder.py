@@ -237,8 +237,11 @@ class TokenizerConfig:
     @property
     def token_grid(self) -> tuple[int, int]:
         """Token grid (h, w) of an ``image_size`` x ``image_size`` image (h covers every stage)."""
-        side = self.image_size // self.downsample
-        return self.stages * side, side
+        return self.grid_of(self.image_size, self.image_size)
+
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of a ``height`` x ``width`` image: (stages * height / f, width / f)."""
+        return self.stages * (height // self.downsample), width // self.downsample
 
     @property
     def widths(self) -> list[int]:
