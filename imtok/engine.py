@@ -89,6 +89,10 @@ class Task(Protocol):
         """The model on ``device`` (and anything else with weights), right after the seed is set."""
         ...
 
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW's parameter groups (``adamw_param_groups``: decay on weight matrices only)."""
+        ...
+
     def units_per_sample(self) -> int:
         """``unit`` per training sample (1 image; a grid's tokens)."""
         ...
@@ -193,7 +197,7 @@ def train(
     device = runtime.device
     torch.manual_seed(p.seed)  # the same initial weights on every rank
     model = task.build(device)
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
+    optimizer = torch.optim.AdamW(task.param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas)
     scheduler = make_scheduler(
         optimizer,
         warmup_steps=p.warmup_steps,

@@ -6,11 +6,13 @@ metrics come beside them only when its weights are on the machine. It also score
 samples (accuracy on the requested class). Trains on
 ``data/shards/train``, measures accuracy on ``data/shards/val`` and fails when it stays below
 ``classifier.min_accuracy``: features of a weak classifier would make the metrics mislead. Writes
-``models/classifier/classifier.pt`` and ``reports/train_classifier.json``.
+``models/classifier/classifier.pt`` and ``reports/train_classifier.json``; checkpoints under
+``checkpoints/classifier/<fingerprint>/`` (params, train split and code), so a killed run resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -20,9 +22,11 @@ from typing import Any
 import torch
 
 from imtok.data.shards import ShardLoader, iter_batches, read_meta
-from imtok.models.classifier import ClassifierConfig, evaluate_accuracy, save_classifier, train_classifier
+from imtok.models.classifier import ClassifierConfig, evaluate_accuracy, save_classifier
 from imtok.params import ClassifierParams
-from imtok.runtime import resolve_device
+from imtok.runtime import batches_from, code_digest, resolve_device, run_fingerprint
+from imtok.trainers.classifier import train_classifier
+from imtok.training import holding_checkpoints
 from stages.common import stage_main
 
 log = logging.getLogger("stages.train_classifier")
@@ -30,16 +34,14 @@ log = logging.getLogger("stages.train_classifier")
 SHARDS_DIR = Path("data/shards")
 OUT_PATH = Path("models/classifier/classifier.pt")
 REPORT_PATH = Path("reports/train_classifier.json")
+CHECKPOINT_ROOT = Path("checkpoints/classifier")
+RUNTIME_KEYS = frozenset({"device", "min_accuracy"})  # change nothing that training computes
 
 
-def labelled_batches(loader: ShardLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (images, labels) batches, a new shuffle each epoch."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            yield batch.images, batch.labels
-        epoch += 1
+def labelled_batches(loader: ShardLoader, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, labels) batches, a new shuffle each epoch, as if ``start`` were drawn."""
+    for batch in batches_from(loader, start):
+        yield batch.images, batch.labels
 
 
 def val_batches(location: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,7 +50,11 @@ def val_batches(location: Path, batch_size: int) -> Iterator[tuple[torch.Tensor,
 
 
 def train(
-    params: ClassifierParams, *, shards_dir: Path = SHARDS_DIR, out_path: Path = OUT_PATH
+    params: ClassifierParams,
+    *,
+    shards_dir: Path = SHARDS_DIR,
+    out_path: Path = OUT_PATH,
+    checkpoint_root: Path = CHECKPOINT_ROOT,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     meta = read_meta(shards_dir / "train")
@@ -65,15 +71,20 @@ def train(
     loader = ShardLoader(
         shards_dir / "train", params.batch_size, shuffle=True, seed=params.seed, rank=0, world_size=1
     )
-    model = train_classifier(
-        labelled_batches(loader),
-        config,
-        steps=params.steps,
-        lr=params.lr,
-        flip=params.flip,
-        device=device,
-        seed=params.seed,
-    )
+    values = {**dataclasses.asdict(params), "train_meta": meta, "code": code_digest(__file__)}
+    checkpoint_dir = checkpoint_root / run_fingerprint(values, RUNTIME_KEYS)
+    with holding_checkpoints(checkpoint_dir):
+        model = train_classifier(
+            lambda start: labelled_batches(loader, start),
+            config,
+            steps=params.steps,
+            lr=params.lr,
+            flip=params.flip,
+            device=device,
+            seed=params.seed,
+            checkpoint_dir=checkpoint_dir,
+            batch_size=params.batch_size,
+        )
     accuracy = evaluate_accuracy(model, val_batches(shards_dir / "val", 512))
     log.info("val accuracy %.4f after %d steps", accuracy, params.steps)
     if accuracy < params.min_accuracy:

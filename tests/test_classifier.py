@@ -11,8 +11,8 @@ from imtok.models.classifier import (
     load_classifier,
     predict,
     save_classifier,
-    train_classifier,
 )
+from imtok.trainers.classifier import train_classifier
 
 SMALL = {"widths": (8, 16), "embed_dim": 32, "pooled_size": 2}
 
@@ -116,3 +116,30 @@ def test_bad_inputs_raise(tmp_path):
     with pytest.raises(FileNotFoundError, match="train the classifier first"):
         load_classifier(tmp_path / "absent.pt")
     assert predict(model, images[:0]).shape == (0,)
+
+
+def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    config = ClassifierConfig(image_size=16, num_classes=4, **SMALL)
+    data = separable_batches(128)
+
+    def batches(start, fail_at=None):
+        for step in range(start, 10_000):
+            if step == fail_at:
+                raise KeyboardInterrupt("killed")
+            yield data[step % len(data)]
+
+    whole = train_classifier(batches, config, steps=8, warmup_steps=2, checkpoint_dir=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):  # checkpoints every 2 steps: steps 2 and 4 are kept
+        train_classifier(
+            lambda start: batches(start, fail_at=5),
+            config,
+            steps=8,
+            warmup_steps=2,
+            checkpoint_dir=tmp_path / "b",
+        )
+    assert sorted(path.name for path in (tmp_path / "b").glob("step-*.pt")) == [
+        "step-00000002.pt", "step-00000004.pt"
+    ]  # fmt: skip
+    resumed = train_classifier(batches, config, steps=8, warmup_steps=2, checkpoint_dir=tmp_path / "b")
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

@@ -18,16 +18,15 @@ feature users check. Images are float (B, C, H, W) in [-1, 1], the pipeline's co
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.training import atomic_save, make_scheduler
+from imtok.training import atomic_save
 
 NAME_PATTERN = re.compile(r"^[a-z0-9_]+$")
 
@@ -129,69 +128,7 @@ class Classifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training and evaluation
-
-
-def _repeat_batches(batches: Iterable[tuple[Tensor, Tensor]], steps: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """``steps`` batches, starting a new pass over ``batches`` whenever one ends."""
-    done = 0
-    while done < steps:
-        yielded = False
-        for batch in batches:
-            yielded = True
-            yield batch
-            done += 1
-            if done == steps:
-                return
-        if not yielded:
-            raise ValueError(
-                f"train_batches: yielded no batch after {done} of {steps} steps; pass a re-iterable "
-                "(a list or a DataLoader) or an endless iterator"
-            )
-
-
-def train_classifier(
-    train_batches: Iterable[tuple[Tensor, Tensor]],
-    config: ClassifierConfig | None = None,
-    *,
-    steps: int = 2000,
-    lr: float = 3e-3,
-    weight_decay: float = 5e-4,
-    warmup_steps: int = 100,
-    label_smoothing: float = 0.0,
-    flip: bool = True,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> Classifier:
-    """Train a ``Classifier`` for ``steps`` AdamW steps (warmup then cosine LR) and return it in eval mode.
-
-    ``train_batches`` yields ``(images, labels)``: float (B, C, H, W) in [-1, 1] and int64 (B,); it is
-    iterated again from the start whenever it runs out. ``flip`` mirrors a random half of each batch
-    left-right (right for clothing, wrong for digits or text).
-    """
-    config = config or ClassifierConfig()
-    if steps < 1:
-        raise ValueError(f"steps: expected at least 1, got {steps}")
-    torch.manual_seed(seed)
-    # channels-last convolutions and pools train ~2x faster on CPU; the weights are converted back
-    model = Classifier(config).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = make_scheduler(
-        optimizer, warmup_steps=min(warmup_steps, steps - 1), total_steps=steps, prefix="classifier"
-    )
-    model.train()
-    for images, labels in _repeat_batches(train_batches, steps):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device)
-        if flip:
-            mirrored = torch.rand(images.shape[0], 1, 1, 1, device=device) < 0.5
-            images = torch.where(mirrored, images.flip(-1), images)
-        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    return model.to(memory_format=torch.contiguous_format).eval()
+# Evaluation (training: imtok.trainers.classifier)
 
 
 @torch.no_grad()

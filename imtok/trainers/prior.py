@@ -192,6 +192,9 @@ class PriorTask:
             check_split(split, model.config.codebook_size, model.config.num_classes, self.p.conditional)
         return model
 
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        return engine.adamw_param_groups(model, weight_decay)
+
     def units_per_sample(self) -> int:
         return self.train.tokens[0].numel()
 

@@ -257,6 +257,9 @@ class TokenizerTask:
         self.model = model
         return model
 
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        return engine.adamw_param_groups(model, weight_decay)
+
     def units_per_sample(self) -> int:
         return 1
 
