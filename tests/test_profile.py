@@ -32,12 +32,12 @@ def test_overrides_become_set_param_arguments_in_yaml_flow_syntax():
 
 
 def test_every_point_of_the_cpu_study_profile_is_valid():
-    from flows.study import points
+    from flows.study import LABELS, SIZES, points
     from imtok.overrides import validated
 
     profile = yaml.safe_load((REPO / "profiles" / "study-cpu.yaml").read_text())
     study = points(profile=profile)
-    assert len(study) == 16  # four labels x four sizes
+    assert len(study) == len(LABELS) * len(SIZES) == 32  # eight labels x four sizes
     for point in study:
         params = validated(REPO / "params.yaml", point["overrides"])
         assert params.tokenizer.val_batches == profile["tokenizer"]["val_batches"], point["name"]
