@@ -74,57 +74,61 @@ class LoopParams(Protocol):
     keep_checkpoints: int
 
 
-class Task(Protocol):
-    """What a model brings to the engine. ``name`` is the stage (progress, errors), ``prefix`` the
-    params section (schedule and checkpoint errors), ``unit`` what a sample counts in throughput
-    (``images``, ``tokens``), ``advice`` what to change when the loss is not finite."""
+class Task:
+    """What a model brings to the engine: a subclass sets the four names and overrides ``build``,
+    ``bind`` and ``losses``, and what else differs from the defaults here. ``name`` is the stage
+    (progress, errors), ``prefix`` the params section (schedule and checkpoint errors), ``unit`` what a
+    sample counts in throughput (``images``, ``tokens``), ``advice`` what to change when the loss is
+    not finite; ``config`` (the model's) is stored in checkpoints and checked on resume."""
 
     name: str
     prefix: str
-    unit: str
+    unit: str = "images"
     advice: str
-    config: Any  # the model's config, stored in checkpoints and checked on resume
+    config: Any
 
     def build(self, device: torch.device) -> nn.Module:
         """The model on ``device`` (and anything else with weights), right after the seed is set."""
-        ...
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW's parameter groups (``adamw_param_groups``: decay on weight matrices only)."""
-        ...
-
-    def units_per_sample(self) -> int:
-        """``unit`` per training sample (1 image; a grid's tokens)."""
-        ...
+        raise NotImplementedError
 
     def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
         """Get ready to train from step ``start`` with ``train_model`` (the model, DDP-wrapped when
         distributed): wrap other modules, open the batch stream at that step."""
-        ...
+        raise NotImplementedError
 
     def losses(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to minimise on step ``step``'s batch and the step's metrics (``loss`` among them)."""
-        ...
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: decay on weight matrices only."""
+        return adamw_param_groups(model, weight_decay)
+
+    def units_per_sample(self) -> int:
+        """``unit`` per training sample (1 image; a grid's tokens)."""
+        return 1
 
     def after_step(self, step: int, watch: NonFiniteLossWatch) -> dict[str, Tensor]:
         """Anything after the optimizer step (a discriminator's step, metrics of the step's output)."""
-        ...
+        return {}
 
-    def can_validate(self) -> bool: ...
+    def can_validate(self) -> bool:
+        return False
 
     def validate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Metrics of ``model`` (the EMA weights when EMA is on) on the validation data."""
-        ...
+        return {}
 
     def state(self) -> dict[str, Any]:
         """The task's own checkpoint state (a discriminator and its optimizer)."""
-        ...
+        return {}
 
-    def load_state(self, extra: Mapping[str, Any], path: Path) -> None: ...
+    def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
+        """Restore ``state()`` from a checkpoint's extra values (``path``, for errors)."""
 
     def progress(self, means: Mapping[str, float]) -> dict[str, str]:
         """Fields of the progress line from the logged means."""
-        ...
+        return {"loss": f"{means['train/loss']:.4f}"}
 
 
 @dataclass

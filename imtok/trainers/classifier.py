@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from imtok import engine
 from imtok.models.classifier import Classifier, ClassifierConfig
 from imtok.runtime import Runtime
-from imtok.training import NonFiniteLossWatch
 
 LabelledBatches = Iterable[tuple[Tensor, Tensor]]
 
@@ -76,7 +75,7 @@ def repeat_batches(batches: LabelledBatches, steps: int) -> Iterator[tuple[Tenso
             )
 
 
-class ClassifierTask:
+class ClassifierTask(engine.Task):
     name = "train_classifier"
     prefix = "classifier"
     unit = "images"
@@ -94,9 +93,6 @@ class ClassifierTask:
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]  # BatchNorm too
 
-    def units_per_sample(self) -> int:
-        return 1
-
     def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
         self.model, self.stream = train_model, self.batches(start)
 
@@ -109,24 +105,6 @@ class ClassifierTask:
             images = torch.where(mirrored, images.flip(-1), images)
         loss = F.cross_entropy(self.model(images), labels)
         return loss, {"loss": loss}
-
-    def after_step(self, step: int, watch: NonFiniteLossWatch) -> dict[str, Tensor]:
-        return {}
-
-    def can_validate(self) -> bool:
-        return False
-
-    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
-        return {}
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
-        pass
-
-    def progress(self, means: Mapping[str, float]) -> dict[str, str]:
-        return {"loss": f"{means['train/loss']:.4f}"}
 
 
 def train_classifier(

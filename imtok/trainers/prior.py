@@ -39,7 +39,7 @@ from imtok.models.priors import build_prior
 from imtok.params import PriorParams
 from imtok.quantizers.common import check_indices
 from imtok.runtime import Runtime
-from imtok.training import NonFiniteLossWatch, unwrap_model
+from imtok.training import unwrap_model
 
 VALIDATION_SEED = 1234  # masks of the validation loss: the same at every evaluation
 
@@ -172,7 +172,7 @@ class PriorResult:
     tokens_per_s: float = 0.0
 
 
-class PriorTask:
+class PriorTask(engine.Task):
     """A MaskGIT or GPT prior as an ``imtok.engine`` task, on in-memory token splits."""
 
     name = "train_prior"
@@ -192,17 +192,8 @@ class PriorTask:
             check_split(split, model.config.codebook_size, model.config.num_classes, self.p.conditional)
         return model
 
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return engine.adamw_param_groups(model, weight_decay)
-
     def units_per_sample(self) -> int:
         return self.train.tokens[0].numel()
-
-    def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
-        pass
-
-    def state(self) -> dict[str, Any]:
-        return {}
 
     def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
         p, device = self.p, self.device
@@ -224,9 +215,6 @@ class PriorTask:
         labels = self.labels[index] if self.labels is not None else None
         return prior_loss(self.p.kind, self.train_model, self.tokens[index].long(), labels)
 
-    def after_step(self, step: int, watch: NonFiniteLossWatch) -> dict[str, Tensor]:
-        return {}
-
     def can_validate(self) -> bool:
         return self.val is not None
 
@@ -242,9 +230,6 @@ class PriorTask:
             max_batches=p.val_batches,
             conditional=p.conditional,
         )
-
-    def progress(self, means: Mapping[str, float]) -> dict[str, str]:
-        return {"loss": f"{means['train/loss']:.4f}"}
 
 
 def train_prior(

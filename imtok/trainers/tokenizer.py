@@ -215,7 +215,7 @@ def agreed_losses(disabled: Mapping[str, str], runtime: Runtime) -> None:
         )
 
 
-class TokenizerTask:
+class TokenizerTask(engine.Task):
     """The tokenizer as an ``imtok.engine`` task: the objective above on shard batches, the
     discriminator's own step after the generator's, validation on the val split with a grid of
     reconstructions."""
@@ -256,12 +256,6 @@ class TokenizerTask:
         )
         self.model = model
         return model
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return engine.adamw_param_groups(model, weight_decay)
-
-    def units_per_sample(self) -> int:
-        return 1
 
     def load_state(self, extra: Mapping[str, Any], path: Path) -> None:
         if self.discriminator is not None:
