@@ -144,7 +144,7 @@ def measure_stage(
     from stages.extract_tokens import split_shards
 
     listed = split_shards(read_meta(shards), shards)
-    side = args.image_size // encoder.downsample
+    grid = encoder.config.grid_of(args.image_size, args.image_size)
 
     def run() -> int:
         with tempfile.TemporaryDirectory(prefix="imtok-bench-tokens-") as out:
@@ -158,7 +158,7 @@ def measure_stage(
                 flip=False,
                 num_workers=workers,
                 codebook_size=encoder.codebook_size,
-                grid=(side, side),
+                grid=grid,
             )
         return sum(result.shard["count"] for result in results)
 

@@ -55,7 +55,8 @@ MetricsCallback = Callable[[Mapping[str, float], int], None]
 
 
 class LoopParams(Protocol):
-    """The params every training section has (``TokenizerParams``, ``PriorParams``)."""
+    """The loop settings every task trains with (``TokenizerParams``, ``PriorParams``, and the
+    classifier's fixed ``imtok.trainers.classifier.ClassifierLoop``)."""
 
     seed: int
     lr: float

@@ -248,14 +248,15 @@ def export_model(
     config: Any,
     model: Any,
     summary: dict[str, Any],
-    registration: Registration | None,
+    registration: Callable[[], Registration] | None,
     also: Callable[[Path], None] | None = None,
 ) -> None:
     """The end of every training stage: export, register, record.
 
     The weights-only model file (``imtok.models.files``), anything ``also(staging)`` adds and the
     summary ``<model_file stem>.json`` (with the file's SHA-256) are swapped in as one directory.
-    With ``registration`` the model is then logged and registered, and the summary is written again
+    With ``registration`` (called once the files are in place) the model is then logged and
+    registered, and the summary is written again
     with where it landed (name, version, ``models:/`` URIs). The files come first so that an
     unreachable registry loses nothing: the stage fails naming the file that is safe, and a re-run
     resumes at the last step and registers. The summary is logged to the stage's run.
@@ -274,15 +275,16 @@ def export_model(
 
     replace_directory(out_dir, fill)
     if registration is not None:
+        spec = registration()
         registered = registry.log_registered_model(
             model,
-            registered_name=registration.name,
-            input_shape=registration.input_shape,
-            input_dtype=registration.input_dtype,
+            registered_name=spec.name,
+            input_shape=spec.input_shape,
+            input_dtype=spec.input_dtype,
             model_file=out_dir / model_file,
-            version_tags=registration.version_tags,
-            description=registration.description,
-            model_description=registration.model_description,
+            version_tags=spec.version_tags,
+            description=spec.description,
+            model_description=spec.model_description,
         )
         summary["registered_model"] = {
             "name": registered.name,

@@ -3,7 +3,8 @@
 Reads the ``sample`` params section. The prior comes from ``sample.prior`` (``models/prior`` or an
 MLflow URI); the tokenizer is ``sample.tokenizer`` or, when null, the one the prior was trained on as
 its metadata records. A tokenizer whose checksum (when the prior records one) or codebook size differs
-from the prior's is refused; images come out at the prior's token grid times the tokenizer's factor f.
+from the prior's is refused; images come out at the prior's token grid times the tokenizer's factor f
+(for residual FSQ, whose S stages are stacked along the grid's height, the height over S times f).
 A class-conditional prior makes ``per_class`` images of every class, an unconditional one ``count``.
 MaskGIT decodes in ``steps`` parallel steps, GPT samples token by token with its KV cache; both take a
 seeded generator, so the same params give the same images.
@@ -57,6 +58,13 @@ def matching_tokenizer(
         raise ValueError(
             f"sample.tokenizer: {location} has a codebook of {tokenizer.codebook_size} codes but the prior "
             f"{params.prior} was trained on {prior_config.codebook_size}; use the prior's own tokenizer"
+        )
+    stages, height = tokenizer.config.stages, prior_config.grid[0]
+    if height % stages:
+        raise ValueError(
+            f"sample.tokenizer: {location} stacks {stages} residual stages along the token grid's "
+            f"height, but the prior {params.prior} generates grids {height} tokens high; use the prior's "
+            "own tokenizer"
         )
     expected = prior_meta.get("tokenizer_sha256")
     if expected and actual != expected:

@@ -149,6 +149,27 @@ def train(
             "mlflow_run_id": run.info.run_id,
             "val": final,
         }
+
+        def registration() -> Registration:
+            tokenizer = provenance["tokenizer_uri"] or provenance["tokenizer"]
+            conditional = "class-conditional" if config.num_classes else "unconditional"
+            tags = {
+                "prior": section.kind,
+                "codebook_size": config.codebook_size,
+                "token_grid": "x".join(map(str, grid)),
+                "num_classes": config.num_classes,
+                "tokenizer_uri": tokenizer,
+                "tokenizer_sha256": provenance["tokenizer_sha256"],
+                "git_commit": summary["git_commit"],
+                "fingerprint": run_key,
+                "val_loss": f"{final['loss']:.4f}",
+            }
+            description = (
+                f"{section.kind} prior, {conditional}, over {config.codebook_size} codes on a "
+                f"{tags['token_grid']} grid; val loss {final['loss']:.4f}; tokenizer {tokenizer}"
+            )
+            return Registration(REGISTERED_NAME, grid, tags, description, MODEL_DESCRIPTION, "int64")
+
         export_model(
             out_dir,
             kind="prior",
@@ -156,28 +177,7 @@ def train(
             config={"kind": section.kind, "model": dataclasses.asdict(config)},
             model=model,
             summary=summary,
-            registration=Registration(
-                REGISTERED_NAME,
-                grid,
-                {
-                    "prior": section.kind,
-                    "codebook_size": config.codebook_size,
-                    "token_grid": "x".join(map(str, grid)),
-                    "num_classes": config.num_classes,
-                    "tokenizer_uri": provenance["tokenizer_uri"] or provenance["tokenizer"],
-                    "tokenizer_sha256": provenance["tokenizer_sha256"],
-                    "git_commit": summary["git_commit"],
-                    "fingerprint": run_key,
-                    "val_loss": f"{final['loss']:.4f}",
-                },
-                f"{section.kind} prior, {'class-conditional' if config.num_classes else 'unconditional'}, "
-                f"over {config.codebook_size} codes on a {'x'.join(map(str, grid))} grid; val loss "
-                f"{final['loss']:.4f}; tokenizer {provenance['tokenizer_uri'] or provenance['tokenizer']}",
-                MODEL_DESCRIPTION,
-                input_dtype="int64",
-            )
-            if register
-            else None,
+            registration=registration if register else None,
         )
         return {
             "step": result.step,

@@ -199,7 +199,11 @@ def train(
                 count = section.grid_images
                 save_grid(paired_rows(pair[0][:count], pair[1][:count]), staging / "reconstructions.png")
 
-        tags = version_tags(params, config, final, commit, run_key)
+        def registration() -> Registration:
+            found = version_tags(params, config, final, commit, run_key)
+            shape = (channels, image_size, image_size)
+            return Registration(REGISTERED_NAME, shape, found, describe(found), MODEL_DESCRIPTION)
+
         export_model(
             out_dir,
             kind="tokenizer",
@@ -207,11 +211,7 @@ def train(
             config=config,
             model=model,
             summary=summary,
-            registration=Registration(
-                REGISTERED_NAME, (channels, image_size, image_size), tags, describe(tags), MODEL_DESCRIPTION
-            )
-            if register
-            else None,
+            registration=registration if register else None,
             also=add_grid,
         )
         report = {

@@ -36,7 +36,7 @@ from imtok.quantizers import (
     VectorQuantizer,
 )
 from imtok.quantizers.fsq import validate_levels
-from imtok.quantizers.residual_fsq import DEFAULT_STAGES, split_stages, stack_stages
+from imtok.quantizers.residual_fsq import DEFAULT_STAGES, MAX_STAGES, split_stages, stack_stages
 from imtok.typerules import type_name, value_matches
 
 QUANTIZERS: dict[str, type[nn.Module]] = {
@@ -111,6 +111,11 @@ def _quantizer_arguments(
         raise ValueError(f"tokenizer.latent_dim: expected an integer >= 1 or null, got {dim}")
     if kind not in GRID_QUANTIZERS and levels is not None:
         raise ValueError(f"tokenizer.levels: only fsq and rfsq take levels; set it to null for {kind!r}")
+    if kind == "rfsq" and not 1 <= options.get("stages", DEFAULT_STAGES) <= MAX_STAGES:
+        raise ValueError(
+            f"tokenizer.quantizer_options.stages: expected an integer from 1 to {MAX_STAGES}, got "
+            f"{options['stages']}"
+        )
     if kind in BINARY_QUANTIZERS:
         return cls, (_binary_dim(kind, codebook_size, dim),)
     if kind not in GRID_QUANTIZERS:
@@ -443,7 +448,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Deterministic int64 code indices (B, H/f, W/f) of images (B, C, H, W) in [-1, 1].
+        """Deterministic int64 tokens (B, H/f, W/f) of images (B, C, H, W) in [-1, 1] (rfsq: its S stages
+        stacked, (B, S*H/f, W/f)).
 
         Runs in eval mode whatever the module's mode: no dropout, no codebook updates, and argmax
         (nearest) codes for regvq instead of sampled ones.

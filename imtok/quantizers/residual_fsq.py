@@ -62,7 +62,7 @@ class ResidualFSQ(nn.Module):
 
     ``forward(z)`` on channel-first latents (B, len(levels), H, W) returns ``QuantizerOutput``: the sum
     of the stages' straight-through codes, int64 indices (B, S, H, W), a zero loss and statistics
-    (usage and perplexity over all stages' codes, and ``usage_stage<s>`` per stage).
+    (usage and perplexity over all stages' codes together).
     """
 
     def __init__(self, levels: Sequence[int], *, stages: int = DEFAULT_STAGES) -> None:
@@ -120,8 +120,6 @@ class ResidualFSQ(nn.Module):
                 indices.append(self._index(digits))
             stacked = torch.stack(indices, dim=1)  # (B, S, H, W)
             stats = codebook_stats(stacked, self.codebook_size)
-            for stage, stage_indices in enumerate(indices):
-                stats[f"usage_stage{stage}"] = codebook_stats(stage_indices, self.codebook_size)["usage"]
         loss = torch.zeros((), device=z.device, dtype=torch.float32)
         return QuantizerOutput(quantized.to(z.dtype), stacked, loss, stats)
 

@@ -1,1 +1,2 @@
-"""Training loops of the pipeline's stages (tokenizer, prior): library code the stages call."""
+"""The models the training stages train (tokenizer, prior, domain classifier), each a task of the
+one training loop in ``imtok.engine``: library code the stages call."""
