@@ -75,7 +75,7 @@ class Encoder:
     def __init__(self, model: Tokenizer, compile_: bool, channels_last: bool) -> None:
         self.run = torch.compile(model.encode) if compile_ else model.encode
         self.channels_last = channels_last
-        self.downsample = model.downsample
+        self.config = model.config
         self.codebook_size = model.codebook_size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
