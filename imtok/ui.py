@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     process = subprocess.Popen(command, env=env, start_new_session=True)
     signal.signal(signal.SIGTERM, interrupted)
+    # Ctrl-C stops it even when started from a process that ignores SIGINT (Python then inherits the
+    # ignore, and the UI would be killed without stopping mlflow ui, which is in a session of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         wait_for_health(base, process)
         print(f"\nMLflow UI, the training runs of experiment {experiment.name!r}:", flush=True)
