@@ -136,6 +136,16 @@ def codes_from_codebook(indices: Tensor, codebook: Tensor) -> Tensor:
     return codes.permute(0, 3, 1, 2)
 
 
+def channel_index(digits: Tensor, weights: list[float]) -> Tensor:
+    """Int64 indices (B, H, W) of integer-valued float digits (B, C, H, W): sum of digit * weight per
+    channel as one float32 multiply-add each, cast once (exact while the largest index is below
+    2^24). FSQ, residual FSQ and LFQ index their codes this way."""
+    index = digits[:, 0] * weights[0]
+    for channel in range(1, len(weights)):
+        index = index.add_(digits[:, channel], alpha=weights[channel])
+    return index.long()
+
+
 def require(ok: bool, name: str, allowed: str, value: object) -> None:
     """Raise a ValueError naming the argument and its allowed range unless ``ok``."""
     if not ok:

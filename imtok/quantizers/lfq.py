@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from imtok.quantizers.common import (
     QuantizerOutput,
+    channel_index,
     check_channels,
     check_indices,
     codebook_stats,
@@ -125,11 +126,7 @@ class LFQ(nn.Module):
     def indices_from_signs(self, positive: Tensor) -> Tensor:
         """Int64 indices (B, H, W) from the sign bits (B, d, H, W): one multiply-add per channel in
         float32 (exact below 2^24), channel 0 the most significant bit."""
-        bits = positive.float()
-        index = bits[:, 0] * self._weights[0]
-        for channel in range(1, self.dim):
-            index = index.add_(bits[:, channel], alpha=self._weights[channel])
-        return index.long()
+        return channel_index(positive.float(), self._weights)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == dim."""

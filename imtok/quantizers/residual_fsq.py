@@ -33,7 +33,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from imtok.quantizers.common import QuantizerOutput, check_channels, check_indices, codebook_stats, require
+from imtok.quantizers.common import (
+    QuantizerOutput,
+    channel_index,
+    check_channels,
+    check_indices,
+    codebook_stats,
+    require,
+)
 from imtok.quantizers.fsq import validate_levels
 
 DEFAULT_STAGES = 2
@@ -96,10 +103,7 @@ class ResidualFSQ(nn.Module):
         """Int64 indices (B, H, W) of integer float digits (B, C, H, W), channel 0 least significant."""
         if self._float_basis is None:
             return (digits.long() * self._basis).sum(dim=1)
-        index = digits[:, 0] * self._float_basis[0]
-        for channel in range(1, self.dim):
-            index = index.add_(digits[:, channel], alpha=self._float_basis[channel])
-        return index.long()
+        return channel_index(digits, self._float_basis)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channel-first latents (B, C, H, W) with C == len(levels)."""
