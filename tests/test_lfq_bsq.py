@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from imtok.quantizers import BSQ, LFQ
-from imtok.quantizers.lfq import binary_entropy, bit_probabilities, code_bits, entropy_terms
+from imtok.quantizers.lfq import (
+    binary_entropy,
+    bit_probabilities,
+    code_bits,
+    code_probabilities,
+    code_probability_sums,
+    entropy_terms,
+)
 
 KINDS = {"lfq": LFQ, "bsq": BSQ}
 
@@ -73,6 +80,20 @@ def test_the_entropy_terms_equal_a_hand_computation_over_every_code(kind):
     # the factorised codebook entropy (large codebooks) bounds the exact one from above
     _, factorised = entropy_terms(bit_probabilities(x, quantizer.scale, tau), exact=False, across_ranks=False)
     assert factorised.item() >= batch.item() - 1e-6
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 8])
+def test_the_code_sums_from_two_halves_equal_the_full_code_matrix_and_its_gradient(dim):
+    torch.manual_seed(dim)
+    x = torch.randn(30, dim, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2**dim, dtype=torch.float64)  # a loss that weighs every code differently
+    full = code_probabilities(torch.sigmoid(x)).sum(dim=0)
+    (full_grad,) = torch.autograd.grad((full * weights).sum(), x)
+    halves = code_probability_sums(torch.sigmoid(x))
+    (halves_grad,) = torch.autograd.grad((halves * weights).sum(), x)
+    torch.testing.assert_close(halves, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(halves_grad, full_grad, rtol=1e-10, atol=1e-12)
+    assert halves.sum().item() == pytest.approx(30.0)  # every row is a distribution over the codes
 
 
 @pytest.mark.parametrize("kind", KINDS)

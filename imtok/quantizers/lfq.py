@@ -12,12 +12,13 @@ assignment q(c | x) = softmax_c(-tau ||x - c||^2) over all codes,
 
 Because the codes are a product of channels, q factorises: bit i of the code is +1 with probability
 sigmoid(4 tau s x_i), so the per-sample entropy is exactly the sum of d binary entropies (no 2^d
-softmax). The batch ("codebook") entropy does not factorise: ``exact_entropy`` computes it over all 2^d
-codes (N x 2^d memory; the default up to ``MAX_EXACT_ENTROPY_CODES``), otherwise the sum of the d
-binary entropies of the batch-mean bit probabilities is used, an upper bound that the BSQ paper uses
-for large codebooks. Under torch.distributed the batch mean is taken over every rank's tokens (one
-differentiable all-reduce), so every rank computes the same codebook entropy, that of the global
-batch. A commitment term ``commitment_weight * ||x - sg(c)||^2`` keeps latents near their codes.
+softmax). The batch ("codebook") entropy does not factorise, but its batch-mean distribution is a
+matrix product of the two halves of the channels (``code_probability_sums``), so ``exact_entropy``
+computes it over all 2^d codes in N x 2^(d/2) + 2^d memory (the default up to
+``MAX_EXACT_ENTROPY_CODES``); otherwise the sum of the d binary entropies of the batch-mean bit
+probabilities is used, an upper bound that the BSQ paper uses for large codebooks. Under
+torch.distributed the batch mean is taken over every rank's tokens (one differentiable all-reduce), so
+every rank computes the same codebook entropy, that of the global batch. A commitment term ``commitment_weight * ||x - sg(c)||^2`` keeps latents near their codes.
 
 ``BSQ`` (``imtok.quantizers.bsq``) is the same on the unit sphere.
 """
@@ -36,10 +37,10 @@ from imtok.quantizers.common import (
     codebook_stats,
     require,
 )
-from imtok.quantizers.regvq import posterior_mean
+from imtok.quantizers.regvq import mean_of_sums, posterior_mean
 
 MAX_DIM = 24  # 2^24 codes: indices summed in float32 stay exact
-MAX_EXACT_ENTROPY_CODES = 2**14  # above: the factorised codebook entropy (N x 2^d would not fit)
+MAX_EXACT_ENTROPY_CODES = 2**18  # above: the factorised bound (MAGVIT-v2 computes 2^18 codes exactly)
 PROB_FLOOR = 1e-12
 
 
@@ -62,17 +63,33 @@ def code_bits(dim: int, device: torch.device | None = None) -> Tensor:
 
 def code_probabilities(bit_probs: Tensor) -> Tensor:
     """(N, 2^d) probabilities of every code from (N, d) bit probabilities (a product over channels)."""
-    bits = code_bits(bit_probs.shape[-1], bit_probs.device)  # (K, d)
+    bits = code_bits(bit_probs.shape[-1], bit_probs.device).to(bit_probs.dtype)  # (K, d)
     log_on = bit_probs.clamp_min(PROB_FLOOR).log()
     log_off = (1 - bit_probs).clamp_min(PROB_FLOOR).log()
     return (log_on @ bits.T + log_off @ (1 - bits).T).exp()
+
+
+def code_probability_sums(bit_probs: Tensor) -> Tensor:
+    """(2^d,) sums over the N rows of every code's probability, from (N, d) bit probabilities,
+    without the (N, 2^d) matrix.
+
+    A code's probability is the product of its high half's (channels 0 .. h-1) and its low half's, so
+    the sums are the matrix product Q_high^T Q_low of the halves' (N, 2^h) and (N, 2^(d-h)) code
+    probabilities, whose (i, j) entry is code i * 2^(d-h) + j (channel 0 the most significant bit).
+    Memory N * 2^(d/2) + 2^d instead of N * 2^d, and one matmul instead of an exp of N * 2^d.
+    """
+    high = bit_probs.shape[-1] // 2
+    q_high = code_probabilities(bit_probs[:, :high])  # (N, 2^h); one column of ones when h == 0
+    q_low = code_probabilities(bit_probs[:, high:])  # (N, 2^(d-h))
+    return (q_high.T @ q_low).reshape(-1)
 
 
 def entropy_terms(bit_probs: Tensor, *, exact: bool, across_ranks: bool) -> tuple[Tensor, Tensor]:
     """(mean per-sample entropy, entropy of the batch-mean assignment) of (N, d) bit probabilities."""
     per_sample = binary_entropy(bit_probs).sum(dim=-1).mean()
     if exact:
-        mean = posterior_mean(code_probabilities(bit_probs), across_ranks=across_ranks)  # (K,)
+        sums = code_probability_sums(bit_probs)  # (K,)
+        mean = mean_of_sums(sums, bit_probs.shape[0], across_ranks=across_ranks)
         codebook = -(mean * mean.clamp_min(PROB_FLOOR).log()).sum()
     else:
         codebook = binary_entropy(posterior_mean(bit_probs, across_ranks=across_ranks)).sum()

@@ -66,12 +66,21 @@ def posterior_mean(assignment_probs: Tensor, *, across_ranks: bool = False) -> T
     rows = assignment_probs.reshape(-1, num_codes)  # (N, K)
     if not (across_ranks and distributed_world()):
         return rows.mean(dim=0)
+    return mean_of_sums(rows.sum(dim=0), rows.shape[0], across_ranks=across_ranks)
+
+
+def mean_of_sums(sums: Tensor, count: int, *, across_ranks: bool = False) -> Tensor:
+    """``sums / count`` for (K,) sums over ``count`` rows; with ``across_ranks`` under
+    ``torch.distributed``, the sums and counts of every rank added first (see ``posterior_mean``)."""
+    num_codes = sums.shape[-1]
+    if not (across_ranks and distributed_world()):
+        return sums / max(count, 1)
     # The functional collective: differentiable (its backward all-reduces the gradient) and traced
     # by torch.compile into the step's graph, where torch.distributed.nn's would break it.
     from torch.distributed import _functional_collectives as funcol
 
-    count = rows.new_full((1,), float(rows.shape[0]))  # a constant: no gradient through the count
-    totals = funcol.all_reduce(torch.cat([rows.sum(dim=0), count]), "sum", dist.group.WORLD)  # (K + 1,)
+    rows = sums.new_full((1,), float(count))  # a constant: no gradient through the count
+    totals = funcol.all_reduce(torch.cat([sums, rows]), "sum", dist.group.WORLD)  # (K + 1,)
     return totals[:num_codes] / totals[num_codes:].clamp_min(1.0)
 
 
