@@ -13,7 +13,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +25,7 @@ from imtok.metrics.features import ExtractedFeatures, FeatureCollector, metric_n
 from imtok.metrics.fid import class_matches, fid_from_features, sample_metrics
 from imtok.metrics.recon import ReconstructionTotals
 from imtok.params import Params, higher_is_better
+from imtok.quantizers.residual_fsq import split_stages
 
 log = logging.getLogger("imtok.evaluation")
 
@@ -78,6 +79,7 @@ class TokenizerPass(NamedTuple):
     counter: CodeCounter
     real: dict[str, ExtractedFeatures]  # the val images' features, per extractor name
     reconstructed: dict[str, ExtractedFeatures]  # their reconstructions' features
+    stage_counters: tuple[CodeCounter, ...] = ()  # residual stages' own histograms (rfsq); else none
 
 
 @torch.no_grad()
@@ -92,12 +94,18 @@ def tokenizer_pass(
     """
     totals = ReconstructionTotals()
     counter = CodeCounter(tokenizer.codebook_size)
+    stages = tokenizer.config.stages
+    stage_counters = tuple(CodeCounter(tokenizer.codebook_size) for _ in range(stages)) if stages > 1 else ()
     real = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
     reconstructed = {extractor.name: FeatureCollector(extractor) for extractor in extractors}
     for batch in batches:
         images = batch.images.to(device)
         indices = tokenizer.encode(images)
         counter.update(indices)
+        if stage_counters:
+            per_stage = split_stages(indices, stages)  # (B, S, h, w)
+            for stage, stage_counter in enumerate(stage_counters):
+                stage_counter.update(per_stage[:, stage])
         reconstructions = tokenizer.decode(indices)
         # PSNR and SSIM on the CPU: the same numbers on any device (no TF32 convolutions in SSIM)
         totals.add(batch.images, reconstructions.cpu())
@@ -109,6 +117,7 @@ def tokenizer_pass(
         counter,
         {name: collector.result() for name, collector in real.items()},
         {name: collector.result() for name, collector in reconstructed.items()},
+        stage_counters,
     )
 
 
@@ -117,12 +126,21 @@ def tokenizer_metrics(
     counter: CodeCounter,
     real: dict[str, ExtractedFeatures],
     reconstructed: dict[str, ExtractedFeatures],
+    stage_counters: Sequence[CodeCounter] = (),
 ) -> dict[str, float]:
     """PSNR, SSIM, usage and perplexity of the reconstructions, and rFID per extractor between the
-    images' features (shared with the generation metrics) and the reconstructions'."""
+    images' features (shared with the generation metrics) and the reconstructions'.
+
+    ``codebook_usage_pct`` and ``perplexity`` count every token; a residual tokenizer's stages share
+    one vocabulary, so their union can use every code while stage 0 (the coarse one) uses few: with
+    ``stage_counters`` each stage's usage and perplexity are added as ``..._stage<s>``.
+    """
     metrics = totals.metrics()
     metrics["codebook_usage_pct"] = 100.0 * counter.usage()
     metrics["perplexity"] = counter.perplexity()
+    for stage, stage_counter in enumerate(stage_counters):
+        metrics[f"codebook_usage_pct_stage{stage}"] = 100.0 * stage_counter.usage()
+        metrics[f"perplexity_stage{stage}"] = stage_counter.perplexity()
     metrics["codes_used"] = float((counter.counts > 0).sum())
     metrics["codebook_size"] = float(counter.codebook_size)
     for name, features in reconstructed.items():

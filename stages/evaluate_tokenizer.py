@@ -66,7 +66,7 @@ def evaluate_tokenizer(
     val = tokenizer_pass(
         tokenizer.to(device), split_batches(shards_dir / "val", settings.batch_size), extractors, device
     )
-    metrics = tokenizer_metrics(val.totals, val.counter, val.real, val.reconstructed)
+    metrics = tokenizer_metrics(val.totals, val.counter, val.real, val.reconstructed, val.stage_counters)
     train = collect_features(
         extractors, split_batches(shards_dir / "train", settings.batch_size, limit=val.totals.count)
     )

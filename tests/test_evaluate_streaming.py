@@ -3,6 +3,7 @@ and no more than a batch of images is alive at a time, whatever the split's size
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections.abc import Iterator
@@ -11,7 +12,13 @@ import pytest
 import torch
 
 from imtok.data.shards import Batch, iter_batches
-from imtok.evaluation import collect_features, generation_metrics, split_batches, tokenizer_pass
+from imtok.evaluation import (
+    collect_features,
+    generation_metrics,
+    split_batches,
+    tokenizer_metrics,
+    tokenizer_pass,
+)
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.features import ClassifierFeatures, extract_features
 from imtok.metrics.fid import class_accuracy, fid_from_features, sample_metrics
@@ -22,7 +29,7 @@ from imtok.models.classifier import Classifier, ClassifierConfig
 BATCH = 16  # the tiny val split holds 30 images: a full batch and a short one
 
 
-def tiny_tokenizer() -> Tokenizer:
+def tiny_tokenizer(**changes) -> Tokenizer:
     torch.manual_seed(0)
     config = TokenizerConfig(
         in_channels=1,
@@ -35,7 +42,7 @@ def tiny_tokenizer() -> Tokenizer:
         levels=(8, 5, 5, 5),
         codebook_size=None,
     )
-    return Tokenizer(config).eval()
+    return Tokenizer(dataclasses.replace(config, **changes)).eval()
 
 
 def tiny_classifier() -> ClassifierFeatures:
@@ -112,6 +119,31 @@ def tracked(batches: Iterator[Batch], alive: list[weakref.ref], peak: list[int])
         peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
         alive.append(weakref.ref(batch.images))
         yield batch
+
+
+def test_a_residual_tokenizer_reports_each_stages_usage_beside_the_union(tiny_shards):
+    tokenizer = tiny_tokenizer(quantizer="rfsq", levels=(5, 3), quantizer_options={"stages": 2})
+    streamed = tokenizer_pass(tokenizer, split_batches(tiny_shards / "val", BATCH), [], "cpu")
+    images, _ = whole_split(tiny_shards / "val")
+    with torch.no_grad():
+        tokens = tokenizer.encode(images)  # (B, 2 * h, w): stage 0's rows, then stage 1's
+    h = tokens.shape[1] // 2
+    assert len(streamed.stage_counters) == 2
+    for stage, counter in enumerate(streamed.stage_counters):
+        by_hand = CodeCounter(tokenizer.codebook_size)
+        by_hand.update(tokens[:, stage * h : (stage + 1) * h])
+        assert torch.equal(counter.counts, by_hand.counts)
+    union = streamed.stage_counters[0].counts + streamed.stage_counters[1].counts
+    assert torch.equal(streamed.counter.counts, union)
+    metrics = tokenizer_metrics(streamed.totals, streamed.counter, {}, {}, streamed.stage_counters)
+    for stage, counter in enumerate(streamed.stage_counters):
+        assert metrics[f"codebook_usage_pct_stage{stage}"] == pytest.approx(100.0 * counter.usage())
+        assert metrics[f"perplexity_stage{stage}"] == pytest.approx(counter.perplexity())
+    stage_usage = [metrics["codebook_usage_pct_stage0"], metrics["codebook_usage_pct_stage1"]]
+    assert metrics["codebook_usage_pct"] >= max(stage_usage)
+    # one stage: no per-stage keys
+    plain = tokenizer_pass(tiny_tokenizer(), split_batches(tiny_shards / "val", BATCH), [], "cpu")
+    assert plain.stage_counters == ()
 
 
 def test_no_more_than_one_batch_of_images_outlives_its_step(tiny_shards):

@@ -18,7 +18,8 @@ computes it over all 2^d codes in N x 2^(d/2) + 2^d memory (the default up to
 ``MAX_EXACT_ENTROPY_CODES``); otherwise the sum of the d binary entropies of the batch-mean bit
 probabilities is used, an upper bound that the BSQ paper uses for large codebooks. Under
 torch.distributed the batch mean is taken over every rank's tokens (one differentiable all-reduce), so
-every rank computes the same codebook entropy, that of the global batch. A commitment term ``commitment_weight * ||x - sg(c)||^2`` keeps latents near their codes.
+every rank computes the same codebook entropy, that of the global batch. A commitment term
+``commitment_weight * ||x - sg(c)||^2`` keeps latents near their codes.
 
 ``BSQ`` (``imtok.quantizers.bsq``) is the same on the unit sphere.
 """
