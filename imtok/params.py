@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
+from imtok.models.architecture import TokenizerArchitecture
 from imtok.typerules import type_name, value_matches
 
 SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
@@ -66,7 +67,6 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     return cls(**values)
 
 
-QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"]
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s` keys (no .inf or NaN)
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -127,8 +127,9 @@ RUN_SETTINGS = frozenset(
 
 
 @dataclass(frozen=True)
-class TokenizerParams:
-    """The `tokenizer` section: architecture, quantizer, losses, optimisation and run settings.
+class TokenizerParams(TokenizerArchitecture):
+    """The `tokenizer` section: architecture (``TokenizerArchitecture``: the model's own fields, declared
+    once), quantizer, losses, optimisation and run settings.
 
     ``RUNTIME_KEYS`` change how a run is executed or reported, not what it computes: a checkpoint
     written under other values of them is still resumed (see ``stages.train_tokenizer``).
@@ -137,19 +138,7 @@ class TokenizerParams:
     SECTION: ClassVar[str] = "tokenizer"
     RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
-    # architecture (imtok.models.autoencoder.TokenizerConfig)
     downsample: int = 4  # spatial reduction factor f of the encoder: a token covers f x f pixels
-    base_channels: int = 16
-    channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one per resolution: len = log2(downsample) + 1
-    num_res_blocks: int = 1
-    mid_attention: bool = False
-    conv_downsample: bool = True
-    dropout: float = 0.0
-    quantizer: QuantizerKind = "fsq"
-    levels: tuple[int, ...] | None = None  # fsq, rfsq: null = the FSQ paper's levels for codebook_size
-    codebook_size: int | None = 1024
-    latent_dim: int | None = None  # vq/regvq code channels; fsq: len(levels)
-    quantizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # losses (imtok.losses)
     recon_loss: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = 0.1  # off (with a warning and an MLflow tag) without VGG-19 weights
@@ -190,6 +179,7 @@ class TokenizerParams:
     # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(
                 f"tokenizer.downsample: must be a power of two >= 1 (each encoder stage halves the "
@@ -203,14 +193,13 @@ class TokenizerParams:
                 f"tokenizer.downsample={self.downsample} needs {levels_needed} (one more than the number "
                 "of halvings); make them agree"
             )
-        positive = ("base_channels", "num_res_blocks", "batch_size", "total_steps", "pcl_patches")
+        positive = ("batch_size", "total_steps", "pcl_patches")
         positive += ("disc_channels", "disc_layers", "log_every", "val_every", "checkpoint_every")
         positive += ("keep_checkpoints", "grid_images")
         checks = [
             (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
         ]
         checks += [
-            (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
             (
                 self.val_batches >= 0,
@@ -611,21 +600,7 @@ class Params:
         section = self.tokenizer
         if image_size % section.downsample:  # reported in prepare's terms by __post_init__
             image_size = section.downsample
-        return TokenizerConfig(
-            in_channels=channels,
-            image_size=image_size,
-            base_channels=section.base_channels,
-            channel_multipliers=section.channel_multipliers,
-            num_res_blocks=section.num_res_blocks,
-            mid_attention=section.mid_attention,
-            conv_downsample=section.conv_downsample,
-            dropout=section.dropout,
-            quantizer=section.quantizer,
-            levels=section.levels,
-            codebook_size=section.codebook_size,
-            latent_dim=section.latent_dim,
-            quantizer_options=dict(section.quantizer_options),
-        )
+        return TokenizerConfig(in_channels=channels, image_size=image_size, **self.tokenizer.architecture)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

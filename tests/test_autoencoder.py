@@ -4,8 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imtok.models import Tokenizer, TokenizerConfig, build_quantizer
-from imtok.models.autoencoder import DEFAULT_CODE_DIM, norm_groups
+from imtok.models.autoencoder import (
+    DEFAULT_CODE_DIM,
+    Tokenizer,
+    TokenizerConfig,
+    build_quantizer,
+    norm_groups,
+)
 from imtok.quantizers import FSQ, RegularizedVQ, VectorQuantizer
 
 KINDS = ("fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq")
@@ -334,7 +339,7 @@ def test_binary_quantizers_take_their_channels_from_a_power_of_two_codebook(kind
 def test_the_params_accept_exactly_the_quantizers_the_tokenizer_builds():
     import typing
 
+    from imtok.models.architecture import QuantizerKind
     from imtok.models.autoencoder import QUANTIZERS
-    from imtok.params import QuantizerKind
 
     assert set(typing.get_args(QuantizerKind)) == set(QUANTIZERS)  # two lists: this keeps them equal

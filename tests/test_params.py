@@ -44,7 +44,7 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ),
         ({"tokenizer": {"downsample": 8}}, "tokenizer.channel_multipliers"),
         ({"tokenizer": {"quantizer": "magvit"}}, "tokenizer.quantizer"),
-        ({"tokenizer": {"levels": [8, 5, 5, 5]}}, "tokenizer.levels"),
+        ({"tokenizer": {"levels": [8, 5, 5, 5], "codebook_size": 1024}}, "tokenizer.levels"),
         ({"tokenizer": {"levels": [8, 1], "codebook_size": None}}, "tokenizer.levels[1]"),
         ({"tokenizer": {"quantizer": "vq", "levels": [8, 5]}}, "tokenizer.levels"),
         ({"tokenizer": {"quantizer_options": {"bogus": 1}}}, "tokenizer.quantizer_options"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imtok.models import Tokenizer, TokenizerConfig
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.quantizers import ResidualFSQ
 from imtok.quantizers.residual_fsq import split_stages, stack_stages
 

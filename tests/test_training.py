@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from imtok.models import Tokenizer, TokenizerConfig
+from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.runtime import Runtime
 from imtok.training import (
     IDENTITY_TAIL_BYTES,

@@ -18,13 +18,14 @@ import math
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imtok.models.architecture import TokenizerArchitecture
 from imtok.quantizers import (
     BSQ,
     FSQ,
@@ -178,39 +179,18 @@ def build_quantizer(
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
-    """Shape of the tokenizer: encoder/decoder widths and depth, and which quantizer sits between."""
+class TokenizerConfig(TokenizerArchitecture):
+    """Shape of the tokenizer: the architecture fields (``TokenizerArchitecture``, shared with the
+    params) and the images it takes."""
 
     in_channels: int = 1  # image channels: 1 (grayscale) or 3 (RGB)
     image_size: int = 32  # the training resolution, for ``token_grid``; any multiple of f works
-    base_channels: int = 64
-    channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one per resolution level: f = 2 ** (len - 1)
-    num_res_blocks: int = 2  # residual blocks per resolution level
-    mid_attention: bool = True  # single-head self-attention between the middle residual blocks
-    conv_downsample: bool = True  # stride-2 conv3x3 (True) or 2x2 average pooling (False)
-    dropout: float = 0.0
-    quantizer: str = "fsq"  # a key of QUANTIZERS: fsq | vq | regvq | lfq | bsq | simvq | rfsq
-    levels: tuple[int, ...] | None = None  # fsq, rfsq; null: the FSQ paper's levels for codebook_size
-    codebook_size: int | None = None  # null: DEFAULT_CODEBOOK_SIZE; fsq without levels: levels_for(it)
-    latent_dim: int | None = None  # channels the quantizer sees; null: len(levels) or DEFAULT_CODE_DIM
-    quantizer_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. beta, ema, mask_ratio
 
     def __post_init__(self) -> None:
-        multipliers = tuple(self.channel_multipliers)
-        object.__setattr__(self, "channel_multipliers", multipliers)
-        if self.levels is not None:
-            object.__setattr__(self, "levels", tuple(self.levels))
+        super().__post_init__()
         checks = [
             (self.in_channels >= 1, "in_channels", f"must be >= 1 (1 gray, 3 RGB), got {self.in_channels}"),
             (self.image_size >= 1, "image_size", f"must be a positive pixel count, got {self.image_size}"),
-            (self.base_channels >= 1, "base_channels", f"must be >= 1, got {self.base_channels}"),
-            (
-                len(multipliers) > 0 and all(m >= 1 for m in multipliers),
-                "channel_multipliers",
-                f"must be a non-empty list of integers >= 1 (one per level), got {list(multipliers)}",
-            ),
-            (self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}"),
-            (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
         ]
         for ok, key, message in checks:
             if not ok:

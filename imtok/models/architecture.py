@@ -1,0 +1,59 @@
+"""The tokenizer's architecture fields, declared once: ``params.yaml``'s `tokenizer` section
+(``imtok.params.TokenizerParams``) and the model's own config (``imtok.models.autoencoder.TokenizerConfig``)
+both extend ``TokenizerArchitecture``, so a new architecture knob is one field here (plus its line in
+params.yaml) and both get it with the same default and the same checks.
+
+No torch here: the params boundary (``stages.check_params``) validates a file without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"]
+
+
+@dataclass(frozen=True)
+class TokenizerArchitecture:
+    """Encoder/decoder widths and depth, and which quantizer sits between (the pipeline's defaults)."""
+
+    base_channels: int = 16  # width of the first resolution level
+    channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one per resolution: f = 2 ** (len - 1)
+    num_res_blocks: int = 1  # residual blocks per resolution level
+    mid_attention: bool = False  # single-head self-attention between the middle residual blocks
+    conv_downsample: bool = True  # stride-2 conv3x3 (True) or 2x2 average pooling (False)
+    dropout: float = 0.0
+    quantizer: QuantizerKind = "fsq"  # a key of imtok.models.autoencoder.QUANTIZERS
+    levels: tuple[int, ...] | None = None  # fsq, rfsq; null: the FSQ paper's levels for codebook_size
+    codebook_size: int | None = None  # null: 2^10 (fsq: the FSQ paper's levels [8, 5, 5, 5], 1000 codes)
+    latent_dim: int | None = None  # vq/regvq code channels (null: 8); fsq: len(levels)
+    quantizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. beta, decay, mask_ratio
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
+        object.__setattr__(self, "quantizer_options", dict(self.quantizer_options))
+        multipliers = self.channel_multipliers
+        checks = [
+            (self.base_channels >= 1, "base_channels", f"must be >= 1, got {self.base_channels}"),
+            (
+                len(multipliers) > 0 and all(m >= 1 for m in multipliers),
+                "channel_multipliers",
+                f"must be a non-empty list of integers >= 1 (one per level), got {list(multipliers)}",
+            ),
+            (self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}"),
+            (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"tokenizer.{key}: {message}")
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The architecture fields and their values (what ``TokenizerConfig`` takes beside the image)."""
+        return {name: getattr(self, name) for name in ARCHITECTURE}
+
+
+ARCHITECTURE = tuple(TokenizerArchitecture.__dataclass_fields__)
