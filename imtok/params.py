@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
-from imtok.models.architecture import TokenizerArchitecture
+from imtok.models.architecture import PriorArchitecture, TokenizerArchitecture
 from imtok.typerules import type_name, value_matches
 
 SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
@@ -341,21 +341,15 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
-class PriorParams:
-    """The `prior` section: a MaskGIT or GPT prior over the token shards, and how it is trained."""
+class PriorParams(PriorArchitecture):
+    """The `prior` section: a MaskGIT or GPT prior over the token shards (its transformer:
+    ``PriorArchitecture``, declared once with the models' configs), and how it is trained."""
 
     SECTION: ClassVar[str] = "prior"
     RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
     kind: Literal["maskgit", "gpt"] = "maskgit"
     conditional: bool = True  # class-conditional (class names from the token shards) or unconditional
-    hidden_dim: int = 96
-    depth: int = 3
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    label_dropout: float = 0.1  # null-class rate in training, for classifier-free guidance
-    label_smoothing: float = 0.1
     batch_size: int = 64  # per process
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -378,26 +372,25 @@ class PriorParams:
     # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
-        positive = ("hidden_dim", "depth", "heads", "batch_size", "total_steps", "log_every", "val_every")
-        positive += ("checkpoint_every", "keep_checkpoints")
+        super().__post_init__()
+        positive = (
+            "batch_size",
+            "total_steps",
+            "log_every",
+            "val_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
         checks = [
             (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
         ]
-        checks += [
+        checks.append(
             (
-                self.hidden_dim % self.heads == 0,
-                "heads",
-                f"{self.heads} does not divide prior.hidden_dim={self.hidden_dim}",
-            ),
-            (self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}"),
-            (0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}"),
-            (0 <= self.label_dropout < 1, "label_dropout", f"must lie in [0, 1), got {self.label_dropout}"),
-            (
-                0 <= self.label_smoothing < 1,
-                "label_smoothing",
-                f"must lie in [0, 1), got {self.label_smoothing}",
-            ),
-        ]
+                self.label_dropout < 1,
+                "label_dropout",
+                f"must be below 1 (1 would never train the classes), got {self.label_dropout}",
+            )
+        )
         _raise_first_failed(self.SECTION, checks + _training_checks(self))
 
     def as_dict(self) -> dict[str, Any]:

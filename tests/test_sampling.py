@@ -271,7 +271,9 @@ def test_ar_greedy_top_1_and_temperature_0_agree():
 @pytest.fixture(scope="module")
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(K, GRID, num_classes=NUM_CLASSES, hidden_dim=32, depth=2, heads=4, dropout=0.0)
+    config = GPTConfig(
+        codebook_size=K, grid=GRID, num_classes=NUM_CLASSES, hidden_dim=32, depth=2, heads=4, dropout=0.0
+    )
     return GPT(config).eval()
 
 

@@ -1,7 +1,7 @@
-"""The tokenizer's architecture fields, declared once: ``params.yaml``'s `tokenizer` section
-(``imtok.params.TokenizerParams``) and the model's own config (``imtok.models.autoencoder.TokenizerConfig``)
-both extend ``TokenizerArchitecture``, so a new architecture knob is one field here (plus its line in
-params.yaml) and both get it with the same default and the same checks.
+"""The models' architecture fields, declared once: ``params.yaml``'s `tokenizer` and `prior` sections
+(``imtok.params``) and the models' own configs (``TokenizerConfig``, ``MaskGITConfig``, ``GPTConfig``)
+extend ``TokenizerArchitecture`` and ``PriorArchitecture``, so a new architecture knob is one field here
+(plus its line in params.yaml), and the params and the model get it with the same default and checks.
 
 No torch here: the params boundary (``stages.check_params``) validates a file without loading it.
 """
@@ -57,3 +57,52 @@ class TokenizerArchitecture:
 
 
 ARCHITECTURE = tuple(TokenizerArchitecture.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class PriorArchitecture:
+    """The transformer of a MaskGIT or GPT prior (the pipeline's defaults); the token grid, the
+    vocabulary and the classes come from the tokenizer and the token shards."""
+
+    hidden_dim: int = 96
+    depth: int = 3  # transformer blocks
+    heads: int = 4
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * hidden_dim
+    dropout: float = 0.1  # attention, residual and embedding dropout
+    label_dropout: float = 0.1  # training-time probability of the null class (classifier-free guidance)
+    label_smoothing: float = 0.1  # of the target tokens' loss (MaskGIT's paper uses 0.1)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.hidden_dim >= 1, "hidden_dim", f"expected an integer >= 1, got {self.hidden_dim}"),
+            (self.depth >= 1, "depth", f"expected an integer >= 1 (number of blocks), got {self.depth}"),
+            (self.heads >= 1, "heads", f"expected an integer >= 1, got {self.heads}"),
+            (
+                self.hidden_dim % max(self.heads, 1) == 0,
+                "hidden_dim",
+                f"{self.hidden_dim} is not divisible by prior.heads={self.heads}; use a multiple of it",
+            ),
+            (self.mlp_ratio > 0, "mlp_ratio", f"expected a number > 0, got {self.mlp_ratio}"),
+            (0.0 <= self.dropout < 1.0, "dropout", f"expected a number in [0, 1), got {self.dropout}"),
+            (
+                0.0 <= self.label_dropout <= 1.0,
+                "label_dropout",
+                f"expected a probability in [0, 1], got {self.label_dropout}",
+            ),
+            (
+                0.0 <= self.label_smoothing < 1.0,
+                "label_smoothing",
+                f"expected a number in [0, 1), got {self.label_smoothing}",
+            ),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"prior.{key}: {message}")
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The architecture fields and their values."""
+        return {name: getattr(self, name) for name in PRIOR_ARCHITECTURE}
+
+
+PRIOR_ARCHITECTURE = tuple(PriorArchitecture.__dataclass_fields__)

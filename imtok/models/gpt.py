@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imtok.models.architecture import PriorArchitecture
 from imtok.models.maskgit import (
     ClassEmbedding,
     TransformerBlock,
@@ -40,23 +41,18 @@ from imtok.quantizers.common import check_indices
 from imtok.training import unwrap_model
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    """Shape of the GPT prior. ``codebook_size`` and ``grid`` come from the tokenizer."""
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig(PriorArchitecture):
+    """Shape of the GPT prior: the transformer (``PriorArchitecture``, shared with the params) and what
+    comes from the tokenizer and the shards."""
 
     codebook_size: int  # K: token ids 0..K-1
     grid: tuple[int, int]  # token grid (h, w), read in raster order
     num_classes: int = 0  # 0: unconditional
-    hidden_dim: int = 256
-    depth: int = 8  # transformer blocks
-    heads: int = 8
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * hidden_dim
-    dropout: float = 0.1  # attention, residual and embedding dropout
-    label_dropout: float = 0.1  # training-time probability of the null class (classifier-free guidance)
-    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", grid_tuple(self.grid))
+        super().__post_init__()
         check_prior_config(self)
 
     @property

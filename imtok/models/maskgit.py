@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imtok.models.architecture import PriorArchitecture
 from imtok.quantizers.common import check_indices
 from imtok.training import unwrap_model
 
@@ -52,11 +53,9 @@ def grid_tuple(grid: Any, prefix: str = "prior") -> tuple[int, ...]:
     return tuple(grid)
 
 
-def check_prior_config(config: Any, prefix: str = "prior") -> None:
-    """Raise a ValueError naming ``prefix.<field>`` for the first invalid field of a prior config.
-
-    Works for any object with the fields of ``MaskGITConfig`` (``GPTConfig`` has the same ones).
-    """
+def check_prior_config(config: Any) -> None:
+    """Raise a ValueError naming ``prior.<field>`` for the first invalid field a prior config adds to
+    ``PriorArchitecture`` (which checks its own): the vocabulary, the grid and the classes."""
     grid = config.grid
     checks = [
         (config.codebook_size >= 2, "codebook_size", f"expected an integer >= 2, got {config.codebook_size}"),
@@ -70,49 +69,24 @@ def check_prior_config(config: Any, prefix: str = "prior") -> None:
             "num_classes",
             f"expected an integer >= 0 (0 for an unconditional prior), got {config.num_classes}",
         ),
-        (config.hidden_dim >= 1, "hidden_dim", f"expected an integer >= 1, got {config.hidden_dim}"),
-        (config.depth >= 1, "depth", f"expected an integer >= 1 (number of blocks), got {config.depth}"),
-        (config.heads >= 1, "heads", f"expected an integer >= 1, got {config.heads}"),
-        (
-            config.hidden_dim % max(config.heads, 1) == 0,
-            "hidden_dim",
-            f"{config.hidden_dim} is not divisible by {prefix}.heads={config.heads}; use a multiple of it",
-        ),
-        (config.mlp_ratio > 0, "mlp_ratio", f"expected a number > 0, got {config.mlp_ratio}"),
-        (0.0 <= config.dropout < 1.0, "dropout", f"expected a number in [0, 1), got {config.dropout}"),
-        (
-            0.0 <= config.label_dropout <= 1.0,
-            "label_dropout",
-            f"expected a probability in [0, 1], got {config.label_dropout}",
-        ),
-        (
-            0.0 <= config.label_smoothing < 1.0,
-            "label_smoothing",
-            f"expected a number in [0, 1), got {config.label_smoothing}",
-        ),
     ]
     for ok, key, message in checks:
         if not ok:
-            raise ValueError(f"{prefix}.{key}: {message}")
+            raise ValueError(f"prior.{key}: {message}")
 
 
-@dataclass(frozen=True)
-class MaskGITConfig:
-    """Shape of the MaskGIT prior. ``codebook_size`` and ``grid`` come from the tokenizer."""
+@dataclass(frozen=True, kw_only=True)
+class MaskGITConfig(PriorArchitecture):
+    """Shape of the MaskGIT prior: the transformer (``PriorArchitecture``, shared with the params) and
+    what comes from the tokenizer and the shards."""
 
     codebook_size: int  # K: token ids 0..K-1; the MASK id is K
     grid: tuple[int, int]  # token grid (h, w)
     num_classes: int = 0  # 0: unconditional
-    hidden_dim: int = 256
-    depth: int = 8  # transformer blocks
-    heads: int = 8
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * hidden_dim
-    dropout: float = 0.1  # attention, residual and embedding dropout
-    label_dropout: float = 0.1  # training-time probability of the null class (classifier-free guidance)
-    label_smoothing: float = 0.1  # the MaskGIT paper's value
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", grid_tuple(self.grid))
+        super().__post_init__()
         check_prior_config(self)
 
     @property

@@ -51,13 +51,7 @@ def prior_config(params: PriorParams, codebook_size: int, grid: tuple[int, int],
         codebook_size=codebook_size,
         grid=grid,
         num_classes=num_classes if params.conditional else 0,
-        hidden_dim=params.hidden_dim,
-        depth=params.depth,
-        heads=params.heads,
-        mlp_ratio=params.mlp_ratio,
-        dropout=params.dropout,
-        label_dropout=params.label_dropout if params.conditional else 0.0,
-        label_smoothing=params.label_smoothing,
+        **(params.architecture | {"label_dropout": params.label_dropout if params.conditional else 0.0}),
     )
 
 
