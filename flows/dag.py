@@ -5,11 +5,15 @@ Pure functions over the parsed dvc.yaml, so the flows never keep a second copy o
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from imtok.params import Params
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,18 @@ class Stage:
 
     @property
     def pool(self) -> str:
-        """``gpu`` for stages with a ``<section>.device`` param (they run models), else ``cpu``."""
-        return "gpu" if any(key.endswith(".device") for key in self.params) else "cpu"
+        """``gpu`` for stages with a device param (``<section>.device``, or a whole section that has
+        ``device``): they run models; else ``cpu``."""
+        return "gpu" if any(_names_a_device(key) for key in self.params) else "cpu"
+
+
+def _names_a_device(key: str) -> bool:
+    """Whether a dvc.yaml params entry is a ``device`` key or a whole params section that holds one."""
+    section, _, name = key.partition(".")
+    if name:
+        return name == "device"
+    hints = typing.get_type_hints(Params)
+    return section in hints and "device" in {field.name for field in dataclasses.fields(hints[section])}
 
 
 def _paths(entries: list[Any] | None, cached: bool | None = None) -> tuple[str, ...]:

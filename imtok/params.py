@@ -37,11 +37,16 @@ def _first_unknown(raw: dict, known: Mapping[str, Any]) -> str | None:
     return unknown[0] if unknown else None
 
 
+MOVED_KEYS = {"dist_timeout_s": "run.dist_timeout_s"}  # a key that left its section -> where it is now
+
+
 def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     """Check keys and types of one section against the dataclass ``cls`` and construct it."""
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     raw = _checked_mapping(raw, section, "keys to values")
     unknown = _first_unknown(raw, fields)
+    if unknown in MOVED_KEYS:
+        raise ValueError(f"{section}.{unknown}: moved to {MOVED_KEYS[unknown]}; set it there in params.yaml")
     if unknown:
         raise ValueError(
             f"{section}.{unknown}: unknown key; the keys of `{section}` are {', '.join(fields)} "
@@ -80,6 +85,26 @@ def _dist_timeout_check(value: float | None) -> tuple[bool, str, str]:
     )
 
 
+@dataclass(frozen=True)
+class RunParams:
+    """The `run` section: how the stages run where it changes nothing they compute, so no stage reruns
+    for it (dvc.yaml lists no key of it) and no checkpoint depends on it."""
+
+    SECTION: ClassVar[str] = "run"
+
+    dist_timeout_s: float | None = None  # multi-process stages (tokenizer, extract, prior): the wait for
+    # the other ranks to join and in every collective (extract: also for the slowest rank's shards at
+    # the end of a split); null: PyTorch's default (10 min NCCL, 30 min gloo). Keep it above the longest
+    # time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
+
+    def __post_init__(self) -> None:
+        _raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return _build_section(cls, raw, cls.SECTION)
+
+
 def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
     """(ok, key, message) for the optimisation fields the tokenizer and prior sections share."""
     s = section
@@ -101,7 +126,6 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
             f"must lie in (0, 1) or be null (off), got {s.ema_decay}",
         ),
         (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
-        _dist_timeout_check(s.dist_timeout_s),
     ]
 
 
@@ -122,7 +146,7 @@ def _section_dict(section: Any) -> dict[str, Any]:
 
 RUN_SETTINGS = frozenset(
     {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
-    | {"keep_checkpoints", "grid_images", "dist_timeout_s"}
+    | {"keep_checkpoints", "grid_images"}
 )
 
 
@@ -174,9 +198,6 @@ class TokenizerParams(TokenizerArchitecture):
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     grid_images: int = 32
-    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks; null: PyTorch's
-    # default (10 min NCCL, 30 min gloo). It bounds every collective too, so keep it above the
-    # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -323,15 +344,12 @@ class ExtractParams:
     device: str = "auto"
     precision: Precision = "fp32"  # bf16 autocast is faster on GPUs but may flip near-tie codes
     channels_last: bool = False  # NHWC encoder: faster, but may flip near-tie codes against NCHW
-    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks (and for the
-    # slowest rank's shards at the end of a split); null: PyTorch's default (10 min NCCL, 30 min gloo)
 
     def __post_init__(self) -> None:
         checks = [
             (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
-            _dist_timeout_check(self.dist_timeout_s),
         ]
         _raise_first_failed(self.SECTION, checks)
 
@@ -367,9 +385,6 @@ class PriorParams(PriorArchitecture):
     val_batches: int = 8
     checkpoint_every: int = 400
     keep_checkpoints: int = 2
-    dist_timeout_s: float | None = None  # multi-process: the wait for the other ranks; null: PyTorch's
-    # default (10 min NCCL, 30 min gloo). It bounds every collective too, so keep it above the
-    # longest time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -571,6 +586,7 @@ class Params:
     sample: SampleParams = dataclasses.field(default_factory=SampleParams)
     classifier: ClassifierParams = dataclasses.field(default_factory=ClassifierParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
+    run: RunParams = dataclasses.field(default_factory=RunParams)
 
     def __post_init__(self) -> None:
         self.tokenizer_config(self.prepare.channels, self.prepare.image_size)  # raises naming the key

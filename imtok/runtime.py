@@ -182,7 +182,7 @@ def default_dist_timeout_s(backend: str) -> float:
 
 
 def join_process_group(
-    backend: str, rank: int, world_size: int, timeout_s: float | None, key: str = "tokenizer.dist_timeout_s"
+    backend: str, rank: int, world_size: int, timeout_s: float | None, key: str = "run.dist_timeout_s"
 ) -> None:
     """``init_process_group`` from the environment (``env://``), waiting at most about ``timeout_s``
     (None: PyTorch's default) for the other ranks. ``ProcessGroupError`` names the rank, the address
@@ -230,7 +230,7 @@ def setup_runtime(
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        join_process_group(backend, rank, world_size, dist_timeout_s, key=f"{prefix}.dist_timeout_s")
+        join_process_group(backend, rank, world_size, dist_timeout_s)
         owns = True
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

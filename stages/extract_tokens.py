@@ -161,8 +161,10 @@ def extract(
     shards_dir: Path = SHARDS_DIR,
     tokens_dir: Path = TOKENS_DIR,
     runtime: Runtime | None = None,
+    dist_timeout_s: float | None = None,
 ) -> dict[str, Any] | None:
     """Write token shards of both splits; returns the stage report (None on ranks other than 0).
+    ``dist_timeout_s`` (``run.dist_timeout_s``) bounds the wait for the other ranks.
 
     Under ``torchrun`` every process encodes its share of the shards on its own device.
     """
@@ -172,7 +174,7 @@ def extract(
     started = time.perf_counter()
     owned = runtime is None
     runtime = runtime or setup_runtime(
-        params.device, params.precision, prefix="extract", dist_timeout_s=params.dist_timeout_s
+        params.device, params.precision, prefix="extract", dist_timeout_s=dist_timeout_s
     )
     try:
         with fetched_model_file(params.tokenizer, "tokenizer.pt") as model_file:
@@ -226,7 +228,12 @@ def extract(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__, lambda params, _: extract(params.extract), report_path=REPORT_PATH, argv=argv)
+    return stage_main(
+        __doc__,
+        lambda params, _: extract(params.extract, dist_timeout_s=params.run.dist_timeout_s),
+        report_path=REPORT_PATH,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

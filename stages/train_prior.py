@@ -92,7 +92,7 @@ def train(
     grid = (int(meta["grid"][0]), int(meta["grid"][1]))
     config = prior_config(section, int(meta["codebook_size"]), grid, num_classes)
     runtime = runtime or setup_runtime(
-        section.device, section.precision, prefix="prior", dist_timeout_s=section.dist_timeout_s
+        section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
     )
     token_identity = json.dumps(
         {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
@@ -193,7 +193,7 @@ def train(
 def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
     section = params.prior
     runtime = setup_runtime(
-        section.device, section.precision, prefix="prior", dist_timeout_s=section.dist_timeout_s
+        section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
     )
     try:
         return train(params, register=not args.no_register, runtime=runtime)

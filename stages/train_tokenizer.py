@@ -138,7 +138,7 @@ def train(
     check_discriminator_depth(section, image_size, f"{shards_dir / 'train'}: image_size")
     config = params.tokenizer_config(channels, image_size)
     runtime = runtime or setup_runtime(
-        section.device, section.precision, dist_timeout_s=section.dist_timeout_s
+        section.device, section.precision, dist_timeout_s=params.run.dist_timeout_s
     )
     run_key = agreed_fingerprint(fingerprint(section, channels, image_size, train_meta), runtime, "tokenizer")
     checkpoint_dir = checkpoint_root / run_key
@@ -229,7 +229,7 @@ def train(
 
 def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
     section = params.tokenizer
-    runtime = setup_runtime(section.device, section.precision, dist_timeout_s=section.dist_timeout_s)
+    runtime = setup_runtime(section.device, section.precision, dist_timeout_s=params.run.dist_timeout_s)
     try:
         return train(params, register=not args.no_register, runtime=runtime)
     finally:

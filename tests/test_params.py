@@ -27,6 +27,12 @@ def test_every_prepare_key_but_the_runtime_ones_is_listed_in_dvc_yaml():
     assert {f"prepare.{name}" for name in names} | {"tokenizer.downsample"} == listed
 
 
+def test_a_key_that_moved_to_the_run_section_says_where_it_went():
+    with pytest.raises(ValueError, match=r"^prior\.dist_timeout_s: moved to run\.dist_timeout_s"):
+        Params.from_dict({"prior": {"dist_timeout_s": 60}})
+    assert Params.from_dict({"run": {"dist_timeout_s": 60}}).run.dist_timeout_s == 60.0
+
+
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
     params = PrepareParams.from_dict({"val_fraction": 1 / 4, "limit": 10})
     assert params.val_fraction == 0.25 and params.limit == 10 and params.maxcount == 10000
@@ -60,7 +66,8 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"betas": [0.9]}}, "tokenizer.betas"),
         ({"tokenizer": {"warmup_steps": 1700}}, "tokenizer.warmup_steps"),
         ({"tokenizer": {"grad_clip": 0}}, "tokenizer.grad_clip"),
-        ({"tokenizer": {"dist_timeout_s": 0}}, "tokenizer.dist_timeout_s"),
+        ({"run": {"dist_timeout_s": 0}}, "run.dist_timeout_s"),
+        ({"tokenizer": {"dist_timeout_s": 60}}, "tokenizer.dist_timeout_s"),
         ({"tokenizer": {"gan_weight": 0.1, "gan_start_step": 1500}}, "tokenizer.gan_start_step"),
         (
             {"prepare": {"image_size": 16}, "tokenizer": {"gan_weight": 0.1, "disc_layers": 3}},
@@ -69,9 +76,9 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"classifier": {"widths": []}}, "classifier.widths"),
         ({"classifier": {"widths": [16, 0]}}, "classifier.widths"),
         ({"classifier": {"embed_dim": 0}}, "classifier.embed_dim"),
-        ({"prior": {"dist_timeout_s": -5}}, "prior.dist_timeout_s"),
-        ({"prior": {"dist_timeout_s": float("inf")}}, "prior.dist_timeout_s"),
-        ({"extract": {"dist_timeout_s": "1h"}}, "extract.dist_timeout_s"),
+        ({"run": {"dist_timeout_s": -5}}, "run.dist_timeout_s"),
+        ({"run": {"dist_timeout_s": float("inf")}}, "run.dist_timeout_s"),
+        ({"run": {"dist_timeout_s": "1h"}}, "run.dist_timeout_s"),
         ({"prepare": {"channels": 2}}, "prepare.channels"),
         ({"prepare": {"limit": 0}}, "prepare.limit"),
         ({"prepare": {"limit": True}}, "prepare.limit"),

@@ -46,7 +46,9 @@ def write_params(path: Path, sections: dict) -> Path:
 @pytest.mark.parametrize("stage", ["train_tokenizer", "train_prior"])
 def test_a_rank_whose_peer_failed_before_joining_gives_up_after_the_timeout(tmp_path, stage):
     section = "tokenizer" if stage == "train_tokenizer" else "prior"
-    good = write_params(tmp_path / "params.yaml", {section: {"device": "cpu", "dist_timeout_s": TIMEOUT_S}})
+    good = write_params(
+        tmp_path / "params.yaml", {section: {"device": "cpu"}, "run": {"dist_timeout_s": TIMEOUT_S}}
+    )
     broken = write_params(tmp_path / "broken.yaml", {section: {"devcie": "cpu"}})  # fails at the params
     port = free_port()
     command = [sys.executable, "-m", f"stages.{stage}", "--no-register"]
@@ -72,7 +74,7 @@ def test_a_rank_whose_peer_failed_before_joining_gives_up_after_the_timeout(tmp_
 
     assert ranks[1].returncode == 1 and f"{section}.devcie: unknown key" in logs[1], logs[1]
     assert ranks[0].returncode == 1, logs[0]
-    waited = re.search(rf"rank 0 of 2 waited (\d+) s \({section}\.dist_timeout_s: {TIMEOUT_S}\)", logs[0])
+    waited = re.search(rf"rank 0 of 2 waited (\d+) s \(run\.dist_timeout_s: {TIMEOUT_S}\)", logs[0])
     assert waited and int(waited[1]) >= TIMEOUT_S - 1, logs[0]  # the wait ran out, no other failure
     assert f"for the process group at 127.0.0.1:{port} to form" in logs[0], logs[0]
     assert "Traceback" not in logs[0], logs[0]
@@ -91,7 +93,7 @@ def test_a_rank_with_no_rank_0_listening_gives_up_naming_the_key(monkeypatch, no
     for name, value in rank_env(1, 2, free_port()).items():
         monkeypatch.setenv(name, value)
     started = time.monotonic()
-    with pytest.raises(ProcessGroupError, match=r"^rank 1 of 2 waited \d+ s \(extract\.dist_timeout_s: 2\)"):
+    with pytest.raises(ProcessGroupError, match=r"^rank 1 of 2 waited \d+ s \(run\.dist_timeout_s: 2\)"):
         setup_runtime("cpu", "fp32", prefix="extract", dist_timeout_s=2)
     assert 1.5 < time.monotonic() - started < 60
 

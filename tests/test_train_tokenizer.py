@@ -338,17 +338,6 @@ def test_shards_whose_size_is_not_divisible_by_f_name_the_split_and_the_key(tiny
         data_shape(tmp_path / "nowhere", 4)
 
 
-def test_every_tokenizer_key_is_listed_in_the_dvc_stage():
-    import dataclasses
-
-    from imtok.params import TokenizerParams
-
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_tokenizer"]
-    keys = {f"tokenizer.{field.name}" for field in dataclasses.fields(TokenizerParams)}
-    assert set(stage["params"]) == keys - {"tokenizer.dist_timeout_s"}  # changes nothing computed
-    assert "models/tokenizer" in stage["outs"] and "data/shards/train" in stage["deps"]
-
-
 @needs_compiler
 def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp_path, one_thread):
     # tokenizer.compile wraps the training forward (generator and quantizer; the discriminator and
