@@ -5,7 +5,10 @@ Pure functions over the parsed dvc.yaml, so the flows never keep a second copy o
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
+import string
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from imtok import layout
 from imtok.params import Params
 
 
@@ -63,23 +67,71 @@ def _param_keys(entries: list[Any] | None) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def variables(project: Path, entries: list[Any] | None) -> dict[str, Any]:
+    """The variables a dvc.yaml declares under ``vars``, as DVC reads them: inline mappings, a Python
+    file's top-level literal assignments (``imtok/layout.py``), a YAML file's mapping."""
+    found: dict[str, Any] = {}
+    for entry in entries or []:
+        if isinstance(entry, dict):
+            found.update(entry)
+            continue
+        path = Path(project) / str(entry)
+        if not path.is_file():
+            raise FileNotFoundError(f"{Path(project) / 'dvc.yaml'}: vars names {entry}, which is not a file")
+        if path.suffix != ".py":
+            found.update(yaml.safe_load(path.read_text()) or {})
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+            ):
+                with contextlib.suppress(ValueError):
+                    found[node.targets[0].id] = ast.literal_eval(node.value)
+    return found
+
+
+def _resolved(entries: list[Any] | None, values: dict[str, Any], where: str) -> list[Any]:
+    """dvc.yaml entries (``path`` or ``{path: options}``) with ``${NAME}`` replaced as DVC does."""
+
+    def resolve(text: str) -> str:
+        try:
+            return string.Template(text).substitute(values)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{where}: {text!r} names no variable of dvc.yaml's vars ({error})") from None
+
+    return [
+        {resolve(key): options for key, options in entry.items()}
+        if isinstance(entry, dict)
+        else resolve(entry)
+        for entry in entries or []
+    ]
+
+
 def read_stages(project: Path) -> list[Stage]:
-    """The stages of ``project/dvc.yaml`` in file order, which must be a topological order."""
+    """The stages of ``project/dvc.yaml`` in file order, which must be a topological order; paths
+    with ``${NAME}`` are resolved from its ``vars``."""
     path = Path(project) / "dvc.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dvc.yaml; run the flow from the project's root")
-    declared = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    document = yaml.safe_load(path.read_text()) or {}
+    values = variables(Path(project), document.get("vars"))
     stages = []
-    for name, body in declared.items():
-        uncached = sum((_paths(body.get(kind), cached=False) for kind in ("outs", "metrics", "plots")), ())
+    for name, body in (document.get("stages") or {}).items():
+        entries = {
+            kind: _resolved(body.get(kind), values, f"{path}: stage {name}")
+            for kind in ("deps", "outs", "metrics", "plots")
+        }
+        uncached = sum((_paths(entries[kind], cached=False) for kind in ("outs", "metrics", "plots")), ())
         stages.append(
             Stage(
                 name,
-                _paths(body.get("deps")),
-                _paths(body.get("outs"), cached=True),
+                _paths(entries["deps"]),
+                _paths(entries["outs"], cached=True),
                 _param_keys(body.get("params")),
                 uncached=uncached,
-                metrics=_paths(body.get("metrics")),
+                metrics=_paths(entries["metrics"]),
             )
         )
     check_order(stages)
@@ -94,7 +146,9 @@ def uncached_outputs(stages: list[Stage]) -> list[str]:
 
 def metric_writers(stages: list[Stage]) -> set[str]:
     """The stages that write ``metrics/*.json`` (what the pipeline flow reports)."""
-    return {stage.name for stage in stages if any(path.startswith("metrics/") for path in stage.metrics)}
+    return {
+        stage.name for stage in stages if any(path.startswith(f"{layout.METRICS}/") for path in stage.metrics)
+    }
 
 
 def producers(stages: list[Stage]) -> dict[str, str]:

@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.dag import metric_writers, read_stages, select, uncached_outputs, upstream
 from flows.dvc import DvcCommandError, DvcTransferError, dvc, lock_entry, save_experiment
+from imtok import layout
 from imtok.overrides import write_overrides
 
 TRANSFER_RETRIES = 3
@@ -188,7 +189,7 @@ def pipeline(
     missing = metric_writers(all_stages) - {stage.name for stage in chosen}
     if missing:
         get_run_logger().info("metrics left out: %s not among the stages run", ", ".join(sorted(missing)))
-    files = [path for stage in chosen for path in stage.metrics if path.startswith("metrics/")]
+    files = [path for stage in chosen for path in stage.metrics if path.startswith(f"{layout.METRICS}/")]
     return {"stages": results, "metrics": read_metrics(root, files), "experiment": experiment}
 
 

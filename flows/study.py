@@ -45,6 +45,7 @@ from prefect import flow
 
 from flows.pipeline import project_root
 from flows.sweep import sweep, write_table
+from imtok import layout
 from imtok.atomic import write_text_atomic
 from imtok.overrides import merged
 from imtok.params import read_yaml
@@ -79,7 +80,7 @@ PRIOR_COLUMNS = {
     "precision": "generation.precision_{features}",
     "recall": "generation.recall_{features}",
 }
-CURVES_FILE = "plots/tokenizer_curves.csv"  # written by evaluate_tokenizer, kept per point
+CURVES_FILE = f"{layout.PLOTS}/tokenizer_curves.csv"  # written by evaluate_tokenizer, kept per point
 CURVE_COLUMNS = {"usage %": "val_codebook_usage_pct", "PSNR": "val_psnr"}
 
 
@@ -299,7 +300,7 @@ def codebook_study(
     labels: list[str] | None = None,
     part: str = "tokenizer",
     project: str | None = None,
-    out: str = "reports/study/codebook_size",
+    out: str = f"{layout.REPORTS}/study/codebook_size",
     use_remote: bool = True,
 ) -> list[dict[str, Any]]:
     """One part of the study (``tokenizer`` or ``prior``), then the report under ``out``."""
@@ -331,7 +332,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--labels", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--project", default=None)
-    parser.add_argument("--out", default="reports/study/codebook_size")
+    parser.add_argument("--out", default=f"{layout.REPORTS}/study/codebook_size")
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
     if args.part == "report":

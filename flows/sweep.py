@@ -24,6 +24,7 @@ from prefect import flow
 from flows.dag import read_stages, uncached_outputs
 from flows.dvc import DvcCommandError, dvc
 from flows.pipeline import pipeline, project_root
+from imtok import layout
 from imtok.atomic import write_bytes_atomic, write_text_atomic
 from imtok.overrides import validated
 from imtok.params import read_yaml
@@ -77,7 +78,7 @@ def sweep(
     points: list[dict[str, Any]],
     project: str | None = None,
     stages: list[str] | None = None,
-    table: str = "reports/sweep.csv",
+    table: str = f"{layout.REPORTS}/sweep.csv",
     remote: str | None = None,
     use_remote: bool = True,
     keep: dict[str, str] | None = None,
@@ -169,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("points", type=Path, help="YAML list of {name, overrides}")
     parser.add_argument("--project", default=None)
-    parser.add_argument("--table", default="reports/sweep.csv")
+    parser.add_argument("--table", default=f"{layout.REPORTS}/sweep.csv")
     parser.add_argument("--no-remote", action="store_true")
     args = parser.parse_args()
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
+from imtok import layout
 from imtok.models.architecture import PriorArchitecture, TokenizerArchitecture
 from imtok.typerules import type_name, value_matches
 
@@ -337,7 +338,7 @@ class ExtractParams:
 
     SECTION: ClassVar[str] = "extract"
 
-    tokenizer: str = "models/tokenizer"  # a directory with tokenizer.pt, or models:/imtok-tokenizer@champion
+    tokenizer: str = layout.TOKENIZER  # a directory with tokenizer.pt, or models:/imtok-tokenizer@champion
     batch_size: int = 256
     flip: bool = False  # also store the tokens of horizontally flipped train images (keys ending _hflip)
     num_workers: int = 0  # DataLoader processes decoding image shards while the model encodes; 0: in turn
@@ -422,7 +423,7 @@ class SampleParams:
 
     SECTION: ClassVar[str] = "sample"
 
-    prior: str = "models/prior"  # a directory with prior.pt, or models:/imtok-prior@champion
+    prior: str = layout.PRIOR  # a directory with prior.pt, or models:/imtok-prior@champion
     tokenizer: str | None = None  # null: the tokenizer the prior was trained on (from its metadata)
     per_class: int = 100  # images per class of a conditional prior
     count: int = 1000  # images of an unconditional prior

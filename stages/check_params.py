@@ -15,10 +15,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.params import Params
 from stages.common import stage_main
 
-REPORT_PATH = Path("reports/params.json")
+REPORT_PATH = Path(layout.REPORTS) / "params.json"
 
 
 def accepted_keys() -> dict[str, list[str]]:

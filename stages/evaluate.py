@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.data.shards import META_NAME, read_meta
 from imtok.evaluation import (
     check_same_shape,
@@ -36,13 +37,13 @@ from imtok.params import Params
 from imtok.plots import curves_png
 from stages.common import stage_main, write_json
 
-SHARDS_DIR = Path("data/shards")
-SAMPLES_DIR = Path("data/samples")
-PRIOR_DIR = Path("models/prior")
-CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
-REPORT_PATH = Path("reports/evaluate.json")
+SHARDS_DIR = Path(layout.SHARDS)
+SAMPLES_DIR = Path(layout.SAMPLES)
+PRIOR_DIR = Path(layout.PRIOR)
+CLASSIFIER_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
+METRICS_DIR = Path(layout.METRICS)
+PLOTS_DIR = Path(layout.PLOTS)
+REPORT_PATH = Path(layout.REPORTS) / "evaluate.json"
 CURVES = ["train/loss", "val/loss", "val/accuracy"]
 
 

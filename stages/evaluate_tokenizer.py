@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.evaluation import (
     collect_features,
     evaluation_extractors,
@@ -37,12 +38,12 @@ from imtok.params import Params
 from imtok.plots import curves_png, usage_png
 from stages.common import stage_main, write_json
 
-SHARDS_DIR = Path("data/shards")
-TOKENIZER_DIR = Path("models/tokenizer")
-CLASSIFIER_PATH = Path("models/classifier/classifier.pt")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
-REPORT_PATH = Path("reports/evaluate_tokenizer.json")
+SHARDS_DIR = Path(layout.SHARDS)
+TOKENIZER_DIR = Path(layout.TOKENIZER)
+CLASSIFIER_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
+METRICS_DIR = Path(layout.METRICS)
+PLOTS_DIR = Path(layout.PLOTS)
+REPORT_PATH = Path(layout.REPORTS) / "evaluate_tokenizer.json"
 # MLflow histories in plots/tokenizer_curves.csv; the study's convergence plot reads the val ones.
 CURVES = ["train/loss", "train/psnr", "val/psnr", "train/codebook_usage_pct", "val/codebook_usage_pct"]
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.data.shards import (
     META_NAME,
     clear_split_dir,
@@ -36,9 +37,9 @@ from stages.common import read_json, stage_main
 
 log = logging.getLogger("stages.extract_tokens")
 
-SHARDS_DIR = Path("data/shards")
-TOKENS_DIR = Path("data/tokens")
-REPORT_PATH = Path("reports/extract_tokens.json")
+SHARDS_DIR = Path(layout.SHARDS)
+TOKENS_DIR = Path(layout.TOKENS)
+REPORT_PATH = Path(layout.REPORTS) / "extract_tokens.json"
 
 
 def tokenizer_provenance(location: str, model_file: Path) -> dict[str, Any]:

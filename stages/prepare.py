@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.data.s3 import upload_split
 from imtok.data.shards import write_split
 from imtok.data.sources import SPLITS, source_from_params
@@ -20,9 +21,9 @@ from stages.common import stage_main
 
 log = logging.getLogger("stages.prepare")
 
-SHARDS_DIR = Path("data/shards")
-DOWNLOAD_DIR = Path("data/raw")
-REPORT_PATH = Path("reports/prepare.json")
+SHARDS_DIR = Path(layout.SHARDS)
+DOWNLOAD_DIR = Path(layout.RAW)
+REPORT_PATH = Path(layout.REPORTS) / "prepare.json"
 
 
 def prepare(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from imtok import layout
 from imtok.data.encoding import encode_png
 from imtok.data.shards import META_NAME, to_uint8, write_json_atomic, write_shards
 from imtok.images import save_grid
@@ -36,9 +37,9 @@ from stages.common import replace_directory, stage_main
 log = logging.getLogger("stages.sample")
 
 STAGE = "sample"
-SAMPLES_DIR = Path("data/samples")
-GRID_PATH = Path("reports/samples.png")
-REPORT_PATH = Path("reports/sample.json")
+SAMPLES_DIR = Path(layout.SAMPLES)
+GRID_PATH = Path(layout.REPORTS) / "samples.png"
+REPORT_PATH = Path(layout.REPORTS) / "sample.json"
 
 
 def matching_tokenizer(

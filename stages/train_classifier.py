@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from imtok import layout
 from imtok.data.shards import ShardLoader, iter_batches, read_meta
 from imtok.models.classifier import ClassifierConfig, evaluate_accuracy, save_classifier
 from imtok.params import ClassifierParams
@@ -31,10 +32,10 @@ from stages.common import stage_main
 
 log = logging.getLogger("stages.train_classifier")
 
-SHARDS_DIR = Path("data/shards")
-OUT_PATH = Path("models/classifier/classifier.pt")
-REPORT_PATH = Path("reports/train_classifier.json")
-CHECKPOINT_ROOT = Path("checkpoints/classifier")
+SHARDS_DIR = Path(layout.SHARDS)
+OUT_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
+REPORT_PATH = Path(layout.REPORTS) / "train_classifier.json"
+CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "classifier"
 RUNTIME_KEYS = frozenset({"device", "min_accuracy"})  # change nothing that training computes
 
 

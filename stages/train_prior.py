@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.data.tokens import TokenSplit, load_token_split
 from imtok.params import Params, PriorParams
 from imtok.runtime import (
@@ -37,10 +38,10 @@ from stages.common import Registration, export_model, no_register_option, stage_
 log = logging.getLogger("stages.train_prior")
 
 STAGE = "train_prior"
-TOKENS_DIR = Path("data/tokens")
-OUT_DIR = Path("models/prior")
-CHECKPOINT_ROOT = Path("checkpoints/prior")
-REPORT_PATH = Path("reports/train_prior.json")
+TOKENS_DIR = Path(layout.TOKENS)
+OUT_DIR = Path(layout.PRIOR)
+CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "prior"
+REPORT_PATH = Path(layout.REPORTS) / "train_prior.json"
 REGISTERED_NAME = "imtok-prior"
 MODEL_DESCRIPTION = (
     "Priors over imtok tokens (MaskGIT or GPT) trained by the train_prior stage, one version per run. "

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.data.shards import iter_batches, read_meta
 from imtok.images import paired_rows, save_grid
 from imtok.params import Params, TokenizerParams, check_discriminator_depth
@@ -42,10 +43,10 @@ from stages.common import Registration, export_model, no_register_option, stage_
 log = logging.getLogger("stages.train_tokenizer")
 
 STAGE = "train_tokenizer"
-SHARDS_DIR = Path("data/shards")
-OUT_DIR = Path("models/tokenizer")
-CHECKPOINT_ROOT = Path("checkpoints/tokenizer")
-REPORT_PATH = Path("reports/train_tokenizer.json")
+SHARDS_DIR = Path(layout.SHARDS)
+OUT_DIR = Path(layout.TOKENIZER)
+CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "tokenizer"
+REPORT_PATH = Path(layout.REPORTS) / "train_tokenizer.json"
 REGISTERED_NAME = "imtok-tokenizer"
 MODEL_DESCRIPTION = (
     "Image tokenizers trained by imtok's train_tokenizer stage, one version per run. Each version's "

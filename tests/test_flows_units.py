@@ -316,10 +316,15 @@ def _direct_imtok_imports(script: Path) -> set[Path]:
 def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_deps():
     # Otherwise a change to, say, how images are read reruns prepare (byte-identical shards) and
     # DVC skips the stages whose results it changes.
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    # imtok/layout.py is dvc.yaml's own vars file: a path changed there changes the stage definitions,
+    # which DVC compares itself.
+    stages = {stage.name: stage for stage in read_stages(REPO)}
+    commands = {
+        name: body["cmd"] for name, body in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()
+    }
     for name, stage in stages.items():
-        script = REPO / (stage["cmd"].split(" -m ")[1].split()[0].replace(".", "/") + ".py")
-        deps = [REPO / dep for dep in stage.get("deps", [])]
+        script = REPO / (commands[name].split(" -m ")[1].split()[0].replace(".", "/") + ".py")
+        deps = [REPO / dep for dep in stage.deps] + [REPO / "imtok" / "layout.py"]
         uncovered = {
             str(path.relative_to(REPO))
             for path in _direct_imtok_imports(script)
@@ -392,3 +397,27 @@ def test_after_a_sweep_the_lock_and_every_output_are_the_baselines_again(tmp_pat
     assert (tmp_path / "out.txt").read_text() == "1"  # checked out of the cache
     assert yaml.safe_load((tmp_path / "report.json").read_text()) == {"value": 1}
     assert not (tmp_path / "extra.json").exists()  # not the last point's, passing for the baseline's
+
+
+def test_read_stages_resolves_paths_from_the_vars_as_dvc_does(tmp_path):
+    layout = 'SHARDS = "data/shards"\nWHERE = Path("x")  # not a literal: DVC skips it\n'
+    (tmp_path / "layout.py").write_text(layout)
+    stages = {
+        "make": {
+            "cmd": "true",
+            "deps": ["${SHARDS}/train"],
+            "outs": ["${OUT}", {"${REPORTS}/make.json": {"cache": False}}],
+        }
+    }
+    document = {"vars": ["layout.py", {"OUT": "models/made", "REPORTS": "reports"}], "stages": stages}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(document))
+    (stage,) = read_stages(tmp_path)
+    assert stage.deps == ("data/shards/train",)
+    assert stage.outs == ("models/made",) and stage.uncached == ("reports/make.json",)
+    # the real dvc.yaml resolves to the paths DVC itself lists
+    listed = {stage.name: stage.outs + stage.uncached for stage in read_stages(REPO)}
+    assert listed["prepare"] == ("data/shards/train", "data/shards/val", "reports/prepare.json")
+    stages["make"]["deps"] = ["${NOWHERE}/train"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(ValueError, match=r"stage make: '\$\{NOWHERE\}/train' names no variable"):
+        read_stages(tmp_path)

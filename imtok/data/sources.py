@@ -26,6 +26,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from imtok import layout
 from imtok.params import PrepareParams
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def _download(url: str, dest: Path, spec: IdxFile, timeout: float) -> None:
 
 def locate_fashion_mnist(
     root: str | Path | None = None,
-    download_dir: str | Path = "data/raw",
+    download_dir: str | Path = layout.RAW,
     mirrors: Sequence[str] = FASHION_MNIST_MIRRORS,
     files: dict[str, IdxFile] = FASHION_MNIST_FILES,
     timeout: float = 30.0,
@@ -517,7 +518,7 @@ class SyntheticShapes:
         return "sha256:" + hashlib.sha256(recipe.encode()).hexdigest()
 
 
-def source_from_params(params: PrepareParams, download_dir: str | Path = "data/raw") -> Source:
+def source_from_params(params: PrepareParams, download_dir: str | Path = layout.RAW) -> Source:
     """Build the source that ``prepare.*`` describes; errors name the key to change."""
     if params.source == "fashion_mnist":
         directory = locate_fashion_mnist(params.root, download_dir)
