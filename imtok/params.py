@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
 from imtok import layout
-from imtok.models.architecture import PriorArchitecture, TokenizerArchitecture
+from imtok.models.architecture import PriorArchitecture, TokenizerArchitecture, raise_first_failed
 from imtok.typerules import type_name, value_matches
 
 SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
@@ -99,7 +99,7 @@ class RunParams:
     # time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
 
     def __post_init__(self) -> None:
-        _raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
+        raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -128,12 +128,6 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
         ),
         (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
     ]
-
-
-def _raise_first_failed(section: str, checks: list[tuple[bool, str, str]]) -> None:
-    for ok, key, message in checks:
-        if not ok:
-            raise ValueError(f"{section}.{key}: {message}")
 
 
 def _section_dict(section: Any) -> dict[str, Any]:
@@ -246,7 +240,7 @@ class TokenizerParams(TokenizerArchitecture):
             )
             for key in ("perceptual_weight", "pcl_weight", "gan_weight")
         ]
-        _raise_first_failed(self.SECTION, checks + _training_checks(self))
+        raise_first_failed(self.SECTION, checks + _training_checks(self))
 
     def as_dict(self) -> dict[str, Any]:
         """The section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
@@ -325,7 +319,7 @@ class PrepareParams:
                 f"must be >= 0 processes (0: encode in the stage itself), got {self.num_workers}",
             ),
         ]
-        _raise_first_failed(self.SECTION, checks)
+        raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -352,7 +346,7 @@ class ExtractParams:
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
         ]
-        _raise_first_failed(self.SECTION, checks)
+        raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -407,7 +401,7 @@ class PriorParams(PriorArchitecture):
                 f"must be below 1 (1 would never train the classes), got {self.label_dropout}",
             )
         )
-        _raise_first_failed(self.SECTION, checks + _training_checks(self))
+        raise_first_failed(self.SECTION, checks + _training_checks(self))
 
     def as_dict(self) -> dict[str, Any]:
         return _section_dict(self)
@@ -461,7 +455,7 @@ class SampleParams:
             (self.grid_per_class >= 1, "grid_per_class", f"must be >= 1, got {self.grid_per_class}"),
             (self.maxcount >= 1, "maxcount", f"must be >= 1, got {self.maxcount}"),
         ]
-        _raise_first_failed(self.SECTION, checks)
+        raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:
@@ -498,7 +492,7 @@ class ClassifierParams:
             (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
             (0 <= self.min_accuracy <= 1, "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}"),
         ]
-        _raise_first_failed(self.SECTION, checks)
+        raise_first_failed(self.SECTION, checks)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+
+def raise_first_failed(section: str, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise ``ValueError("<section>.<key>: <message>")`` for the first ``(ok, key, message)`` not ok."""
+    for ok, key, message in checks:
+        if not ok:
+            raise ValueError(f"{section}.{key}: {message}")
+
+
 QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"]
 
 
@@ -46,9 +54,7 @@ class TokenizerArchitecture:
             (self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}"),
             (0.0 <= self.dropout < 1.0, "dropout", f"must lie in [0, 1), got {self.dropout}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"tokenizer.{key}: {message}")
+        raise_first_failed("tokenizer", checks)
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -95,9 +101,7 @@ class PriorArchitecture:
                 f"expected a number in [0, 1), got {self.label_smoothing}",
             ),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"prior.{key}: {message}")
+        raise_first_failed("prior", checks)
 
     @property
     def architecture(self) -> dict[str, Any]:

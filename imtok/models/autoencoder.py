@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.models.architecture import TokenizerArchitecture
+from imtok.models.architecture import TokenizerArchitecture, raise_first_failed
 from imtok.quantizers import (
     BSQ,
     FSQ,
@@ -192,9 +192,7 @@ class TokenizerConfig(TokenizerArchitecture):
             (self.in_channels >= 1, "in_channels", f"must be >= 1 (1 gray, 3 RGB), got {self.in_channels}"),
             (self.image_size >= 1, "image_size", f"must be a positive pixel count, got {self.image_size}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"tokenizer.{key}: {message}")
+        raise_first_failed("tokenizer", checks)
         f = self.downsample
         if self.image_size % f:
             below, above = self.image_size // f * f, (self.image_size // f + 1) * f

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.models.architecture import PriorArchitecture
+from imtok.models.architecture import PriorArchitecture, raise_first_failed
 from imtok.quantizers.common import check_indices
 from imtok.training import unwrap_model
 
@@ -70,9 +70,7 @@ def check_prior_config(config: Any) -> None:
             f"expected an integer >= 0 (0 for an unconditional prior), got {config.num_classes}",
         ),
     ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ValueError(f"prior.{key}: {message}")
+    raise_first_failed("prior", checks)
 
 
 @dataclass(frozen=True, kw_only=True)
