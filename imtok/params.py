@@ -86,8 +86,29 @@ def _dist_timeout_check(value: float | None) -> tuple[bool, str, str]:
     )
 
 
+class Section:
+    """What every section dataclass shares: ``SECTION`` (its key in params.yaml), the one way in
+    (``from_dict``, which checks keys and types) and its values as plain YAML (``as_dict``)."""
+
+    SECTION: ClassVar[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
+        return {
+            field.name: list(value) if isinstance(value, tuple) else value
+            for field in dataclasses.fields(self)  # type: ignore[arg-type]
+            for value in [getattr(self, field.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        """The section from its raw YAML mapping: unknown keys and wrong types named (see
+        ``_build_section``), then the section's own range checks."""
+        return _build_section(cls, raw, cls.SECTION)
+
+
 @dataclass(frozen=True)
-class RunParams:
+class RunParams(Section):
     """The `run` section: how the stages run where it changes nothing they compute, so no stage reruns
     for it (dvc.yaml lists no key of it) and no checkpoint depends on it."""
 
@@ -100,10 +121,6 @@ class RunParams:
 
     def __post_init__(self) -> None:
         raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
 
 
 def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
@@ -130,15 +147,6 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
     ]
 
 
-def _section_dict(section: Any) -> dict[str, Any]:
-    """A section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
-    return {
-        field.name: list(value) if isinstance(value, tuple) else value
-        for field in dataclasses.fields(section)
-        for value in [getattr(section, field.name)]
-    }
-
-
 RUN_SETTINGS = frozenset(
     {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
     | {"keep_checkpoints", "grid_images"}
@@ -146,7 +154,7 @@ RUN_SETTINGS = frozenset(
 
 
 @dataclass(frozen=True)
-class TokenizerParams(TokenizerArchitecture):
+class TokenizerParams(TokenizerArchitecture, Section):
     """The `tokenizer` section: architecture (``TokenizerArchitecture``: the model's own fields, declared
     once), quantizer, losses, optimisation and run settings.
 
@@ -242,17 +250,9 @@ class TokenizerParams(TokenizerArchitecture):
         ]
         raise_first_failed(self.SECTION, checks + _training_checks(self))
 
-    def as_dict(self) -> dict[str, Any]:
-        """The section as plain YAML-like values (lists for tuples), for logging and fingerprints."""
-        return _section_dict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
-
 
 @dataclass(frozen=True)
-class PrepareParams:
+class PrepareParams(Section):
     """The `prepare` section: which images become shards, at what size, and how they are cut.
 
     ``RUNTIME_KEYS`` change how the shards are written, not their bytes, so dvc.yaml leaves them out.
@@ -321,13 +321,9 @@ class PrepareParams:
         ]
         raise_first_failed(self.SECTION, checks)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
-
 
 @dataclass(frozen=True)
-class ExtractParams:
+class ExtractParams(Section):
     """The `extract` section: which tokenizer encodes the image shards into token shards, and how."""
 
     SECTION: ClassVar[str] = "extract"
@@ -348,13 +344,9 @@ class ExtractParams:
         ]
         raise_first_failed(self.SECTION, checks)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
-
 
 @dataclass(frozen=True)
-class PriorParams(PriorArchitecture):
+class PriorParams(PriorArchitecture, Section):
     """The `prior` section: a MaskGIT or GPT prior over the token shards (its transformer:
     ``PriorArchitecture``, declared once with the models' configs), and how it is trained."""
 
@@ -403,16 +395,9 @@ class PriorParams(PriorArchitecture):
         )
         raise_first_failed(self.SECTION, checks + _training_checks(self))
 
-    def as_dict(self) -> dict[str, Any]:
-        return _section_dict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
-
 
 @dataclass(frozen=True)
-class SampleParams:
+class SampleParams(Section):
     """The `sample` section: how many images the prior generates, and how it decodes them."""
 
     SECTION: ClassVar[str] = "sample"
@@ -457,13 +442,9 @@ class SampleParams:
         ]
         raise_first_failed(self.SECTION, checks)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
-
 
 @dataclass(frozen=True)
-class ClassifierParams:
+class ClassifierParams(Section):
     """The `classifier` section: the domain feature network for FID-type metrics without InceptionV3."""
 
     SECTION: ClassVar[str] = "classifier"
@@ -493,10 +474,6 @@ class ClassifierParams:
             (0 <= self.min_accuracy <= 1, "min_accuracy", f"must lie in [0, 1], got {self.min_accuracy}"),
         ]
         raise_first_failed(self.SECTION, checks)
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
 
 
 # The metrics `evaluate` computes that can decide a champion, and whether higher is better. Those in
@@ -540,7 +517,7 @@ def higher_is_better(metric: str, key: str = "metric") -> bool:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(Section):
     """The `evaluate` section: which features the metrics use and how champions are chosen."""
 
     SECTION: ClassVar[str] = "evaluate"
@@ -564,10 +541,6 @@ class EvaluateParams:
                     f"{self.SECTION}.{key}: {metric!r} is not a metric evaluate computes for this model; "
                     f"use one of {_allowed_metrics(table)}"
                 )
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Self:
-        return _build_section(cls, raw, cls.SECTION)
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.models.architecture import PriorArchitecture
 from imtok.models.maskgit import (
     ClassEmbedding,
+    PriorConfig,
     TransformerBlock,
     check_labels,
-    check_prior_config,
-    grid_tuple,
     init_transformer_weights,
     positional_embedding,
 )
@@ -42,23 +40,8 @@ from imtok.training import unwrap_model
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTConfig(PriorArchitecture):
-    """Shape of the GPT prior: the transformer (``PriorArchitecture``, shared with the params) and what
-    comes from the tokenizer and the shards."""
-
-    codebook_size: int  # K: token ids 0..K-1
-    grid: tuple[int, int]  # token grid (h, w), read in raster order
-    num_classes: int = 0  # 0: unconditional
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", grid_tuple(self.grid))
-        super().__post_init__()
-        check_prior_config(self)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image, h * w; also the longest sequence (prefix + N - 1 tokens)."""
-        return self.grid[0] * self.grid[1]
+class GPTConfig(PriorConfig):
+    """Shape of the GPT prior."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ embeddings, ``depth`` pre-norm blocks (LayerNorm -> multi-head self-attention th
 and a linear head over the codebook_size codes (MASK is never predicted).
 
 The transformer pieces here (``TransformerBlock``, ``ClassEmbedding``, ``init_transformer_weights``,
-``check_prior_config``) are shared with the autoregressive prior in ``imtok.models.gpt``, which runs the
+``PriorConfig``) are shared with the autoregressive prior in ``imtok.models.gpt``, which runs the
 same blocks causally with a key/value cache.
 
 Decoding (iterative parallel sampling) is ``imtok.sampling.maskgit_decode``; a ``MaskGIT`` instance is
@@ -53,44 +53,43 @@ def grid_tuple(grid: Any, prefix: str = "prior") -> tuple[int, ...]:
     return tuple(grid)
 
 
-def check_prior_config(config: Any) -> None:
-    """Raise a ValueError naming ``prior.<field>`` for the first invalid field a prior config adds to
-    ``PriorArchitecture`` (which checks its own): the vocabulary, the grid and the classes."""
-    grid = config.grid
-    checks = [
-        (config.codebook_size >= 2, "codebook_size", f"expected an integer >= 2, got {config.codebook_size}"),
-        (
-            len(grid) == 2 and all(isinstance(side, int) and side >= 1 for side in grid),
-            "grid",
-            f"expected the token grid as two integers [h, w] >= 1 (the tokenizer's token_grid), got {grid!r}",
-        ),
-        (
-            config.num_classes >= 0,
-            "num_classes",
-            f"expected an integer >= 0 (0 for an unconditional prior), got {config.num_classes}",
-        ),
-    ]
-    raise_first_failed("prior", checks)
-
-
 @dataclass(frozen=True, kw_only=True)
-class MaskGITConfig(PriorArchitecture):
-    """Shape of the MaskGIT prior: the transformer (``PriorArchitecture``, shared with the params) and
-    what comes from the tokenizer and the shards."""
+class PriorConfig(PriorArchitecture):
+    """Shape of a prior (MaskGIT, GPT): the transformer (``PriorArchitecture``, shared with the params)
+    and what comes from the tokenizer and the shards, checked here."""
 
-    codebook_size: int  # K: token ids 0..K-1; the MASK id is K
-    grid: tuple[int, int]  # token grid (h, w)
+    codebook_size: int  # K: token ids 0..K-1 (MaskGIT's MASK id is K)
+    grid: tuple[int, int]  # token grid (h, w); GPT reads it in raster order
     num_classes: int = 0  # 0: unconditional
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", grid_tuple(self.grid))
         super().__post_init__()
-        check_prior_config(self)
+        grid = self.grid
+        checks = [
+            (self.codebook_size >= 2, "codebook_size", f"expected an integer >= 2, got {self.codebook_size}"),
+            (
+                len(grid) == 2 and all(isinstance(side, int) and side >= 1 for side in grid),
+                "grid",
+                f"expected the token grid as two integers [h, w] >= 1 (the tokenizer's grid), got {grid!r}",
+            ),
+            (
+                self.num_classes >= 0,
+                "num_classes",
+                f"expected an integer >= 0 (0 for an unconditional prior), got {self.num_classes}",
+            ),
+        ]
+        raise_first_failed("prior", checks)
 
     @property
     def num_tokens(self) -> int:
-        """Tokens per image, h * w."""
+        """Tokens per image, h * w (GPT: also its longest sequence, prefix + N - 1 tokens)."""
         return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskGITConfig(PriorConfig):
+    """Shape of the MaskGIT prior."""
 
     @property
     def mask_id(self) -> int:
