@@ -1,23 +1,32 @@
 """Typed models of the params.yaml sections, with one validation boundary.
 
 Every section is a frozen dataclass whose field names are the YAML keys. ``load_params(path)`` (or
-``Params.from_dict``) is the only place raw YAML becomes typed values; every error it raises is a
-``ValueError`` that starts with the dotted key (``prepare.image_size: ...``) and says what to do.
-A later stage adds its section as one more dataclass plus one field on ``Params``.
+``Params.from_dict``) is the only place raw YAML becomes typed values: pydantic checks each section's
+keys and types (a strict model made from the dataclass, unknown keys forbidden), the dataclass's
+``__post_init__`` its ranges. Every error is a ``ValueError`` that starts with the dotted key
+(``prepare.image_size: ...``) and says what to do. A later stage adds its section as one more
+dataclass plus one field on ``Params``.
+
+The sections stay dataclasses, not pydantic models: the models' own configs (``TokenizerConfig``,
+``MaskGITConfig``, ``GPTConfig``) extend the same architecture dataclasses, and they are built and
+``dataclasses.replace``d in code that never sees params.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
 from imtok import layout
 from imtok.models.architecture import PriorArchitecture, TokenizerArchitecture, raise_first_failed
-from imtok.typerules import type_name, value_matches
+from imtok.typerules import STRICT, type_name, yaml_value
 
 SourceKind = Literal["fashion_mnist", "folder", "synthetic"]
 _Section = TypeVar("_Section")
@@ -41,36 +50,50 @@ def _first_unknown(raw: dict, known: Mapping[str, Any]) -> str | None:
 MOVED_KEYS = {"dist_timeout_s": "run.dist_timeout_s"}  # a key that left its section -> where it is now
 
 
+@functools.cache
+def _section_model(cls: type) -> type[BaseModel]:
+    """The pydantic model that checks a section's keys and types: the dataclass ``cls``'s fields,
+    strict (``imtok.typerules``), unknown keys forbidden. Only the keys given are checked; the
+    dataclass supplies the defaults and its ``__post_init__`` the ranges."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {
+        field.name: (hints[field.name], None)
+        if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        else (hints[field.name], ...)
+        for field in dataclasses.fields(cls)
+    }
+    config = ConfigDict(**STRICT, extra="forbid")
+    return create_model(f"{cls.__name__}Keys", __config__=config, **fields)
+
+
 def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
     """Check keys and types of one section against the dataclass ``cls`` and construct it."""
-    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     raw = _checked_mapping(raw, section, "keys to values")
-    unknown = _first_unknown(raw, fields)
-    if unknown in MOVED_KEYS:
-        raise ValueError(f"{section}.{unknown}: moved to {MOVED_KEYS[unknown]}; set it there in params.yaml")
-    if unknown:
-        raise ValueError(
-            f"{section}.{unknown}: unknown key; the keys of `{section}` are {', '.join(fields)} "
+    given = {key: yaml_value(value) for key, value in raw.items()}
+    try:
+        checked = _section_model(cls).model_validate(given)
+    except ValidationError as error:
+        raise ValueError(_section_error(cls, section, raw, error.errors()[0])) from None
+    return cls(**{name: getattr(checked, name) for name in given})
+
+
+def _section_error(cls: type, section: str, raw: dict, error: Any) -> str:
+    """The first pydantic error of a section as ``<section>.<key>: <what is wrong and what to write>``."""
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden" and name in MOVED_KEYS:
+        return f"{section}.{name}: moved to {MOVED_KEYS[name]}; set it there in params.yaml"
+    if error["type"] == "extra_forbidden":
+        keys = ", ".join(field.name for field in dataclasses.fields(cls))
+        return (
+            f"{section}.{name}: unknown key; the keys of `{section}` are {keys} "
             "(check the spelling in params.yaml)"
         )
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, field in fields.items():
-        if name in raw:
-            ok, value = value_matches(raw[name], hints[name])
-            if not ok and typing.get_origin(hints[name]) is Literal:
-                raise ValueError(
-                    f"{section}.{name}: unknown value {raw[name]!r}; use one of {type_name(hints[name])}"
-                )
-            if not ok:
-                raise ValueError(
-                    f"{section}.{name}: expected {type_name(hints[name])}, got {raw[name]!r} "
-                    f"({type(raw[name]).__name__})"
-                )
-            values[name] = value
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{section}.{name}: missing; add it to the `{section}` section of params.yaml")
-    return cls(**values)
+    if error["type"] == "missing" and len(error["loc"]) == 1:
+        return f"{section}.{name}: missing; add it to the `{section}` section of params.yaml"
+    hint, value = typing.get_type_hints(cls)[name], raw[name]
+    if typing.get_origin(hint) is Literal:
+        return f"{section}.{name}: unknown value {value!r}; use one of {type_name(hint)}"
+    return f"{section}.{name}: expected {type_name(hint)}, got {value!r} ({type(value).__name__})"
 
 
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # 30 days: the bound of the `dist_timeout_s` keys (no .inf or NaN)

@@ -1,11 +1,17 @@
-"""The type rules that the params sections and the model configs share: which YAML value fits a field's
-annotation (converted to it), and how an annotation reads in an error message."""
+"""The type rules the params sections and the quantizer options share: pydantic checks a YAML value
+against a field's annotation in strict mode (no ``"1"`` for 1, no ``true`` for an integer; an integer
+is a float), and ``type_name`` says the annotation in an error message."""
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+STRICT = ConfigDict(strict=True)
 
 
 def type_name(annotation: Any) -> str:
@@ -25,40 +31,19 @@ def type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation, config=STRICT)
+
+
+def yaml_value(value: Any) -> Any:
+    """A YAML list as the tuple the fields declare (strict mode takes no list for a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def value_matches(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits ``annotation``, and the value converted to it (ints accepted as floats)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            ok, converted = value_matches(value, arg)
-            if ok:
-                return True, converted
+    """Whether ``value`` fits ``annotation`` under the strict rules, and the value converted to it."""
+    try:
+        return True, _adapter(annotation).validate_python(yaml_value(value))
+    except ValidationError:
         return False, value
-    if typing.get_origin(annotation) is Literal:
-        return value in typing.get_args(annotation), value
-    if annotation is type(None):
-        return value is None, value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        # YAML reads `true` as a bool, which Python also counts as an int: refuse it here.
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    origin = typing.get_origin(annotation)
-    if origin is tuple:  # YAML lists; tuple[int, ...] or a fixed tuple[float, float]
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        element_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(element_types) != len(value):
-            return False, value
-        converted = [value_matches(item, kind) for item, kind in zip(value, element_types, strict=True)]
-        return all(ok for ok, _ in converted), tuple(item for _, item in converted)
-    if origin is dict:  # free-form option mappings with string keys, checked by their consumer
-        ok = isinstance(value, dict) and all(isinstance(key, str) for key in value)
-        return ok, dict(value) if ok else value
-    raise TypeError(f"params: no validation rule for type {annotation!r}")

@@ -99,7 +99,7 @@ def _quantizer_arguments(
                 f"tokenizer.quantizer_options: unknown option {name!r} for {kind!r}; "
                 f"its options are {', '.join(accepted)}"
             )
-        if name in hints and not value_matches(value, hints[name])[0]:  # the params' own type rules
+        if name in hints and not value_matches(value, hints[name])[0]:  # the params' own (strict) rules
             words = isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")
             hint = " (YAML 1.2 reads yes/no/on/off as text: write true or false)" if words else ""
             raise ValueError(
