@@ -18,6 +18,12 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from test servers
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# One OpenMP thread per test process, unless the caller chose: the suite runs in PYTEST_WORKERS
+# processes on a few cores, where OpenMP threads waiting for each other make the tiny convolutions of
+# the tests many times slower (the unit tests of losses, autoencoder and metrics: 280 s with the
+# default threads, 124 s with one, two workers beside a training job). Stages and ranks the tests
+# start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # On CPU, torch.compile builds C++ kernels: a machine without a C++ compiler cannot run them.
