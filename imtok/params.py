@@ -79,11 +79,12 @@ def _build_section(cls: type[_Section], raw: Any, section: str) -> _Section:
 
 def _section_error(cls: type, section: str, raw: dict, error: Any) -> str:
     """The first pydantic error of a section as ``<section>.<key>: <what is wrong and what to write>``."""
-    name = str(error["loc"][0])
-    if error["type"] == "extra_forbidden" and name in MOVED_KEYS:
+    name = str(error["loc"][0])  # YAML may give a key that is no string (`1:`, `null:`)
+    keys = [field.name for field in dataclasses.fields(cls)]
+    if name in MOVED_KEYS and name not in keys:
         return f"{section}.{name}: moved to {MOVED_KEYS[name]}; set it there in params.yaml"
-    if error["type"] == "extra_forbidden":
-        keys = ", ".join(field.name for field in dataclasses.fields(cls))
+    if error["type"] == "extra_forbidden" or name not in keys:
+        keys = ", ".join(keys)
         return (
             f"{section}.{name}: unknown key; the keys of `{section}` are {keys} "
             "(check the spelling in params.yaml)"

@@ -31,6 +31,8 @@ def test_a_key_that_moved_to_the_run_section_says_where_it_went():
     with pytest.raises(ValueError, match=r"^prior\.dist_timeout_s: moved to run\.dist_timeout_s"):
         Params.from_dict({"prior": {"dist_timeout_s": 60}})
     assert Params.from_dict({"run": {"dist_timeout_s": 60}}).run.dist_timeout_s == 60.0
+    with pytest.raises(ValueError, match=r"^run\.dist_timeout_s: expected float \| null, got '1h' \(str\)$"):
+        Params.from_dict({"run": {"dist_timeout_s": "1h"}})
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
@@ -87,6 +89,8 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"prepare": {"source": "folder"}}, "prepare.root"),
         ({"prepare": {"upload": "bucket/prefix"}}, "prepare.upload"),
         ({"prepare": {"imagesize": 32}}, "prepare.imagesize"),
+        ({"prepare": {1: 32}}, "prepare.1"),
+        ({"prepare": {None: 32}}, "prepare.None"),
         ({"tokenizer": {"downsample": 3}}, "tokenizer.downsample"),
         ({"prepare": [1, 2]}, "prepare"),
         ({"trainer": {}}, "trainer"),
