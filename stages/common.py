@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imtok import layout
 from imtok.atomic import match_mode, write_text_atomic
+
+# The domain classifier's model file: train_classifier writes it, the two evaluations read it.
+CLASSIFIER_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
 
 STAGING_MARK = "staging-"
 RETIRED_MARK = "retired-"

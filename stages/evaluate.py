@@ -35,12 +35,11 @@ from imtok.evaluation import (
 )
 from imtok.params import Params
 from imtok.plots import curves_png
-from stages.common import stage_main, write_json
+from stages.common import CLASSIFIER_PATH, stage_main, write_json
 
 SHARDS_DIR = Path(layout.SHARDS)
 SAMPLES_DIR = Path(layout.SAMPLES)
 PRIOR_DIR = Path(layout.PRIOR)
-CLASSIFIER_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
 METRICS_DIR = Path(layout.METRICS)
 PLOTS_DIR = Path(layout.PLOTS)
 REPORT_PATH = Path(layout.REPORTS) / "evaluate.json"

@@ -28,12 +28,12 @@ from imtok.params import ClassifierParams
 from imtok.runtime import batches_from, code_digest, resolve_device, run_fingerprint
 from imtok.trainers.classifier import train_classifier
 from imtok.training import holding_checkpoints
-from stages.common import stage_main
+from stages.common import CLASSIFIER_PATH, stage_main
 
 log = logging.getLogger("stages.train_classifier")
 
 SHARDS_DIR = Path(layout.SHARDS)
-OUT_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
+OUT_PATH = CLASSIFIER_PATH
 REPORT_PATH = Path(layout.REPORTS) / "train_classifier.json"
 CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "classifier"
 RUNTIME_KEYS = frozenset({"device", "min_accuracy"})  # change nothing that training computes
