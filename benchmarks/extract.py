@@ -140,8 +140,7 @@ def measure_stage(
     """Images/s of one process of the extraction stage over the shards (one warm pass first), with the
     GPU utilisation on CUDA."""
     from imtok.data.shards import read_meta
-    from imtok.extraction import extract_shards
-    from stages.extract_tokens import split_shards
+    from imtok.extraction import extract_shards, split_shards
 
     listed = split_shards(read_meta(shards), shards)
     grid = encoder.config.grid_of(args.image_size, args.image_size)

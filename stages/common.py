@@ -1,83 +1,27 @@
-"""Pieces the stage scripts share: swapping in a finished output directory, the end of a training
-stage (export, register, summary), writing reports, the stage's MLflow run and its process life."""
+"""What every stage script shares: the command line (``--params``, ``--report``, exit codes), the
+report written atomically, and the process's life (SIGTERM unwinds; under DVC the stage ends with
+DVC). The work itself is library code: each stage calls one function of ``imtok``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import logging
 import os
 import select
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imtok import layout
-from imtok.atomic import match_mode, write_text_atomic
+from imtok.atomic import write_json
 
 # The domain classifier's model file: train_classifier writes it, the two evaluations read it.
 CLASSIFIER_PATH = Path(layout.CLASSIFIER) / "classifier.pt"
-
-STAGING_MARK = "staging-"
-RETIRED_MARK = "retired-"
-
-
-def replace_directory(out_dir: Path, fill: Callable[[Path], None]) -> None:
-    """Let ``fill`` write a staging directory beside ``out_dir``, then swap it in.
-
-    Readers never see a half-written output: until the swap the old directory (or none) is there. The
-    old one is renamed aside before the new one is renamed in, so it is gone only for the instant
-    between two renames (not for a whole ``rmtree``), and deleted after. Staging and retired
-    directories that a killed run left beside ``out_dir`` are removed first. The new directory gets the
-    old one's mode (or a plain ``mkdir``'s), not ``mkdtemp``'s private 0700.
-    """
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    name = glob.escape(out_dir.name)
-    retired_before = sorted(parent.glob(f".{name}.{RETIRED_MARK}*"), key=lambda path: path.stat().st_mtime)
-    if retired_before and not out_dir.exists():  # killed between the two renames: the old output is back
-        os.replace(retired_before.pop(), out_dir)
-    for leftover in [*parent.glob(f".{name}.{STAGING_MARK}*"), *retired_before]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING_MARK}", dir=parent))
-    retired = staging.with_name(staging.name.replace(STAGING_MARK, RETIRED_MARK, 1))
-    try:
-        fill(staging)
-        match_mode(staging, out_dir)
-        if out_dir.exists():
-            os.replace(out_dir, retired)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if retired.exists() and not out_dir.exists():
-                os.replace(retired, out_dir)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``; a file that does not parse raises a ValueError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{path}: damaged, not JSON ({error}); run the stage that writes it again (dvc repro)"
-        ) from None
-
-
-def write_json(path: Path, content: dict[str, Any]) -> None:
-    """Write JSON atomically (``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
 def terminate_gracefully(signum: int, _frame: Any) -> None:
@@ -207,94 +151,3 @@ def stage_main(
 
 def no_register_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-register", action="store_true", help="do not log the model to MLflow")
-
-
-@contextlib.contextmanager
-def training_run(
-    stage: str, logged: dict[str, Any], tags: dict[str, str], checkpoint_dir: Path, is_main: bool
-) -> Iterator[Any]:
-    """The MLflow run of a training stage on the main process (None elsewhere), with
-    ``checkpoint_dir`` held for this run (``imtok.training.holding_checkpoints``).
-
-    When ``checkpoint_dir`` holds a checkpoint, the run it recorded is continued, so a killed and
-    resumed execution keeps one run and one metric history.
-    """
-    if not is_main:
-        yield None
-        return
-    from imtok import tracking
-    from imtok.training import holding_checkpoints, latest_checkpoint, read_checkpoint
-
-    with holding_checkpoints(checkpoint_dir):
-        latest = latest_checkpoint(checkpoint_dir)
-        resume_run_id = read_checkpoint(latest)["extra"].get("mlflow_run_id") if latest else None
-        with tracking.stage_run(stage, logged, tags=tags, resume_run_id=resume_run_id) as run:
-            yield run
-
-
-@dataclass(frozen=True)
-class Registration:
-    """How a training stage registers its model (``imtok.registry.log_registered_model``)."""
-
-    name: str
-    input_shape: tuple[int, ...]
-    version_tags: dict[str, Any]
-    description: str  # the version's one line in the registry
-    model_description: str  # what every version of ``name`` is
-    input_dtype: str = "float32"
-
-
-def export_model(
-    out_dir: Path,
-    *,
-    kind: str,
-    model_file: str,
-    config: Any,
-    model: Any,
-    summary: dict[str, Any],
-    registration: Callable[[], Registration] | None,
-    also: Callable[[Path], None] | None = None,
-) -> None:
-    """The end of every training stage: export, register, record.
-
-    The weights-only model file (``imtok.models.files``), anything ``also(staging)`` adds and the
-    summary ``<model_file stem>.json`` (with the file's SHA-256) are swapped in as one directory.
-    With ``registration`` (called once the files are in place) the model is then logged and
-    registered, and the summary is written again
-    with where it landed (name, version, ``models:/`` URIs). The files come first so that an
-    unreachable registry loses nothing: the stage fails naming the file that is safe, and a re-run
-    resumes at the last step and registers. The summary is logged to the stage's run.
-    """
-    from imtok import registry, tracking
-    from imtok.models.files import file_sha256, save_model_file
-
-    summary_file = Path(model_file).with_suffix(".json").name
-
-    def fill(staging: Path) -> None:
-        save_model_file(staging / model_file, kind=kind, config=config, model=model, meta=summary)
-        if also is not None:
-            also(staging)
-        summary["sha256"] = file_sha256(staging / model_file)
-        write_json(staging / summary_file, summary)
-
-    replace_directory(out_dir, fill)
-    if registration is not None:
-        spec = registration()
-        registered = registry.log_registered_model(
-            model,
-            registered_name=spec.name,
-            input_shape=spec.input_shape,
-            input_dtype=spec.input_dtype,
-            model_file=out_dir / model_file,
-            version_tags=spec.version_tags,
-            description=spec.description,
-            model_description=spec.model_description,
-        )
-        summary["registered_model"] = {
-            "name": registered.name,
-            "version": registered.version,
-            "uri": registered.uri,
-            "model_uri": registered.model_uri,
-        }
-        write_json(out_dir / summary_file, summary)
-    tracking.log_artifact(out_dir / summary_file)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imtok import layout
+from imtok.atomic import write_json
 from imtok.data.shards import META_NAME, read_meta
 from imtok.evaluation import (
     check_same_shape,
@@ -35,7 +36,7 @@ from imtok.evaluation import (
 )
 from imtok.params import Params
 from imtok.plots import curves_png
-from stages.common import CLASSIFIER_PATH, stage_main, write_json
+from stages.common import CLASSIFIER_PATH, stage_main
 
 SHARDS_DIR = Path(layout.SHARDS)
 SAMPLES_DIR = Path(layout.SAMPLES)

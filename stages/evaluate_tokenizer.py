@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imtok import layout
+from imtok.atomic import write_json
 from imtok.evaluation import (
     collect_features,
     evaluation_extractors,
@@ -36,7 +37,7 @@ from imtok.evaluation import (
 )
 from imtok.params import Params
 from imtok.plots import curves_png, usage_png
-from stages.common import CLASSIFIER_PATH, stage_main, write_json
+from stages.common import CLASSIFIER_PATH, stage_main
 
 SHARDS_DIR = Path(layout.SHARDS)
 TOKENIZER_DIR = Path(layout.TOKENIZER)

@@ -11,11 +11,10 @@ import torch
 
 from imtok.data.shards import ShardError, decode_png, iter_samples
 from imtok.data.tokens import TokenSample, load_token_split, token_dtype, write_token_split
-from imtok.extraction import FLIP_SUFFIX
+from imtok.extraction import FLIP_SUFFIX, extract
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.models.files import save_model_file
 from imtok.params import ExtractParams
-from stages.extract_tokens import extract
 
 
 def save_tokenizer(directory: Path, in_channels: int = 1, seed: int = 0) -> Tokenizer:

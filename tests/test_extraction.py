@@ -18,9 +18,8 @@ from test_extract_tokens import save_tokenizer
 
 from imtok.data.shards import ShardError, read_meta, shard_urls
 from imtok.data.tokens import load_token_split
-from imtok.extraction import ShardImages, encode_pieces, gather_results, rank_shards
+from imtok.extraction import ShardImages, encode_pieces, extract, gather_results, rank_shards, split_shards
 from imtok.params import ExtractParams
-from stages.extract_tokens import extract, split_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

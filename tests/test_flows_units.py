@@ -291,8 +291,9 @@ def test_a_fresh_checkout_fetches_the_outputs_another_host_pushed_instead_of_run
     pull_own_outputs.fn(fourth, "make", None)  # best effort: leaves the stage to make them
 
 
-def _direct_imtok_imports(script: Path) -> set[Path]:
-    """The imtok module files ``script`` imports itself (at any level of its code)."""
+def _imtok_imports(script: Path) -> set[Path]:
+    """The imtok module files ``script`` imports, directly or through other imtok modules (at any
+    level of their code: imports inside functions count)."""
     import ast
 
     def module_file(name: str) -> Path | None:
@@ -301,16 +302,26 @@ def _direct_imtok_imports(script: Path) -> set[Path]:
             return base.with_suffix(".py")
         return base / "__init__.py" if (base / "__init__.py").is_file() and name != "imtok" else None
 
-    found = set()
-    for node in ast.walk(ast.parse(script.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        else:
-            continue
-        found |= {module_file(name) for name in names if name.startswith("imtok.")} - {None}
-    return found
+    def imports(path: Path) -> set[Path]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            else:
+                continue
+            found |= {module_file(name) for name in names if name.startswith("imtok.")} - {None}
+        return found
+
+    seen: set[Path] = set()
+    todo = imports(script)
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo |= imports(path) - seen
+    return seen
 
 
 def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_deps():
@@ -327,7 +338,7 @@ def test_every_stage_lists_the_imtok_modules_its_script_imports_among_its_dvc_de
         deps = [REPO / dep for dep in stage.deps] + [REPO / "imtok" / "layout.py"]
         uncovered = {
             str(path.relative_to(REPO))
-            for path in _direct_imtok_imports(script)
+            for path in _imtok_imports(script)
             if not any(path == dep or dep in path.parents for dep in deps)
         }
         assert not uncovered, f"dvc.yaml stage {name}: add {sorted(uncovered)} to its deps"

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imtok.atomic import creation_mode, process_umask
+from imtok.atomic import creation_mode, process_umask, read_json, replace_directory
 from imtok.images import save_grid
 from imtok.overrides import write_overrides
 from imtok.training import atomic_save
-from stages.common import read_json, replace_directory
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -14,13 +14,14 @@ import torch
 
 from imtok.data.shards import iter_samples, read_meta
 from imtok.data.tokens import TokenSample, load_token_split, write_token_split
+from imtok.extraction import extract
+from imtok.generation import sample
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.models.files import save_model_file
 from imtok.params import ExtractParams, Params, SampleParams
 from imtok.runtime import Runtime
-from stages.extract_tokens import extract
-from stages.sample import sample
-from stages.train_prior import REGISTERED_NAME, train
+from imtok.trainers.prior import REGISTERED_NAME
+from stages.train_prior import train
 
 CPU = Runtime(device=torch.device("cpu"))
 
@@ -123,7 +124,7 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
     sample(params, samples_dir=tmp_path / "b", grid_path=tmp_path / "b.png")
     assert [s["png"] for s in first] == [s["png"] for s in iter_samples(tmp_path / "b")]
 
-    import stages.sample
+    import imtok.generation
 
     # Batch by batch: when a batch is encoded, no earlier batch of float images is still alive
     # (neither kept whole nor through a view that the grid holds).
@@ -136,10 +137,10 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
         batches.append(weakref.ref(images))
         return real_to_uint8(images)
 
-    real_to_uint8 = stages.sample.to_uint8
-    monkeypatch.setattr(stages.sample, "to_uint8", tracking_to_uint8)
+    real_to_uint8 = imtok.generation.to_uint8
+    monkeypatch.setattr(imtok.generation, "to_uint8", tracking_to_uint8)
     sample(params, samples_dir=tmp_path / "d", grid_path=tmp_path / "d.png")
-    monkeypatch.setattr(stages.sample, "to_uint8", real_to_uint8)
+    monkeypatch.setattr(imtok.generation, "to_uint8", real_to_uint8)
     assert earlier_alive == [0, 0, 0]  # 12 samples in batches of 5, each holding a grid pick
     assert (tmp_path / "d.png").read_bytes() == (tmp_path / "a.png").read_bytes()
 
@@ -153,8 +154,8 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
             raise RuntimeError("out of memory at batch 3")
         return real_generate(*args, **kwargs)
 
-    real_generate = stages.sample.generate_tokens
-    monkeypatch.setattr(stages.sample, "generate_tokens", failing)
+    real_generate = imtok.generation.generate_tokens
+    monkeypatch.setattr(imtok.generation, "generate_tokens", failing)
     with pytest.raises(RuntimeError, match="batch 3"):
         sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "c.png")
     assert read_meta(tmp_path / "a") == meta
@@ -172,7 +173,7 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
     ],
 )
 def test_grid_positions_pick_the_first_samples_of_each_class(labels, total, per_row, expected, width):
-    from stages.sample import grid_positions
+    from imtok.generation import grid_positions
 
     tensor = None if labels is None else torch.tensor(labels)
     assert grid_positions(tensor, total, per_row) == (expected, width)

@@ -21,8 +21,9 @@ from conftest import needs_compiler, torchrun_command
 from imtok.models.files import read_model_file
 from imtok.params import Params
 from imtok.runtime import Runtime
+from imtok.trainers.tokenizer import MODEL_FILE, REGISTERED_NAME
 from imtok.training import list_checkpoints, read_checkpoint
-from stages.train_tokenizer import MODEL_FILE, REGISTERED_NAME, train
+from stages.train_tokenizer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_stage_logs_a_run_registers_the_model_and_the_registry_gives_the_same_in
         r"codebook usage [\d.]+%",
         version.description,
     ), version.description
-    from stages.train_tokenizer import MODEL_DESCRIPTION
+    from imtok.trainers.tokenizer import MODEL_DESCRIPTION
 
     assert client.get_registered_model(REGISTERED_NAME).description == MODEL_DESCRIPTION  # the model page
     run = client.get_run(version.run_id)
@@ -328,7 +329,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_key_and_both
 
 
 def test_shards_whose_size_is_not_divisible_by_f_name_the_split_and_the_key(tiny_shards, tmp_path):
-    from stages.train_tokenizer import data_shape
+    from imtok.trainers.tokenizer import data_shape
 
     with pytest.raises(
         ValueError, match=r"tokenizer\.downsample: .*16x16 images, not divisible by tokenizer\.downsample=32"

@@ -36,7 +36,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from imtok.atomic import write_text_atomic
+from imtok.atomic import write_json
 from imtok.data.encoding import SkippedImage, encoded_items
 from imtok.data.s3 import register_s3_scheme
 from imtok.data.sources import Source, SourceItem
@@ -88,8 +88,8 @@ def clear_split_dir(out_dir: Path) -> None:
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    """Write a meta.json with ``write_text_atomic``: a crash leaves the old file or the whole new one."""
-    write_text_atomic(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
+    """Write a meta.json (keys sorted) atomically: a crash leaves the old file or the whole new one."""
+    write_json(path, content, sort_keys=True)
 
 
 def write_shards(

@@ -9,8 +9,11 @@ is contiguous and in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imtok import engine
-from imtok.models.classifier import Classifier, ClassifierConfig
-from imtok.runtime import Runtime
+from imtok.data.shards import ShardLoader, iter_batches, read_meta
+from imtok.models.classifier import Classifier, ClassifierConfig, evaluate_accuracy, save_classifier
+from imtok.params import ClassifierParams
+from imtok.runtime import Runtime, batches_from, code_digest, resolve_device, run_fingerprint
+from imtok.training import holding_checkpoints
 
 LabelledBatches = Iterable[tuple[Tensor, Tensor]]
+
+log = logging.getLogger("imtok.classifier")
 
 
 @dataclass(frozen=True)
@@ -146,3 +154,71 @@ def train_classifier(
     with tempfile.TemporaryDirectory() as scratch:
         run = engine.train(task, loop, checkpoint_dir=checkpoint_dir or scratch, runtime=runtime)
     return run.model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[return-value]
+
+
+# The train_classifier stage's run: train, measure val accuracy, save.
+
+RUNTIME_KEYS = frozenset({"device", "min_accuracy"})  # change nothing that training computes
+
+
+def labelled_batches(loader: ShardLoader, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, labels) batches, a new shuffle each epoch, as if ``start`` were drawn."""
+    for batch in batches_from(loader, start):
+        yield batch.images, batch.labels
+
+
+def val_batches(location: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in iter_batches(location, batch_size):
+        yield batch.images, batch.labels
+
+
+def train_and_export(
+    params: ClassifierParams, *, shards_dir: Path, out_path: Path, checkpoint_root: Path
+) -> dict[str, Any]:
+    """The ``train_classifier`` stage's work: train (or resume) on ``shards_dir``'s train split, measure
+    val accuracy, refuse a classifier below ``min_accuracy``, save it to ``out_path``; returns the
+    stage report. Checkpoints go to ``checkpoint_root/<fingerprint>`` (params, train split, code)."""
+    started = time.perf_counter()
+    meta = read_meta(shards_dir / "train")
+    num_classes = len(meta.get("class_names") or []) or 10
+    config = ClassifierConfig(
+        in_channels=int(meta["channels"]),
+        num_classes=num_classes,
+        image_size=int(meta["image_size"]),
+        widths=params.widths,
+        embed_dim=params.embed_dim,
+        name=params.name,
+    )
+    device = resolve_device(params.device, key="classifier.device")
+    loader = ShardLoader(
+        shards_dir / "train", params.batch_size, shuffle=True, seed=params.seed, rank=0, world_size=1
+    )
+    values = {**dataclasses.asdict(params), "train_meta": meta, "code": code_digest()}
+    checkpoint_dir = checkpoint_root / run_fingerprint(values, RUNTIME_KEYS)
+    with holding_checkpoints(checkpoint_dir):
+        model = train_classifier(
+            lambda start: labelled_batches(loader, start),
+            config,
+            steps=params.steps,
+            lr=params.lr,
+            flip=params.flip,
+            device=device,
+            seed=params.seed,
+            checkpoint_dir=checkpoint_dir,
+            batch_size=params.batch_size,
+        )
+    accuracy = evaluate_accuracy(model, val_batches(shards_dir / "val", 512))
+    log.info("val accuracy %.4f after %d steps", accuracy, params.steps)
+    if accuracy < params.min_accuracy:
+        raise ValueError(
+            f"classifier.min_accuracy: the classifier reached {accuracy:.4f} val accuracy, below "
+            f"{params.min_accuracy}; raise classifier.steps or widths (its features would mislead metrics)"
+        )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(model.cpu(), out_path, val_accuracy=accuracy, dataset=meta.get("source"))
+    return {
+        "name": params.name,
+        "val_accuracy": round(accuracy, 5),
+        "steps": params.steps,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -15,6 +15,8 @@ predicted tokens) and the accuracy of the argmax prediction.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imtok import engine
-from imtok.data.tokens import TokenSplit
+from imtok.data.tokens import TokenSplit, load_token_split
 from imtok.engine import MetricsCallback
 from imtok.models.gpt import GPTConfig, gpt_loss
 from imtok.models.maskgit import (
@@ -36,9 +38,10 @@ from imtok.models.maskgit import (
     random_token_mask,
 )
 from imtok.models.priors import build_prior
-from imtok.params import PriorParams
+from imtok.params import Params, PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Runtime
+from imtok.runtime import Runtime, agreed_fingerprint, code_digest, run_fingerprint, setup_runtime
+from imtok.trainers.export import Registration, export_model, training_run
 from imtok.training import unwrap_model
 
 VALIDATION_SEED = 1234  # masks of the validation loss: the same at every evaluation
@@ -256,3 +259,157 @@ def train_prior(
         seconds=run.seconds,
         tokens_per_s=run.units_per_s,
     )
+
+
+# The train_prior stage's run: train, measure on val, export, register, report.
+
+STAGE = "train_prior"
+REGISTERED_NAME = "imtok-prior"
+MODEL_DESCRIPTION = (
+    "Priors over imtok tokens (MaskGIT or GPT) trained by the train_prior stage, one version per run. "
+    "Each version names its tokenizer (URI and checksum), codebook, token grid, classes and val loss; "
+    "alias candidate is the newest, champion the best on evaluate.prior_metric."
+)
+MODEL_FILE = "prior.pt"
+# What train and val must share: otherwise they were extracted by different tokenizers.
+SHARED_KEYS = ("codebook_size", "grid", "tokenizer_sha256")
+
+
+def check_token_splits(train: TokenSplit, val: TokenSplit, tokens_dir: Path) -> None:
+    """Train and val token shards must come from one tokenizer; errors name both values."""
+    for key in SHARED_KEYS:
+        if train.meta.get(key) != val.meta.get(key):
+            raise ValueError(
+                f"{tokens_dir / 'val'}: {key} {val.meta.get(key)!r} differs from {tokens_dir / 'train'}'s "
+                f"{train.meta.get(key)!r}; extract both splits with the same tokenizer (run extract_tokens)"
+            )
+
+
+def tokenizer_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tokenizer": meta.get("tokenizer"),
+        "tokenizer_uri": meta.get("tokenizer_uri"),
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+    }
+
+
+def train_and_export(
+    params: Params,
+    *,
+    tokens_dir: Path,
+    out_dir: Path,
+    checkpoint_root: Path,
+    register: bool = True,
+    runtime: Runtime | None = None,
+) -> dict[str, Any] | None:
+    """The ``train_prior`` stage's work: train (or resume) on the token shards of ``tokens_dir``,
+    measure val, export to ``out_dir`` and register; returns the stage report on the main process
+    (else None). Checkpoints go to ``checkpoint_root/<fingerprint>`` (params, the token shards'
+    identity and the code)."""
+    from imtok import tracking
+
+    section = params.prior
+    train_split, val_split = load_token_split(tokens_dir / "train"), load_token_split(tokens_dir / "val")
+    check_token_splits(train_split, val_split, tokens_dir)
+    meta = train_split.meta
+    class_names = list(meta.get("class_names") or [])
+    num_classes = len(class_names) or int(train_split.labels.max()) + 1
+    grid = (int(meta["grid"][0]), int(meta["grid"][1]))
+    config = prior_config(section, int(meta["codebook_size"]), grid, num_classes)
+    runtime = runtime or setup_runtime(
+        section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
+    )
+    token_identity = json.dumps(
+        {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
+    )
+    run_key = run_fingerprint(
+        {**section.as_dict(), "tokens": token_identity, "code": code_digest()},
+        PriorParams.RUNTIME_KEYS,
+    )
+    run_key = agreed_fingerprint(run_key, runtime, "prior")
+    checkpoint_dir = checkpoint_root / run_key
+    provenance = tokenizer_provenance(meta)
+    logged = {
+        **dataclasses.asdict(params),
+        "tokens": {**provenance, "grid": list(grid), "count": meta["count"]},
+    }
+    tags = {"imtok.fingerprint": run_key, "imtok.prior": section.kind}
+    with training_run(STAGE, logged, tags, checkpoint_dir, runtime.is_main) as run:
+        result = train_prior(
+            section,
+            config,
+            train=train_split,
+            val=val_split,
+            checkpoint_dir=checkpoint_dir,
+            runtime=runtime,
+            on_metrics=tracking.log_metrics if runtime.is_main else None,
+            checkpoint_extra={"mlflow_run_id": run.info.run_id if run else None, "fingerprint": run_key},
+        )
+        if not runtime.is_main:
+            return None
+        model = result.model.eval()
+        final = evaluate_prior(
+            section.kind,
+            model,
+            val_split,
+            runtime.device,
+            batch_size=section.batch_size,
+            conditional=section.conditional,
+        )
+        tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
+        model = model.cpu()
+        summary: dict[str, Any] = {
+            "stage": STAGE,
+            "kind": section.kind,
+            "step": result.step,
+            "fingerprint": run_key,
+            "codebook_size": config.codebook_size,
+            "grid": list(grid),
+            "num_classes": config.num_classes,
+            "class_names": class_names,
+            "image_size": meta.get("image_size"),
+            "channels": meta.get("channels"),
+            **provenance,
+            "git_commit": tracking.git_commit(),
+            "mlflow_run_id": run.info.run_id,
+            "val": final,
+        }
+
+        def registration() -> Registration:
+            tokenizer = provenance["tokenizer_uri"] or provenance["tokenizer"]
+            conditional = "class-conditional" if config.num_classes else "unconditional"
+            tags = {
+                "prior": section.kind,
+                "codebook_size": config.codebook_size,
+                "token_grid": "x".join(map(str, grid)),
+                "num_classes": config.num_classes,
+                "tokenizer_uri": tokenizer,
+                "tokenizer_sha256": provenance["tokenizer_sha256"],
+                "git_commit": summary["git_commit"],
+                "fingerprint": run_key,
+                "val_loss": f"{final['loss']:.4f}",
+            }
+            description = (
+                f"{section.kind} prior, {conditional}, over {config.codebook_size} codes on a "
+                f"{tags['token_grid']} grid; val loss {final['loss']:.4f}; tokenizer {tokenizer}"
+            )
+            return Registration(REGISTERED_NAME, grid, tags, description, MODEL_DESCRIPTION, "int64")
+
+        export_model(
+            out_dir,
+            kind="prior",
+            model_file=MODEL_FILE,
+            config={"kind": section.kind, "model": dataclasses.asdict(config)},
+            model=model,
+            summary=summary,
+            registration=registration if register else None,
+        )
+        return {
+            "step": result.step,
+            "resumed_from_step": result.start_step,
+            "seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "precision": runtime.precision,
+            "world_size": runtime.world_size,
+            "val": {name: round(value, 5) for name, value in final.items()},
+        }
