@@ -204,11 +204,11 @@ class TokenizerParams(TokenizerArchitecture, Section):
     disc_layers: int = 3
     # optimisation (imtok.training)
     batch_size: int = 64  # per process; the global batch is batch_size x world size
-    lr: float = 3e-3
+    lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 1e-4  # AdamW, on weight matrices and kernels only
     warmup_steps: int = 50
-    total_steps: int = 900
+    total_steps: int = 1500
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None  # EMA of the weights; the exported model then uses them
@@ -384,7 +384,7 @@ class PriorParams(PriorArchitecture, Section):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    total_steps: int = 400
+    total_steps: int = 800
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
@@ -392,7 +392,7 @@ class PriorParams(PriorArchitecture, Section):
     precision: Precision = "auto"
     device: str = "auto"
     log_every: int = 50
-    val_every: int = 200
+    val_every: int = 400
     val_batches: int = 8
     checkpoint_every: int = 400
     keep_checkpoints: int = 2
@@ -477,7 +477,7 @@ class ClassifierParams(Section):
     widths: tuple[int, ...] = (16, 32, 64)
     embed_dim: int = 128
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 3e-3
     flip: bool = True  # mirror half of each batch (right for clothing, wrong for digits or text)
     seed: int = 0
