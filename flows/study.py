@@ -55,13 +55,13 @@ from imtok.plots import pyplot, save_figure
 PLAIN_VQ_OPTIONS = {"kmeans_init": False, "restart_after_steps": None}
 LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_size)
     "fsq": {"quantizer": "fsq", "quantizer_options": {}},
-    "vq-plain": {"quantizer": "vq", "quantizer_options": PLAIN_VQ_OPTIONS},
+    "vq-plain": {"quantizer": "vq", "quantizer_options": {"vq": PLAIN_VQ_OPTIONS}},
     "vq": {"quantizer": "vq", "quantizer_options": {}},
     "regvq": {"quantizer": "regvq", "quantizer_options": {}},
     "lfq": {"quantizer": "lfq", "quantizer_options": {}},
     "bsq": {"quantizer": "bsq", "quantizer_options": {}},
     "simvq": {"quantizer": "simvq", "quantizer_options": {}},
-    "rfsq": {"quantizer": "rfsq", "quantizer_options": {"stages": 2}},
+    "rfsq": {"quantizer": "rfsq", "quantizer_options": {"rfsq": {"stages": 2}}},
 }
 SIZES = (2**8, 2**10, 2**12, 2**14)
 PARTS = {  # part -> the stages it reproduces (None: all)

@@ -189,6 +189,9 @@ class TokenizerParams(TokenizerArchitecture, Section):
     SECTION: ClassVar[str] = "tokenizer"
     RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
+    # every quantizer's options under its name ({vq: {beta: 0.25, ...}, ...}); the keys left out take the
+    # quantizer's defaults (imtok.models.autoencoder.options_by_quantizer), tokenizer.quantizer's reach it
+    quantizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     downsample: int = 4  # spatial reduction factor f of the encoder: a token covers f x f pixels
     # losses (imtok.losses)
     recon_loss: Literal["l1", "l2"] = "l1"
@@ -226,8 +229,16 @@ class TokenizerParams(TokenizerArchitecture, Section):
     keep_checkpoints: int = 2
     grid_images: int = 32
 
+    @property
+    def chosen_options(self) -> dict[str, Any]:
+        """The options of ``quantizer``: what the model is built with."""
+        return dict(self.quantizer_options[self.quantizer])
+
     def __post_init__(self) -> None:
+        from imtok.models.autoencoder import options_by_quantizer
+
         super().__post_init__()
+        object.__setattr__(self, "quantizer_options", options_by_quantizer(self.quantizer_options))
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(
                 f"tokenizer.downsample: must be a power of two >= 1 (each encoder stage halves the "
@@ -601,7 +612,8 @@ class Params:
         section = self.tokenizer
         if image_size % section.downsample:  # reported in prepare's terms by __post_init__
             image_size = section.downsample
-        return TokenizerConfig(in_channels=channels, image_size=image_size, **self.tokenizer.architecture)
+        architecture = section.architecture | {"quantizer_options": section.chosen_options}
+        return TokenizerConfig(in_channels=channels, image_size=image_size, **architecture)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Self:

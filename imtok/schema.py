@@ -53,7 +53,29 @@ def params_schema(params_text: str) -> dict[str, Any]:
             prop.pop("title", None)
             if key in comments.get(section, {}):
                 prop["description"] = comments[section][key]
+    options = schema["$defs"]["TokenizerParams"]["properties"]["quantizer_options"]
+    options.update(quantizer_options_schema())
     return {"$schema": SCHEMA_URL, "title": "imtok params.yaml", **schema}
+
+
+def quantizer_options_schema() -> dict[str, Any]:
+    """``tokenizer.quantizer_options``: one object per quantizer, its options typed and defaulted as
+    its constructor declares them, unknown quantizers and options flagged."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    from imtok.models.autoencoder import QUANTIZERS, quantizer_option_defaults
+
+    properties = {}
+    for kind, cls in QUANTIZERS.items():
+        hints = typing.get_type_hints(cls.__init__)
+        options = {
+            name: {**TypeAdapter(hints[name]).json_schema(), "default": default}
+            for name, default in quantizer_option_defaults(kind).items()
+        }
+        properties[kind] = {"type": "object", "additionalProperties": False, "properties": options}
+    return {"type": "object", "additionalProperties": False, "properties": properties}
 
 
 def schema_text(params_text: str) -> str:

@@ -55,15 +55,25 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"levels": [8, 5, 5, 5], "codebook_size": 1024}}, "tokenizer.levels"),
         ({"tokenizer": {"levels": [8, 1], "codebook_size": None}}, "tokenizer.levels[1]"),
         ({"tokenizer": {"quantizer": "vq", "levels": [8, 5]}}, "tokenizer.levels"),
-        ({"tokenizer": {"quantizer_options": {"bogus": 1}}}, "tokenizer.quantizer_options"),
+        ({"tokenizer": {"quantizer_options": {"bogus": 1}}}, "tokenizer.quantizer_options.bogus"),
+        ({"tokenizer": {"quantizer_options": {"fsq": {"bogus": 1}}}}, "tokenizer.quantizer_options.fsq"),
+        ({"tokenizer": {"quantizer_options": {"vq": [1]}}}, "tokenizer.quantizer_options.vq"),
         (
-            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"ema": "off"}}},
-            "tokenizer.quantizer_options.ema",
+            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"vq": {"ema": "off"}}}},
+            "tokenizer.quantizer_options.vq.ema",
         ),
-        ({"tokenizer": {"quantizer_options": {"fused": "yes"}}}, "tokenizer.quantizer_options.fused"),
         (
-            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"beta": "0.25"}}},
-            "tokenizer.quantizer_options.beta",
+            {"tokenizer": {"quantizer_options": {"fsq": {"fused": "yes"}}}},
+            "tokenizer.quantizer_options.fsq.fused",
+        ),
+        (
+            {"tokenizer": {"quantizer": "vq", "quantizer_options": {"vq": {"beta": "0.25"}}}},
+            "tokenizer.quantizer_options.vq.beta",
+        ),
+        # another quantizer's options are checked too: a typo there cannot wait for the day it is used
+        (
+            {"tokenizer": {"quantizer_options": {"regvq": {"mask_ratio": "x"}}}},
+            "tokenizer.quantizer_options.regvq.mask_ratio",
         ),
         ({"tokenizer": {"betas": [0.9]}}, "tokenizer.betas"),
         ({"tokenizer": {"warmup_steps": 1700}}, "tokenizer.warmup_steps"),
@@ -179,3 +189,73 @@ def test_every_quantizer_option_has_a_type_the_params_rules_check():
         for option in inspect.signature(cls).parameters.values():
             if option.kind == option.KEYWORD_ONLY:  # a quantizer_options key: its default must pass
                 assert value_matches(option.default, hints[option.name])[0], (kind, option.name)
+
+
+def test_quantizer_options_are_stated_per_quantizer_and_only_the_chosen_ones_reach_the_model():
+    from imtok.models.autoencoder import QUANTIZERS, quantizer_option_defaults
+
+    defaults = Params()
+    assert set(defaults.tokenizer.quantizer_options) == set(QUANTIZERS)
+    for kind in QUANTIZERS:  # every option of every quantizer, at its constructor's default
+        assert defaults.tokenizer.quantizer_options[kind] == quantizer_option_defaults(kind)
+    raw = {"tokenizer": {"quantizer": "vq", "quantizer_options": {"vq": {"kmeans_init": False}}}}
+    params = Params.from_dict(raw)
+    assert params.tokenizer.quantizer_options["vq"] == {
+        **quantizer_option_defaults("vq"),
+        "kmeans_init": False,
+    }
+    assert params.tokenizer_config(1, 28).quantizer_options == params.tokenizer.quantizer_options["vq"]
+    fsq = Params.from_dict({"tokenizer": {"quantizer_options": {"vq": {"kmeans_init": False}}}})
+    assert fsq.tokenizer_config(1, 28).quantizer_options == quantizer_option_defaults("fsq")
+
+
+def test_the_older_flat_quantizer_options_say_how_to_write_them_now():
+    with pytest.raises(ValueError) as error:
+        Params.from_dict({"tokenizer": {"quantizer": "vq", "quantizer_options": {"beta": 0.5}}})
+    assert "tokenizer.quantizer_options.beta: unknown quantizer" in str(error.value)
+    assert "write {vq: {beta: ...}}" in str(error.value)
+
+
+def test_a_set_param_on_another_quantizers_option_leaves_the_tokenizer_fingerprint_alone():
+    from imtok.trainers.tokenizer import fingerprint
+
+    base = Params().tokenizer
+    other = Params.from_dict({"tokenizer": {"quantizer_options": {"vq": {"beta": 0.5}}}}).tokenizer
+    chosen = Params.from_dict({"tokenizer": {"quantizer_options": {"fsq": {"noise_prob": 0.5}}}}).tokenizer
+    meta = {"count": 1}
+    assert fingerprint(base, 1, 28, meta) == fingerprint(other, 1, 28, meta)
+    assert fingerprint(base, 1, 28, meta) != fingerprint(chosen, 1, 28, meta)
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_sets_one_quantizer_option_without_hydras_plus(tmp_path):
+    # The option exists in params.yaml, so DVC's -S sets it like any other key; the file DVC
+    # rewrites still loads, with the option changed and the others at their defaults.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    script = "import shutil; shutil.copy('params.yaml', 'used.yaml')"
+    stage = {"cmd": f'{sys.executable} -c "{script}"', "params": ["tokenizer"], "outs": ["used.yaml"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"show": stage}}))
+
+    names = {"GIT_AUTHOR_NAME": "ci", "GIT_COMMITTER_NAME": "ci"}
+    emails = {"GIT_AUTHOR_EMAIL": "ci@example.org", "GIT_COMMITTER_EMAIL": "ci@example.org"}
+    env = {**os.environ, **names, **emails}
+
+    def run(*command: str) -> None:
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "baseline")
+    option = "tokenizer.quantizer_options.vq.kmeans_init=false"
+    run(sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", option)
+    used = load_params(tmp_path / "used.yaml").tokenizer.quantizer_options
+    assert used["vq"]["kmeans_init"] is False
+    assert {**used["vq"], "kmeans_init": True} == Params().tokenizer.quantizer_options["vq"]
+    assert used["fsq"] == Params().tokenizer.quantizer_options["fsq"]

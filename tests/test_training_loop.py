@@ -76,7 +76,7 @@ def run_tokenizer(params: Params, shards: Path, checkpoints: Path):
 
 @pytest.mark.parametrize(
     "options",
-    [{"quantizer": "fsq"}, {"quantizer": "vq", "quantizer_options": {"restart_after_steps": 1}},
+    [{"quantizer": "fsq"}, {"quantizer": "vq", "quantizer_options": {"vq": {"restart_after_steps": 1}}},
      {"quantizer": "regvq", "pcl_weight": 0.0, "perceptual_weight": 0.0}, {"grad_clip": 1.0},
      {"gan_weight": 0.1, "gan_start_step": 0, "disc_channels": 8, "disc_layers": 2},
      {"gan_weight": 0.1, "gan_start_step": 0, "gan_adaptive": False, "disc_channels": 8, "disc_layers": 2}],

@@ -80,6 +80,61 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
 
 
+def quantizer_option_defaults(kind: str) -> dict[str, Any]:
+    """The options of quantizer ``kind`` (its constructor's keyword-only arguments) and their defaults."""
+    parameters = inspect.signature(QUANTIZERS[kind]).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind == p.KEYWORD_ONLY}
+
+
+def check_quantizer_options(kind: str, options: Mapping[str, Any], where: str) -> None:
+    """Refuse an option ``kind`` does not take, or a value of the wrong type (the params' strict rules,
+    ``imtok.typerules``), naming ``<where>.<option>``."""
+    accepted = quantizer_option_defaults(kind)
+    hints = typing.get_type_hints(QUANTIZERS[kind].__init__)
+    for name, value in options.items():
+        if name not in accepted:
+            raise ValueError(
+                f"{where}: unknown option {name!r} for {kind!r}; its options are {', '.join(accepted)}"
+            )
+        if name in hints and not value_matches(value, hints[name])[0]:
+            words = isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")
+            hint = " (YAML 1.2 reads yes/no/on/off as text: write true or false)" if words else ""
+            raise ValueError(
+                f"{where}.{name}: expected {type_name(hints[name])} for {kind!r}, got {value!r}{hint}"
+            )
+
+
+def options_by_quantizer(
+    given: Mapping[str, Any], where: str = "tokenizer.quantizer_options"
+) -> dict[str, Any]:
+    """Every quantizer's options (``{kind: {option: value}}``): ``given``'s values over the defaults.
+
+    Each quantizer's options are stated under its name, so any of them can be set like every other
+    key (``dvc exp run -S tokenizer.quantizer_options.vq.kmeans_init=false``); only the options of
+    the chosen ``tokenizer.quantizer`` reach the model. Unknown quantizers and options, wrong types
+    and the older flat form (``quantizer_options: {beta: 0.25}``) are refused naming the key.
+    """
+    for key in given:
+        if key not in QUANTIZERS:
+            owners = [kind for kind in QUANTIZERS if key in quantizer_option_defaults(kind)]
+            flat = (
+                f"; options are given per quantizer: write {{{owners[0]}: {{{key}: ...}}}}" if owners else ""
+            )
+            raise ValueError(
+                f"{where}.{key}: unknown quantizer; the quantizers are {', '.join(QUANTIZERS)}{flat}"
+            )
+    options: dict[str, Any] = {}
+    for kind in QUANTIZERS:
+        values = given.get(kind) or {}
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"{where}.{kind}: expected a mapping of {kind}'s options to values, got {values!r}"
+            )
+        check_quantizer_options(kind, values, f"{where}.{kind}")
+        options[kind] = {**quantizer_option_defaults(kind), **values}
+    return options
+
+
 def _quantizer_arguments(
     kind: str,
     levels: Sequence[int] | None,
@@ -91,21 +146,7 @@ def _quantizer_arguments(
     if kind not in QUANTIZERS:
         raise ValueError(f"tokenizer.quantizer: unknown kind {kind!r}; use one of {', '.join(QUANTIZERS)}")
     cls = QUANTIZERS[kind]
-    accepted = [p.name for p in inspect.signature(cls).parameters.values() if p.kind == p.KEYWORD_ONLY]
-    hints = typing.get_type_hints(cls.__init__)
-    for name, value in options.items():
-        if name not in accepted:
-            raise ValueError(
-                f"tokenizer.quantizer_options: unknown option {name!r} for {kind!r}; "
-                f"its options are {', '.join(accepted)}"
-            )
-        if name in hints and not value_matches(value, hints[name])[0]:  # the params' own (strict) rules
-            words = isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")
-            hint = " (YAML 1.2 reads yes/no/on/off as text: write true or false)" if words else ""
-            raise ValueError(
-                f"tokenizer.quantizer_options.{name}: expected {type_name(hints[name])} for {kind!r}, got "
-                f"{value!r}{hint}"
-            )
+    check_quantizer_options(kind, options, "tokenizer.quantizer_options")
     if codebook_size is not None and codebook_size < 2:
         raise ValueError(f"tokenizer.codebook_size: expected an integer >= 2 or null, got {codebook_size}")
     if dim is not None and dim < 1:

@@ -427,9 +427,12 @@ def data_shape(shards_dir: Path, downsample: int) -> tuple[int, int, dict[str, A
 
 
 def fingerprint(params: TokenizerParams, channels: int, image_size: int, train_meta: dict[str, Any]) -> str:
+    """What a run computes: its params (with only the chosen quantizer's options: another's do not
+    change this run), the data's shape and meta.json, and the code."""
     data = json.dumps(train_meta, sort_keys=True)
     values = {
         **params.as_dict(),
+        "quantizer_options": params.chosen_options,
         "channels": channels,
         "image_size": image_size,
         "train_meta": data,
