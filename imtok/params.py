@@ -183,7 +183,7 @@ class TokenizerParams(TokenizerArchitecture, Section):
     once), quantizer, losses, optimisation and run settings.
 
     ``RUNTIME_KEYS`` change how a run is executed or reported, not what it computes: a checkpoint
-    written under other values of them is still resumed (see ``stages.train_tokenizer``).
+    written under other values of them is still resumed (see ``imtok.trainers.tokenizer.fingerprint``).
     """
 
     SECTION: ClassVar[str] = "tokenizer"

@@ -283,8 +283,8 @@ def run_fingerprint(values: Mapping[str, Any], ignore: frozenset[str] | set[str]
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def code_digest(*extra: str | os.PathLike[str]) -> str:
-    """A short hash of the source of the ``imtok`` package and of ``extra`` files (a stage script).
+def code_digest() -> str:
+    """A short hash of the source of the ``imtok`` package (the stages only call into it).
 
     Part of a training run's fingerprint: a run is its params, its data and the code that computes it.
     Without it a finished run's checkpoint (kept at its last step) would be "resumed" after a fix to the
@@ -306,10 +306,9 @@ def code_digest(*extra: str | os.PathLike[str]) -> str:
         ),
         key=lambda path: path.relative_to(package).as_posix(),
     )
-    for path in [*files, *(pathlib.Path(item) for item in extra)]:
-        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
+    for path in files:
         content = path.read_bytes()
-        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(f"{path.relative_to(package).as_posix()}\0{len(content)}\0".encode())
         digest.update(content)
     return digest.hexdigest()[:12]
 
