@@ -58,6 +58,8 @@ def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
         ({"tokenizer": {"quantizer_options": {"bogus": 1}}}, "tokenizer.quantizer_options.bogus"),
         ({"tokenizer": {"quantizer_options": {"fsq": {"bogus": 1}}}}, "tokenizer.quantizer_options.fsq"),
         ({"tokenizer": {"quantizer_options": {"vq": [1]}}}, "tokenizer.quantizer_options.vq"),
+        ({"tokenizer": {"quantizer_options": {"vq": False}}}, "tokenizer.quantizer_options.vq"),
+        ({"tokenizer": {"quantizer_options": {"vq": 0}}}, "tokenizer.quantizer_options.vq"),
         (
             {"tokenizer": {"quantizer": "vq", "quantizer_options": {"vq": {"ema": "off"}}}},
             "tokenizer.quantizer_options.vq.ema",
@@ -207,6 +209,8 @@ def test_quantizer_options_are_stated_per_quantizer_and_only_the_chosen_ones_rea
     assert params.tokenizer_config(1, 28).quantizer_options == params.tokenizer.quantizer_options["vq"]
     fsq = Params.from_dict({"tokenizer": {"quantizer_options": {"vq": {"kmeans_init": False}}}})
     assert fsq.tokenizer_config(1, 28).quantizer_options == quantizer_option_defaults("fsq")
+    empty = Params.from_dict({"tokenizer": {"quantizer_options": {"fsq": None}}})  # `fsq:` and nothing
+    assert empty.tokenizer.quantizer_options["fsq"] == quantizer_option_defaults("fsq")
 
 
 def test_the_older_flat_quantizer_options_say_how_to_write_them_now():

@@ -125,7 +125,8 @@ def options_by_quantizer(
             )
     options: dict[str, Any] = {}
     for kind in QUANTIZERS:
-        values = given.get(kind) or {}
+        values = given.get(kind)
+        values = {} if values is None else values  # `vq:` with nothing under it: the defaults
         if not isinstance(values, Mapping):
             raise ValueError(
                 f"{where}.{kind}: expected a mapping of {kind}'s options to values, got {values!r}"

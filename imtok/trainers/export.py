@@ -1,5 +1,5 @@
 """The end every training stage shares: its MLflow run, held together with its checkpoints
-(``training_run``), and the trained model exported, registered and recorded (``export_model``)."""
+(``training_run``), and the trained model recorded, exported and registered (``finish_training``)."""
 
 from __future__ import annotations
 
@@ -47,30 +47,45 @@ class Registration:
     input_dtype: str = "float32"
 
 
-def export_model(
+def finish_training(
     out_dir: Path,
     *,
+    stage: str,
     kind: str,
     model_file: str,
     config: Any,
-    model: Any,
+    result: Any,
+    final: dict[str, float],
+    run: Any,
+    run_key: str,
+    commit: str | None,
+    runtime: Any,
     summary: dict[str, Any],
+    report: dict[str, Any],
     registration: Callable[[], Registration] | None,
     also: Callable[[Path], None] | None = None,
-) -> None:
-    """The end of every training stage: export, register, record.
+) -> dict[str, Any]:
+    """The end of every training stage, once its model (``result.model`` of the trainer's ``result``)
+    is trained and measured on val (``final``): record, export, register; returns the stage report.
 
-    The weights-only model file (``imtok.models.files``), anything ``also(staging)`` adds and the
-    summary ``<model_file stem>.json`` (with the file's SHA-256) are swapped in as one directory.
-    With ``registration`` (called once the files are in place) the model is then logged and
-    registered, and the summary is written again
-    with where it landed (name, version, ``models:/`` URIs). The files come first so that an
-    unreachable registry loses nothing: the stage fails naming the file that is safe, and a re-run
-    resumes at the last step and registers. The summary is logged to the stage's run.
+    The ``final/`` metrics go to the stage's MLflow ``run``. The weights-only model file
+    (``imtok.models.files``), anything ``also(staging)`` adds and the summary ``<model_file stem>.json``
+    (the keys every stage writes around the stage's own ``summary``, and the file's SHA-256) are
+    swapped in as one directory. With ``registration`` (called once the files are in place) the model
+    is then logged and registered, and the summary is written again with where it landed (name,
+    version, ``models:/`` URIs). The files come first so that an unreachable registry loses nothing:
+    the stage fails naming the file that is safe, and a re-run resumes at the last step and registers.
+    The summary is logged to the run. The report holds the keys every stage reports around ``report``.
     """
     from imtok import registry, tracking
     from imtok.models.files import file_sha256, save_model_file
 
+    tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
+    model = result.model.cpu()
+    summary = {
+        **{"stage": stage, "step": result.step, "fingerprint": run_key, **summary},
+        **{"git_commit": commit, "mlflow_run_id": run.info.run_id, "val": final},
+    }
     summary_file = Path(model_file).with_suffix(".json").name
 
     def fill(staging: Path) -> None:
@@ -101,3 +116,9 @@ def export_model(
         }
         write_json(out_dir / summary_file, summary)
     tracking.log_artifact(out_dir / summary_file)
+    return {
+        **{"step": result.step, "resumed_from_step": result.start_step, "seconds": round(result.seconds, 2)},
+        **report,
+        **{"precision": runtime.precision, "world_size": runtime.world_size},
+        "val": {name: round(value, 5) for name, value in final.items()},
+    }

@@ -41,7 +41,7 @@ from imtok.models.priors import build_prior
 from imtok.params import Params, PriorParams
 from imtok.quantizers.common import check_indices
 from imtok.runtime import Runtime, agreed_fingerprint, code_digest, run_fingerprint, setup_runtime
-from imtok.trainers.export import Registration, export_model, training_run
+from imtok.trainers.export import Registration, finish_training, training_run
 from imtok.training import unwrap_model
 
 VALIDATION_SEED = 1234  # masks of the validation loss: the same at every evaluation
@@ -356,24 +356,7 @@ def train_and_export(
             batch_size=section.batch_size,
             conditional=section.conditional,
         )
-        tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
-        model = model.cpu()
-        summary: dict[str, Any] = {
-            "stage": STAGE,
-            "kind": section.kind,
-            "step": result.step,
-            "fingerprint": run_key,
-            "codebook_size": config.codebook_size,
-            "grid": list(grid),
-            "num_classes": config.num_classes,
-            "class_names": class_names,
-            "image_size": meta.get("image_size"),
-            "channels": meta.get("channels"),
-            **provenance,
-            "git_commit": tracking.git_commit(),
-            "mlflow_run_id": run.info.run_id,
-            "val": final,
-        }
+        commit = tracking.git_commit()
 
         def registration() -> Registration:
             tokenizer = provenance["tokenizer_uri"] or provenance["tokenizer"]
@@ -385,7 +368,7 @@ def train_and_export(
                 "num_classes": config.num_classes,
                 "tokenizer_uri": tokenizer,
                 "tokenizer_sha256": provenance["tokenizer_sha256"],
-                "git_commit": summary["git_commit"],
+                "git_commit": commit,
                 "fingerprint": run_key,
                 "val_loss": f"{final['loss']:.4f}",
             }
@@ -395,21 +378,28 @@ def train_and_export(
             )
             return Registration(REGISTERED_NAME, grid, tags, description, MODEL_DESCRIPTION, "int64")
 
-        export_model(
+        return finish_training(
             out_dir,
+            stage=STAGE,
+            run=run,
+            run_key=run_key,
+            commit=commit,
+            result=result,
+            final=final,
+            runtime=runtime,
             kind="prior",
             model_file=MODEL_FILE,
             config={"kind": section.kind, "model": dataclasses.asdict(config)},
-            model=model,
-            summary=summary,
             registration=registration if register else None,
+            summary={
+                "kind": section.kind,
+                "codebook_size": config.codebook_size,
+                "grid": list(grid),
+                "num_classes": config.num_classes,
+                "class_names": class_names,
+                "image_size": meta.get("image_size"),
+                "channels": meta.get("channels"),
+                **provenance,
+            },
+            report={"tokens_per_s": round(result.tokens_per_s, 1)},
         )
-        return {
-            "step": result.step,
-            "resumed_from_step": result.start_step,
-            "seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens_per_s, 1),
-            "precision": runtime.precision,
-            "world_size": runtime.world_size,
-            "val": {name: round(value, 5) for name, value in final.items()},
-        }

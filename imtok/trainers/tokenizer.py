@@ -63,7 +63,7 @@ from imtok.runtime import (
     run_fingerprint,
     setup_runtime,
 )
-from imtok.trainers.export import Registration, export_model, training_run
+from imtok.trainers.export import Registration, finish_training, training_run
 from imtok.training import NonFiniteLossWatch, unwrap_model
 
 GridCallback = Callable[[Tensor, Tensor, int], None]
@@ -544,20 +544,6 @@ def train_and_export(
             recon_kind=section.recon_loss,
             autocast=runtime.autocast,
         )
-        tracking.log_metrics({f"final/{name}": value for name, value in final.items()}, result.step)
-        model = model.cpu()
-        summary: dict[str, Any] = {
-            "stage": STAGE,
-            "step": result.step,
-            "fingerprint": run_key,
-            "codebook_size": model.codebook_size,
-            "token_grid": list(config.token_grid),
-            "image_size": image_size,
-            "channels": channels,
-            "git_commit": commit,
-            "mlflow_run_id": run.info.run_id,
-            "val": final,
-        }
 
         def add_grid(staging: Path) -> None:
             if pair is not None:
@@ -569,24 +555,28 @@ def train_and_export(
             shape = (channels, image_size, image_size)
             return Registration(REGISTERED_NAME, shape, found, describe(found), MODEL_DESCRIPTION)
 
-        export_model(
+        return finish_training(
             out_dir,
+            stage=STAGE,
+            run=run,
+            run_key=run_key,
+            commit=commit,
+            result=result,
+            final=final,
+            runtime=runtime,
             kind="tokenizer",
             model_file=MODEL_FILE,
             config=config,
-            model=model,
-            summary=summary,
             registration=registration if register else None,
             also=add_grid,
+            summary={
+                "codebook_size": model.codebook_size,
+                "token_grid": list(config.token_grid),
+                "image_size": image_size,
+                "channels": channels,
+            },
+            report={
+                "images_per_s": round(result.images_per_s, 1),
+                "disabled_losses": sorted(result.disabled_losses),
+            },
         )
-        report = {
-            "step": result.step,
-            "resumed_from_step": result.start_step,
-            "seconds": round(result.seconds, 2),
-            "images_per_s": round(result.images_per_s, 1),
-            "precision": runtime.precision,
-            "world_size": runtime.world_size,
-            "disabled_losses": sorted(result.disabled_losses),
-            "val": {name: round(value, 5) for name, value in final.items()},
-        }
-        return report
