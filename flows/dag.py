@@ -151,11 +151,6 @@ def metric_writers(stages: list[Stage]) -> set[str]:
     }
 
 
-def producers(stages: list[Stage]) -> dict[str, str]:
-    """Output path -> the stage that writes it."""
-    return {out: stage.name for stage in stages for out in stage.outs}
-
-
 def _covers(out: str, dep: str) -> bool:
     return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
 

@@ -40,6 +40,7 @@ from imtok.training import (
     ModelEma,
     NonFiniteLossWatch,
     agreed_latest_checkpoint,
+    checkpoint_path,
     clip_gradients,
     isolated_rng,
     load_checkpoint,
@@ -280,7 +281,7 @@ def train(
             if done % p.checkpoint_every == 0 or last:
                 if runtime.is_main:
                     save_checkpoint(
-                        checkpoint_dir / f"step-{done:08d}.pt",
+                        checkpoint_path(checkpoint_dir, done),
                         model=model,
                         optimizer=optimizer,
                         scheduler=scheduler,

@@ -17,7 +17,6 @@ from imtok.quantizers.common import (
     require,
     track_initialization,
 )
-from imtok.quantizers.search import squared_distances
 from imtok.quantizers.vq import broadcast_from_first, distributed_world, sample_rows
 
 # The paper's ablation finds about 40% stochastically quantized positions best: fewer barely
@@ -35,9 +34,10 @@ PROB_FLOOR = 1e-12
 def _assignment_scores(latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
     """Assignment logits up to a per-row constant: (2 z.e_k - ||e_k||^2) / temperature (N, K).
 
-    These are the logits of ``posterior_logits`` plus ||z||^2 / temperature on each row. Softmax,
-    argmax and Gumbel-max sampling ignore a per-row constant (and so do their gradients), so they
-    give the same assignment distribution without the passes over (N, K) that add ||z||^2 and divide.
+    These are the posterior's logits -||z - e_k||^2 / temperature plus ||z||^2 / temperature on each
+    row. Softmax, argmax and Gumbel-max sampling ignore a per-row constant (and so do their
+    gradients), so they give the same assignment distribution without the passes over (N, K) that
+    add ||z||^2 and divide.
     """
     scale = 1.0 / temperature
     # A single matmul [z, 1] (N, D + 1) @ [2 e^T; -||e||^2] / temperature (D + 1, K): the norms and
@@ -46,11 +46,6 @@ def _assignment_scores(latents: Tensor, codebook: Tensor, temperature: float) ->
     norms = codebook.pow(2).sum(dim=1, keepdim=True).t()  # (1, K)
     weights = torch.cat([codebook.t() * (2.0 * scale), norms * -scale])  # (D + 1, K)
     return torch.cat([latents, latents.new_ones(latents.shape[0], 1)], dim=1) @ weights
-
-
-def posterior_logits(latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
-    """Assignment logits -||z - e_k||^2 / temperature (N, K) for latents (N, D) and codes (K, D)."""
-    return squared_distances(latents, codebook).div(-temperature)  # (N, K)
 
 
 def posterior_mean(assignment_probs: Tensor, *, across_ranks: bool = False) -> Tensor:
