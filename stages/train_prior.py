@@ -21,7 +21,7 @@ from typing import Any
 
 from imtok import layout
 from imtok.params import Params
-from imtok.runtime import Runtime, setup_runtime, shutdown_runtime
+from imtok.runtime import setup_runtime, shutdown_runtime
 from stages.common import no_register_option, stage_main
 
 TOKENS_DIR = Path(layout.TOKENS)
@@ -30,43 +30,29 @@ CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "prior"
 REPORT_PATH = Path(layout.REPORTS) / "train_prior.json"
 
 
-def train(
-    params: Params,
-    *,
-    tokens_dir: Path = TOKENS_DIR,
-    out_dir: Path = OUT_DIR,
-    checkpoint_root: Path = CHECKPOINT_ROOT,
-    register: bool = True,
-    runtime: Runtime | None = None,
-) -> dict[str, Any] | None:
-    """``imtok.trainers.prior.train_and_export`` at the pipeline's paths."""
+def train(params: Params, args: Any) -> dict[str, Any] | None:
+    """``imtok.trainers.prior.train_and_export`` at the pipeline's paths, in this process's runtime."""
     from imtok.trainers.prior import train_and_export
 
-    return train_and_export(
-        params,
-        tokens_dir=tokens_dir,
-        out_dir=out_dir,
-        checkpoint_root=checkpoint_root,
-        register=register,
-        runtime=runtime,
-    )
-
-
-def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
     section = params.prior
     runtime = setup_runtime(
         section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
     )
     try:
-        return train(params, register=not args.no_register, runtime=runtime)
+        return train_and_export(
+            params,
+            tokens_dir=TOKENS_DIR,
+            out_dir=OUT_DIR,
+            checkpoint_root=CHECKPOINT_ROOT,
+            runtime=runtime,
+            register=not args.no_register,
+        )
     finally:
         shutdown_runtime(runtime)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        __doc__, train_in_runtime, report_path=REPORT_PATH, argv=argv, options=no_register_option
-    )
+    return stage_main(__doc__, train, report_path=REPORT_PATH, argv=argv, options=no_register_option)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 from imtok import layout
 from imtok.params import Params
-from imtok.runtime import Runtime, setup_runtime, shutdown_runtime
+from imtok.runtime import setup_runtime, shutdown_runtime
 from stages.common import no_register_option, stage_main
 
 SHARDS_DIR = Path(layout.SHARDS)
@@ -33,41 +33,27 @@ CHECKPOINT_ROOT = Path(layout.CHECKPOINTS) / "tokenizer"
 REPORT_PATH = Path(layout.REPORTS) / "train_tokenizer.json"
 
 
-def train(
-    params: Params,
-    *,
-    shards_dir: Path = SHARDS_DIR,
-    out_dir: Path = OUT_DIR,
-    checkpoint_root: Path = CHECKPOINT_ROOT,
-    register: bool = True,
-    runtime: Runtime | None = None,
-) -> dict[str, Any] | None:
-    """``imtok.trainers.tokenizer.train_and_export`` at the pipeline's paths."""
+def train(params: Params, args: Any) -> dict[str, Any] | None:
+    """``imtok.trainers.tokenizer.train_and_export`` at the pipeline's paths, in this process's runtime."""
     from imtok.trainers.tokenizer import train_and_export
 
-    return train_and_export(
-        params,
-        shards_dir=shards_dir,
-        out_dir=out_dir,
-        checkpoint_root=checkpoint_root,
-        register=register,
-        runtime=runtime,
-    )
-
-
-def train_in_runtime(params: Params, args: Any) -> dict[str, Any] | None:
     section = params.tokenizer
     runtime = setup_runtime(section.device, section.precision, dist_timeout_s=params.run.dist_timeout_s)
     try:
-        return train(params, register=not args.no_register, runtime=runtime)
+        return train_and_export(
+            params,
+            shards_dir=SHARDS_DIR,
+            out_dir=OUT_DIR,
+            checkpoint_root=CHECKPOINT_ROOT,
+            runtime=runtime,
+            register=not args.no_register,
+        )
     finally:
         shutdown_runtime(runtime)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        __doc__, train_in_runtime, report_path=REPORT_PATH, argv=argv, options=no_register_option
-    )
+    return stage_main(__doc__, train, report_path=REPORT_PATH, argv=argv, options=no_register_option)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from imtok.models.files import save_model_file
 from imtok.params import ExtractParams, Params, SampleParams
 from imtok.runtime import Runtime
 from imtok.trainers.prior import REGISTERED_NAME
-from stages.train_prior import train
+from imtok.trainers.prior import train_and_export as train
 
 CPU = Runtime(device=torch.device("cpu"))
 

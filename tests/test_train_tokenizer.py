@@ -22,8 +22,8 @@ from imtok.models.files import read_model_file
 from imtok.params import Params
 from imtok.runtime import Runtime
 from imtok.trainers.tokenizer import MODEL_FILE, REGISTERED_NAME
+from imtok.trainers.tokenizer import train_and_export as train
 from imtok.training import list_checkpoints, read_checkpoint
-from stages.train_tokenizer import train
 
 REPO = Path(__file__).resolve().parents[1]
 

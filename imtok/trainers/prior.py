@@ -40,7 +40,7 @@ from imtok.models.maskgit import (
 from imtok.models.priors import build_prior
 from imtok.params import Params, PriorParams
 from imtok.quantizers.common import check_indices
-from imtok.runtime import Runtime, agreed_fingerprint, code_digest, run_fingerprint, setup_runtime
+from imtok.runtime import Runtime, agreed_fingerprint, code_digest, run_fingerprint
 from imtok.trainers.export import Registration, finish_training, training_run
 from imtok.training import unwrap_model
 
@@ -299,13 +299,13 @@ def train_and_export(
     tokens_dir: Path,
     out_dir: Path,
     checkpoint_root: Path,
+    runtime: Runtime,
     register: bool = True,
-    runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """The ``train_prior`` stage's work: train (or resume) on the token shards of ``tokens_dir``,
     measure val, export to ``out_dir`` and register; returns the stage report on the main process
     (else None). Checkpoints go to ``checkpoint_root/<fingerprint>`` (params, the token shards'
-    identity and the code)."""
+    identity and the code). The caller holds ``runtime`` and shuts it down."""
     from imtok import tracking
 
     section = params.prior
@@ -316,9 +316,6 @@ def train_and_export(
     num_classes = len(class_names) or int(train_split.labels.max()) + 1
     grid = (int(meta["grid"][0]), int(meta["grid"][1]))
     config = prior_config(section, int(meta["codebook_size"]), grid, num_classes)
-    runtime = runtime or setup_runtime(
-        section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
-    )
     token_identity = json.dumps(
         {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
     )

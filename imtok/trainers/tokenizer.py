@@ -61,7 +61,6 @@ from imtok.runtime import (
     code_digest,
     disagreement,
     run_fingerprint,
-    setup_runtime,
 )
 from imtok.trainers.export import Registration, finish_training, training_run
 from imtok.training import NonFiniteLossWatch, unwrap_model
@@ -486,11 +485,13 @@ def train_and_export(
     shards_dir: Path,
     out_dir: Path,
     checkpoint_root: Path,
+    runtime: Runtime,
     register: bool = True,
-    runtime: Runtime | None = None,
 ) -> dict[str, Any] | None:
     """The ``train_tokenizer`` stage's work: train (or resume) on ``shards_dir``, measure the whole val
     split, export to ``out_dir`` and register; returns the stage report on the main process (else None).
+    The caller holds ``runtime`` (``imtok.runtime.setup_runtime`` from ``tokenizer.device`` and
+    ``tokenizer.precision``) and shuts it down.
 
     Checkpoints go to ``checkpoint_root/<fingerprint>``, the fingerprint hashing every param that
     changes what is computed, the train split's meta.json and the code.
@@ -502,9 +503,6 @@ def train_and_export(
     # The shards' size is what trains, whatever prepare.image_size says now.
     check_discriminator_depth(section, image_size, f"{shards_dir / 'train'}: image_size")
     config = params.tokenizer_config(channels, image_size)
-    runtime = runtime or setup_runtime(
-        section.device, section.precision, dist_timeout_s=params.run.dist_timeout_s
-    )
     run_key = agreed_fingerprint(fingerprint(section, channels, image_size, train_meta), runtime, "tokenizer")
     checkpoint_dir = checkpoint_root / run_key
     commit = tracking.git_commit()
