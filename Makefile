@@ -59,6 +59,7 @@ ui: $(STAMP)
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs `uv`).
 lock:
+	@command -v uv >/dev/null || { echo "make lock needs uv on PATH: pip install uv" >&2; exit 1; }
 	uv pip compile pyproject.toml --extra test --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
 
