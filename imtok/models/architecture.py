@@ -19,7 +19,19 @@ def raise_first_failed(section: str, checks: list[tuple[bool, str, str]]) -> Non
             raise ValueError(f"{section}.{key}: {message}")
 
 
-QuantizerKind = Literal["fsq", "vq", "regvq", "lfq", "bsq", "simvq", "rfsq"]
+# Every quantizer by its name in params.yaml, with the class that implements it (``module:Class``,
+# imported when ``imtok.models.autoencoder`` is): a new quantizer is its file plus one line here. Class
+# paths rather than classes keep this module, and so the params boundary, free of torch.
+QUANTIZER_CLASSES = {
+    "fsq": "imtok.quantizers.fsq:FSQ",
+    "vq": "imtok.quantizers.vq:VectorQuantizer",
+    "regvq": "imtok.quantizers.regvq:RegularizedVQ",
+    "lfq": "imtok.quantizers.lfq:LFQ",
+    "bsq": "imtok.quantizers.bsq:BSQ",
+    "simvq": "imtok.quantizers.simvq:SimVQ",
+    "rfsq": "imtok.quantizers.residual_fsq:ResidualFSQ",
+}
+QuantizerKind = Literal[tuple(QUANTIZER_CLASSES)]  # type: ignore[valid-type]  # the names above
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class TokenizerArchitecture:
     mid_attention: bool = False  # single-head self-attention between the middle residual blocks
     conv_downsample: bool = True  # stride-2 conv3x3 (True) or 2x2 average pooling (False)
     dropout: float = 0.0
-    quantizer: QuantizerKind = "fsq"  # a key of imtok.models.autoencoder.QUANTIZERS
+    quantizer: QuantizerKind = "fsq"  # a key of QUANTIZER_CLASSES
     levels: tuple[int, ...] | None = None  # fsq, rfsq; null: the FSQ paper's levels for codebook_size
     codebook_size: int | None = None  # null: 2^10 (fsq: the FSQ paper's levels [8, 5, 5, 5], 1000 codes)
     latent_dim: int | None = None  # vq/regvq code channels (null: 8); fsq: len(levels)

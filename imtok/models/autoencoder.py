@@ -13,6 +13,7 @@ stacked along the height into (B, S*h, w) (``imtok.quantizers.residual_fsq``: st
 so priors, token shards and sampling see one grid of ``token_grid`` whatever the quantizer.
 """
 
+import importlib
 import inspect
 import math
 import typing
@@ -25,29 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imtok.models.architecture import TokenizerArchitecture, raise_first_failed
-from imtok.quantizers import (
-    BSQ,
-    FSQ,
-    LFQ,
-    QuantizerOutput,
-    RegularizedVQ,
-    ResidualFSQ,
-    SimVQ,
-    VectorQuantizer,
-)
-from imtok.quantizers.fsq import validate_levels
+from imtok.models.architecture import QUANTIZER_CLASSES, TokenizerArchitecture, raise_first_failed
+from imtok.quantizers import QuantizerOutput
+from imtok.quantizers.fsq import FSQ, validate_levels
 from imtok.quantizers.residual_fsq import DEFAULT_STAGES, MAX_STAGES, split_stages, stack_stages
 from imtok.typerules import type_name, value_matches
 
+
+def _quantizer_class(at: str) -> type[nn.Module]:
+    module, _, name = at.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# The classes of imtok.models.architecture.QUANTIZER_CLASSES, by name.
 QUANTIZERS: dict[str, type[nn.Module]] = {
-    "fsq": FSQ,
-    "vq": VectorQuantizer,
-    "regvq": RegularizedVQ,
-    "lfq": LFQ,
-    "bsq": BSQ,
-    "simvq": SimVQ,
-    "rfsq": ResidualFSQ,
+    kind: _quantizer_class(at) for kind, at in QUANTIZER_CLASSES.items()
 }
 BINARY_QUANTIZERS = ("lfq", "bsq")  # one bit per channel: 2^latent_dim codes
 GRID_QUANTIZERS = ("fsq", "rfsq")  # FSQ levels: one channel per level, codebook = prod(levels)
