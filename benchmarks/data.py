@@ -1,10 +1,15 @@
-"""Data benchmark: prepare throughput, and reading shards vs the same images as loose PNG files.
+"""Data benchmark: prepare throughput, reading shards vs the same images as loose PNG files, and loading
+a token split.
 
 prepare is timed in this process alone and with ``--prepare-workers`` encoding processes, side by side
 on the same images (the two outputs are checked to be byte-identical). Both readers decode and collate
 with the same functions (``decode_png_uint8``, ``collate_images``) into float batches of the same
 size, in the same process, with the same number of DataLoader workers; only the storage differs (a
 few tar files read in sequence vs one small file per image).
+
+A token split of ``--tokens`` samples (random ids on a ``--token-grid``, one shard) is loaded by
+``load_token_split`` (tar reading, then ``decode_tokens`` per sample), and its ``tokens.npy``
+payloads are decoded by ``decode_tokens`` beside its peer ``np.load``.
 
     python -m benchmarks.data --images 10000 --workers 0 2 --batch-size 256 --prepare-workers 2
 """
@@ -33,6 +38,7 @@ from imtok.data.shards import (
     write_split,
 )
 from imtok.data.sources import FASHION_MNIST_DIR, FashionMNIST, SyntheticShapes
+from imtok.data.tokens import TOKEN_FIELDS, TokenSample, decode_tokens, load_token_split, write_token_split
 
 
 class LoosePngs(Dataset):
@@ -93,6 +99,48 @@ def prepare_rates(
     return serial, statistics.median(rates[0]), statistics.median(rates[workers])
 
 
+def token_loading(samples: int, grid: int, repeats: int) -> list[str]:
+    """Table lines: loading a token split of ``samples`` (grid x grid uint16 ids), and decoding its
+    payloads with ``decode_tokens`` beside ``np.load`` (best of ``repeats``, alternating)."""
+    import io
+
+    import numpy as np
+
+    from imtok.data.shards import _read_shards, shard_urls
+
+    rng = np.random.default_rng(0)
+    tokens = [TokenSample(f"{i:08d}", rng.integers(0, 1024, (grid, grid)), i % 10) for i in range(samples)]
+    with tempfile.TemporaryDirectory(prefix="imtok-bench-tokens-") as split:
+        meta = write_token_split(
+            tokens, split, codebook_size=1024, grid=(grid, grid), meta={"split": "train"}
+        )
+        (url,) = shard_urls(split, meta)
+        payloads = [s["tokens.npy"] for s in _read_shards(iter([{"url": url}]), {url: samples}, TOKEN_FIELDS)]
+        timings: dict[str, list[float]] = {"split": [], "np.load": [], "decode_tokens": []}
+        for _ in range(repeats):
+            started = time.perf_counter()
+            load_token_split(split)
+            timings["split"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for payload in payloads:
+                np.load(io.BytesIO(payload), allow_pickle=False)
+            timings["np.load"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for payload in payloads:
+                decode_tokens(payload)
+            timings["decode_tokens"].append(time.perf_counter() - started)
+    best = {name: min(values) for name, values in timings.items()}
+    return [
+        f"token split: {samples} samples of {grid}x{grid} uint16 ids, one shard; best of {repeats}:",
+        "",
+        "| step | seconds | samples/s |",
+        "|---|---:|---:|",
+        f"| load_token_split (read, decode, check) | {best['split']:.3g} | {samples / best['split']:,.0f} |",
+        f"| decode: np.load per sample (peer) | {best['np.load']:.3g} | {samples / best['np.load']:,.0f} |",
+        f"| decode: decode_tokens | {best['decode_tokens']:.3g} | {samples / best['decode_tokens']:,.0f} |",
+    ]
+
+
 def run(
     images: int,
     workers: list[int],
@@ -102,6 +150,8 @@ def run(
     prepare_workers: int,
     image_size: int = 32,
     channels: int = 1,
+    tokens: int = 10000,
+    token_grid: int = 7,
 ) -> str:
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         source, source_name = FashionMNIST(FASHION_MNIST_DIR, image_size, channels), "Fashion-MNIST"
@@ -149,6 +199,7 @@ def run(
             lines.append(
                 f"| {num_workers} | {shard_rate:,.0f} | {file_rate:,.0f} | {shard_rate / file_rate:.2f} |"
             )
+    lines += ["", *token_loading(tokens, token_grid, repeats)]
     return "\n".join(lines)
 
 
@@ -162,11 +213,14 @@ def main() -> None:
     parser.add_argument("--prepare-workers", type=int, default=usable_cpus(), help="encoding processes")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    parser.add_argument("--tokens", type=int, default=10000, help="samples of the token split")
+    parser.add_argument("--token-grid", type=int, default=7, help="token grid side (Fashion-MNIST: 7)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     sizes = (args.images, args.workers, args.batch_size, args.repeats, args.maxcount, args.prepare_workers)
-    print(run(*sizes, image_size=args.image_size, channels=args.channels))
+    tokens = {"tokens": args.tokens, "token_grid": args.token_grid}
+    print(run(*sizes, image_size=args.image_size, channels=args.channels, **tokens))
 
 
 if __name__ == "__main__":

@@ -170,12 +170,16 @@ def test_extraction_benchmark_runs_the_gpu_parts_options_scaled_down_on_cpu():
 def test_data_and_codebook_benchmarks_run_at_tiny_sizes():
     data = run_benchmark(
         "benchmarks.data", "--images", "120", "--repeats", "1", "--workers", "0", "--maxcount", "50",
-        "--prepare-workers", "2",
+        "--prepare-workers", "2", "--tokens", "40", "--token-grid", "4",
     )  # fmt: skip
     (row,) = table(data, "workers")
     assert row[0] == "0" and all(number(cell) for cell in row[1:])
     serial, parallel = table(data, "encoding processes")
     assert parallel[0] == "2" and all(number(cell) for cell in serial[1:] + parallel[1:])
+    split, peer, ours = table(data, "step")
+    assert "np.load" in peer[0] and "decode_tokens" in ours[0]
+    assert all(number(cell) for cell in split[1:] + peer[1:] + ours[1:])
+    assert "40 samples of 4x4" in data
     codebooks = run_benchmark(
         "benchmarks.codebooks", "--sizes", "256", "--samples", "2", "--repeats", "1", "--batch-size", "4",
         "--hidden-dim", "32", "--depth", "1",

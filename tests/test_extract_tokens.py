@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,27 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(16, dtype=np.uint16).reshape(4, 4),
+        np.arange(98, dtype=np.int32).reshape(14, 7) * 1000,
+        np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4)),  # np.load's path
+        np.zeros((0, 5), dtype=np.uint16),
+        np.array(7, dtype=np.int64),
+        np.arange(6, dtype=">i4").reshape(2, 3),  # big-endian
+    ],
+)
+def test_decode_tokens_reads_what_np_load_reads(array):
+    from imtok.data.tokens import decode_tokens
+
+    data = _npy(array)
+    decoded, loaded = decode_tokens(data), np.load(io.BytesIO(data))
+    assert decoded.dtype == loaded.dtype and decoded.shape == loaded.shape
+    assert np.array_equal(decoded, loaded) and decoded.flags.writeable
+    assert np.array_equal(decode_tokens(data), loaded)  # the header cached, the same again
 
 
 def test_image_shards_are_not_mistaken_for_tokens(tiny_shards):
