@@ -336,12 +336,15 @@ def test_binary_quantizers_take_their_channels_from_a_power_of_two_codebook(kind
         build_quantizer(kind, codebook_size=256, dim=4)
 
 
-def test_every_named_quantizer_is_a_quantizer_class_the_params_accept():
-    import typing
-
-    from imtok.models.architecture import QuantizerKind
+def test_every_named_quantizer_loads_from_params_and_builds_its_class():
+    from imtok.models.architecture import QUANTIZER_CLASSES
     from imtok.models.autoencoder import QUANTIZERS
+    from imtok.params import Params
 
-    assert typing.get_args(QuantizerKind) == tuple(QUANTIZERS)  # one list: the params take its names
-    for kind, cls in QUANTIZERS.items():
-        assert isinstance(cls, type) and issubclass(cls, torch.nn.Module), kind
+    for kind, at in QUANTIZER_CLASSES.items():
+        params = Params.from_dict({"tokenizer": {"quantizer": kind}})  # the params boundary takes the name
+        model = Tokenizer(params.tokenizer_config(1, 16))
+        assert type(model.quantizer) is QUANTIZERS[kind], kind
+        assert f"{type(model.quantizer).__module__}:{type(model.quantizer).__name__}" == at, kind
+    with pytest.raises(ValueError, match=r"tokenizer\.quantizer: unknown value 'magvit'"):
+        Params.from_dict({"tokenizer": {"quantizer": "magvit"}})
