@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import dataclasses
 import string
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from typing import Any
 import yaml
 
 from imtok import layout
-from imtok.params import Params
 
 
 @dataclass(frozen=True)
@@ -31,18 +28,8 @@ class Stage:
 
     @property
     def pool(self) -> str:
-        """``gpu`` for stages with a device param (``<section>.device``, or a whole section that has
-        ``device``): they run models; else ``cpu``."""
-        return "gpu" if any(_names_a_device(key) for key in self.params) else "cpu"
-
-
-def _names_a_device(key: str) -> bool:
-    """Whether a dvc.yaml params entry is a ``device`` key or a whole params section that holds one."""
-    section, _, name = key.partition(".")
-    if name:
-        return name == "device"
-    hints = typing.get_type_hints(Params)
-    return section in hints and "device" in {field.name for field in dataclasses.fields(hints[section])}
+        """``gpu`` for the stages that run a model (they list a ``run.<section>.device``), else ``cpu``."""
+        return "gpu" if any(key.rpartition(".")[2] == "device" for key in self.params) else "cpu"
 
 
 def _paths(entries: list[Any] | None, cached: bool | None = None) -> tuple[str, ...]:

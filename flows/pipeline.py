@@ -5,7 +5,7 @@ truth: a stage whose inputs did not change is skipped by DVC, not by the flow. W
 the stage's inputs are pulled first and its outputs pushed after, so a stage finds its data on any
 host whose checkout has the same dvc.lock. Pull and push retry (remote storage is I/O); a stage
 that fails is not retried. Stage tasks carry a ``gpu`` or ``cpu`` tag (``gpu`` for stages with a
-``device`` param) for tag concurrency limits; the deployments in prefect.yaml place the pipeline
+``run.<section>.device``) for tag concurrency limits; the deployments in prefect.yaml place the pipeline
 on the ``gpu`` work pool (the ``prepare`` deployment on ``cpu``).
 
     python -m flows.pipeline                       # every stage, here, Prefect's local API

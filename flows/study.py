@@ -54,13 +54,13 @@ from imtok.plots import pyplot, save_figure
 # The VQ-VAE baseline of both papers: EMA codebook from its random initialisation, nothing re-seeded.
 PLAIN_VQ_OPTIONS = {"kmeans_init": False, "restart_after_steps": None}
 LABELS = {  # row label -> the tokenizer section that makes it (beside codebook_size)
-    "fsq": {"quantizer": "fsq", "quantizer_options": {}},
+    "fsq": {"quantizer": "fsq"},
     "vq-plain": {"quantizer": "vq", "quantizer_options": {"vq": PLAIN_VQ_OPTIONS}},
-    "vq": {"quantizer": "vq", "quantizer_options": {}},
-    "regvq": {"quantizer": "regvq", "quantizer_options": {}},
-    "lfq": {"quantizer": "lfq", "quantizer_options": {}},
-    "bsq": {"quantizer": "bsq", "quantizer_options": {}},
-    "simvq": {"quantizer": "simvq", "quantizer_options": {}},
+    "vq": {"quantizer": "vq"},
+    "regvq": {"quantizer": "regvq"},
+    "lfq": {"quantizer": "lfq"},
+    "bsq": {"quantizer": "bsq"},
+    "simvq": {"quantizer": "simvq"},
     "rfsq": {"quantizer": "rfsq", "quantizer_options": {"rfsq": {"stages": 2}}},
 }
 SIZES = (2**8, 2**10, 2**12, 2**14)

@@ -26,15 +26,15 @@ from flows.dvc import DvcCommandError, dvc
 from flows.pipeline import pipeline, project_root
 from imtok import layout
 from imtok.atomic import write_bytes_atomic, write_text_atomic
-from imtok.overrides import validated
+from imtok.overrides import leaves, validated
 from imtok.params import read_yaml
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.))*")
 
 
 def flat_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{section: {key: value}}`` -> ``{"params.section.key": value}``."""
-    return {f"params.{s}.{k}": v for s, values in overrides.items() for k, v in (values or {}).items()}
+    """``{section: {key: value}}`` (nested where params.yaml nests) -> ``{"params.section.key": value}``."""
+    return {"params." + ".".join(keys): value for keys, value in leaves(overrides)}
 
 
 def check_points(params_path: Path, points: list[dict[str, Any]]) -> None:

@@ -55,9 +55,9 @@ log = logging.getLogger(__name__)
 MetricsCallback = Callable[[Mapping[str, float], int], None]
 
 
-class LoopParams(Protocol):
-    """The loop settings every task trains with (``TokenizerParams``, ``PriorParams``, and the
-    classifier's fixed ``imtok.trainers.classifier.ClassifierLoop``)."""
+class Schedule(Protocol):
+    """What a task trains with, all of it in the run's fingerprint (``TokenizerParams``,
+    ``PriorParams``, the classifier's ``imtok.trainers.classifier.ClassifierLoop``)."""
 
     seed: int
     lr: float
@@ -69,6 +69,12 @@ class LoopParams(Protocol):
     ema_decay: float | None
     grad_clip: float | None
     batch_size: int
+
+
+class Cadence(Protocol):
+    """How often the loop logs, validates and checkpoints; none of it changes the weights
+    (``imtok.params.TrainingRun``, ``ClassifierLoop``)."""
+
     val_batches: int
     log_every: int
     val_every: int
@@ -188,7 +194,8 @@ def wrap_ddp(module: nn.Module, runtime: Runtime) -> nn.Module:
 
 def train(
     task: Task,
-    p: LoopParams,
+    p: Schedule,
+    cadence: Cadence,
     *,
     checkpoint_dir: str | Path,
     runtime: Runtime,
@@ -233,7 +240,8 @@ def train(
     task.bind(wrap_ddp(model, runtime), runtime, start)
     units_per_step = p.batch_size * task.units_per_sample() * runtime.world_size
     throughput = f"train/{task.unit}_per_s"
-    validating = runtime.is_main and p.val_batches > 0 and task.can_validate()
+    c = cadence
+    validating = runtime.is_main and c.val_batches > 0 and task.can_validate()
     window = MetricWindow()
     result = Run(model=model, step=start, start_step=start)
     watch = NonFiniteLossWatch(task.name, checkpoint_dir, task.advice)
@@ -257,9 +265,9 @@ def train(
             done = step + 1
             bar.update(1)
             last = done == p.total_steps
-            if sync_point(done, p.total_steps, p.log_every, p.val_every, p.checkpoint_every):
+            if sync_point(done, p.total_steps, c.log_every, c.val_every, c.checkpoint_every):
                 watch.check(runtime.distributed)  # before any metric is logged or checkpoint written
-            if done % p.log_every == 0 or last:
+            if done % c.log_every == 0 or last:
                 means = all_reduce_mean(window.means(), runtime)
                 means["train/lr"] = scheduler.get_last_lr()[0]
                 means[throughput] = (done - start) * units_per_step / (time.perf_counter() - started)
@@ -269,7 +277,7 @@ def train(
                     bar.report(done, (f"{task.unit}/s", means[throughput]), **task.progress(means))
                     if on_metrics is not None:
                         on_metrics(means, done)
-            if validating and (done % p.val_every == 0 or last):
+            if validating and (done % c.val_every == 0 or last):
                 # Isolated: validation draws nothing that training then misses (val_every is not in
                 # the run's fingerprint, so a run resumed with another value continues identically).
                 with isolated_rng(device):
@@ -278,7 +286,7 @@ def train(
                 result.val = {f"val/{name}": value for name, value in metrics_val.items()}
                 if on_metrics is not None:
                     on_metrics(result.val, done)
-            if done % p.checkpoint_every == 0 or last:
+            if done % c.checkpoint_every == 0 or last:
                 if runtime.is_main:
                     save_checkpoint(
                         checkpoint_path(checkpoint_dir, done),
@@ -291,7 +299,7 @@ def train(
                         config=task.config,
                         prefix=task.prefix,
                     )
-                    prune_checkpoints(checkpoint_dir, keep=p.keep_checkpoints)
+                    prune_checkpoints(checkpoint_dir, keep=c.keep_checkpoints)
                 runtime.barrier()
             result.step = done
     finally:

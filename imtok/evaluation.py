@@ -41,13 +41,13 @@ class Extractors(NamedTuple):
 
 
 def evaluation_extractors(params: Params, classifier_path: Path) -> Extractors:
-    """``evaluate.device`` resolved, and the extractors found: InceptionV3 where its weights are on
+    """``run.evaluate.device`` resolved, and the extractors found: InceptionV3 where its weights are on
     this machine, the domain classifier where ``classifier_path`` exists."""
     from imtok.metrics.features import feature_extractors
     from imtok.runtime import resolve_device
 
     settings = params.evaluate
-    device = resolve_device(settings.device, key="evaluate.device")
+    device = resolve_device(params.run.evaluate.device, key="run.evaluate.device")
     available = feature_extractors(
         settings.inception_weights, classifier_path if classifier_path.is_file() else None, device
     )

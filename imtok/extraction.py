@@ -45,7 +45,7 @@ from imtok.data.shards import (
 )
 from imtok.data.sources import SPLITS
 from imtok.data.tokens import TokenSample, count_codes, token_split_meta, write_token_shard
-from imtok.params import ExtractParams
+from imtok.params import ExtractParams, ExtractRun
 from imtok.runtime import Runtime, broadcast_object, setup_runtime, shutdown_runtime
 
 FLIP_SUFFIX = "_hflip"
@@ -351,8 +351,10 @@ def extract_split(
     tokens_dir: Path,
     runtime: Runtime,
     meta: dict[str, Any],
+    num_workers: int = 0,
 ) -> dict[str, Any] | None:
-    """Write the token shards of this rank's share of ``split``; rank 0 also writes meta.json, returns it."""
+    """Write the token shards of this rank's share of ``split`` (``num_workers`` loader processes);
+    rank 0 also writes meta.json, returns it."""
     split_dir = shards_dir / split
     image_meta = read_meta(split_dir)
     check_images_fit(image_meta, tokenizer.config, split_dir, params.tokenizer)
@@ -380,7 +382,7 @@ def extract_split(
         device=runtime.device,
         autocast_dtype=runtime.autocast_dtype,
         flip=flip,
-        num_workers=params.num_workers,
+        num_workers=num_workers,
         codebook_size=tokenizer.codebook_size,
         grid=grid,
         labels=label_range(image_meta),
@@ -414,10 +416,12 @@ def extract(
     *,
     shards_dir: Path,
     tokens_dir: Path,
+    run: ExtractRun | None = None,
     runtime: Runtime | None = None,
     dist_timeout_s: float | None = None,
 ) -> dict[str, Any] | None:
     """Write token shards of both splits; returns the stage report (None on ranks other than 0).
+    ``run`` (``run.extract``, default: its defaults) says where and with how many loader processes;
     ``dist_timeout_s`` (``run.dist_timeout_s``) bounds the wait for the other ranks.
 
     Under ``torchrun`` every process encodes its share of the shards on its own device.
@@ -426,9 +430,10 @@ def extract(
     from imtok.registry import fetched_model_file
 
     started = time.perf_counter()
+    run = run or ExtractRun()
     owned = runtime is None
     runtime = runtime or setup_runtime(
-        params.device, params.precision, prefix="extract", dist_timeout_s=dist_timeout_s
+        run.device, params.precision, prefix="extract", dist_timeout_s=dist_timeout_s
     )
     try:
         with fetched_model_file(params.tokenizer, "tokenizer.pt") as model_file:
@@ -441,7 +446,7 @@ def extract(
             "tokenizer": provenance,
             "codebook_size": tokenizer.codebook_size,
             "processes": runtime.world_size,
-            "loader_workers": params.num_workers,
+            "loader_workers": run.num_workers,
         }
         for split in SPLITS:
             split_started = time.perf_counter()
@@ -454,6 +459,7 @@ def extract(
                 tokens_dir=tokens_dir,
                 runtime=runtime,
                 meta={**provenance, "tokenizer_step": payload["meta"].get("step")},
+                num_workers=run.num_workers,
             )
             if meta is None:
                 continue

@@ -127,8 +127,11 @@ def grid_positions(labels: torch.Tensor | None, total: int, per_row: int) -> tup
     return [int(position) for row in rows for position in row[:width]], width
 
 
-def sample(params: SampleParams, *, samples_dir: Path, grid_path: Path) -> dict[str, Any]:
-    """Generate, decode and write the samples; returns the stage report.
+def sample(
+    params: SampleParams, *, samples_dir: Path, grid_path: Path, device: str = "auto"
+) -> dict[str, Any]:
+    """Generate, decode and write the samples on ``device`` (``run.sample.device``); returns the stage
+    report.
 
     Batch by batch: each batch is decoded, turned into PNG records and written to the shards before
     the next one is generated, so memory holds one batch of images (and the few the grid shows),
@@ -142,19 +145,19 @@ def sample(params: SampleParams, *, samples_dir: Path, grid_path: Path) -> dict[
     kind, prior_meta = payload["config"]["kind"], payload["meta"]
     check_decoding_steps(params, kind, prior.config.num_tokens, params.prior)
     tokenizer, tokenizer_location = matching_tokenizer(params, prior_meta, prior.config)
-    device = resolve_device(params.device, key="sample.device")
-    prior, tokenizer = prior.to(device), tokenizer.to(device)
+    resolved = resolve_device(device, key="run.sample.device")
+    prior, tokenizer = prior.to(resolved), tokenizer.to(resolved)
     labels = requested_labels(params, prior.config.num_classes)
     total = params.count if labels is None else len(labels)
     shown, width = grid_positions(labels, total, params.grid_per_class)
     grid_images: dict[int, torch.Tensor] = {}
     image_shape: list[int] = []
-    generator = torch.Generator(device=device).manual_seed(params.seed)
+    generator = torch.Generator(device=resolved).manual_seed(params.seed)
 
     def records() -> Iterator[dict[str, Any]]:
         for start in range(0, total, params.batch_size):
             size = min(params.batch_size, total - start)
-            batch_labels = None if labels is None else labels[start : start + size].to(device)
+            batch_labels = None if labels is None else labels[start : start + size].to(resolved)
             tokens = generate_tokens(prior, kind, params, batch_labels, size, generator)
             images = tokenizer.decode(tokens).cpu()  # (B, C, H, W) in [-1, 1]
             image_shape[:] = images.shape[1:]

@@ -1,11 +1,14 @@
 """Param overrides (profiles, flow parameters, sweep points) on top of params.yaml.
 
-An override is ``{section: {key: value}}``. It is validated against the typed params before anything
-runs, so a typo fails at once with the key named, never after an hour of training.
+An override is ``{section: {key: value}}``, nested where params.yaml nests (``{run: {tokenizer:
+{log_every: 10}}}``); it sets the leaves it names and keeps every other value, as DVC's
+``-S run.tokenizer.log_every=10`` does. It is validated against the typed params before anything runs,
+so a typo fails at once with the key named, never after an hour of training.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -15,13 +18,43 @@ from imtok.atomic import write_text_atomic
 from imtok.params import Params, read_yaml
 
 
-def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """params with the overrides' values, section by section."""
-    result = {section: dict(values or {}) for section, values in params.items()}
+def leaves(overrides: dict[str, Any] | None) -> list[tuple[tuple[str, ...], Any]]:
+    """``(key path, value)`` of every value an override sets: nested mappings are walked, anything
+    else (a list, a scalar, null) is a value, and an empty mapping sets nothing (as DVC's ``-S
+    key={}`` does). An empty section (null) sets nothing; one that is not a mapping is a ValueError."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+
+    def walk(path: tuple[str, ...], value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk((*path, str(key)), inner)
+        else:
+            found.append((path, value))
+
     for section, values in (overrides or {}).items():
+        if values is None:
+            continue
         if not isinstance(values, dict):
             raise ValueError(f"override {section!r} must map keys to values, got {values!r}")
-        result.setdefault(section, {}).update(values)
+        for key, value in values.items():
+            walk((section, str(key)), value)
+    return found
+
+
+def set_leaf(document: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    """``document[k1][k2]...[kn] = value``, making the mappings on the way that are missing."""
+    for key in keys[:-1]:
+        if not isinstance(document.get(key), dict):
+            document[key] = {}
+        document = document[key]
+    document[keys[-1]] = value
+
+
+def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of params with each of the overrides' leaves set (``leaves``)."""
+    result = copy.deepcopy(params)
+    for keys, value in leaves(overrides):
+        set_leaf(result, keys, value)
     return result
 
 
@@ -32,11 +65,11 @@ def validated(params_path: Path, overrides: dict[str, Any] | None) -> Params:
 
 
 def set_param_arguments(overrides: dict[str, Any]) -> list[str]:
-    """``-S section.key=value`` per override (DVC experiments), values in compact YAML flow syntax."""
+    """``-S section.key=value`` per leaf of the overrides (DVC experiments), values in compact YAML
+    flow syntax."""
     arguments = []
-    for section, values in overrides.items():
-        for key, value in (values or {}).items():
-            arguments += ["-S", f"{section}.{key}={json.dumps(value, separators=(',', ':'))}"]
+    for path, value in leaves(overrides):
+        arguments += ["-S", f"{'.'.join(path)}={json.dumps(value, separators=(',', ':'))}"]
     return arguments
 
 
@@ -51,11 +84,8 @@ def write_overrides(params_path: Path, overrides: dict[str, Any] | None) -> Para
     round_trip.preserve_quotes = True
     path = Path(params_path)
     document = round_trip.load(path.read_text())
-    for section, values in overrides.items():
-        if section not in document or document[section] is None:
-            document[section] = {}
-        for key, value in values.items():
-            document[section][key] = value
+    for keys, value in leaves(overrides):
+        set_leaf(document, keys, value)
     buffer = io.StringIO()
     round_trip.dump(document, buffer)
     write_text_atomic(path, buffer.getvalue())

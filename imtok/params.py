@@ -47,9 +47,6 @@ def _first_unknown(raw: dict, known: Mapping[str, Any]) -> str | None:
     return unknown[0] if unknown else None
 
 
-MOVED_KEYS = {"dist_timeout_s": "run.dist_timeout_s"}  # a key that left its section -> where it is now
-
-
 @functools.cache
 def _section_model(cls: type) -> type[BaseModel]:
     """The pydantic model that checks a section's keys and types: the dataclass ``cls``'s fields,
@@ -81,8 +78,9 @@ def _section_error(cls: type, section: str, raw: dict, error: Any) -> str:
     """The first pydantic error of a section as ``<section>.<key>: <what is wrong and what to write>``."""
     name = str(error["loc"][0])  # YAML may give a key that is no string (`1:`, `null:`)
     keys = [field.name for field in dataclasses.fields(cls)]
-    if name in MOVED_KEYS and name not in keys:
-        return f"{section}.{name}: moved to {MOVED_KEYS[name]}; set it there in params.yaml"
+    moved = moved_key(section, name)
+    if moved and name not in keys:
+        return f"{section}.{name}: moved to {moved}; set it there in params.yaml"
     if error["type"] == "extra_forbidden" or name not in keys:
         keys = ", ".join(keys)
         return (
@@ -131,22 +129,6 @@ class Section:
         return _build_section(cls, raw, cls.SECTION)
 
 
-@dataclass(frozen=True)
-class RunParams(Section):
-    """The `run` section: how the stages run where it changes nothing they compute, so no stage reruns
-    for it (dvc.yaml lists no key of it) and no checkpoint depends on it."""
-
-    SECTION: ClassVar[str] = "run"
-
-    dist_timeout_s: float | None = None  # multi-process stages (tokenizer, extract, prior): the wait for
-    # the other ranks to join and in every collective (extract: also for the slowest rank's shards at
-    # the end of a split); null: PyTorch's default (10 min NCCL, 30 min gloo). Keep it above the longest
-    # time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
-
-    def __post_init__(self) -> None:
-        raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
-
-
 def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
     """(ok, key, message) for the optimisation fields the tokenizer and prior sections share."""
     s = section
@@ -167,27 +149,16 @@ def _training_checks(section: Any) -> list[tuple[bool, str, str]]:
             "ema_decay",
             f"must lie in (0, 1) or be null (off), got {s.ema_decay}",
         ),
-        (s.val_batches >= 0, "val_batches", f"must be >= 0 (0: no validation), got {s.val_batches}"),
     ]
-
-
-RUN_SETTINGS = frozenset(
-    {"device", "num_workers", "compile", "log_every", "val_every", "val_batches", "checkpoint_every"}
-    | {"keep_checkpoints", "grid_images"}
-)
 
 
 @dataclass(frozen=True)
 class TokenizerParams(TokenizerArchitecture, Section):
     """The `tokenizer` section: architecture (``TokenizerArchitecture``: the model's own fields, declared
-    once), quantizer, losses, optimisation and run settings.
-
-    ``RUNTIME_KEYS`` change how a run is executed or reported, not what it computes: a checkpoint
-    written under other values of them is still resumed (see ``imtok.trainers.tokenizer.fingerprint``).
-    """
+    once), quantizer, losses and optimisation: what the run computes, all of it in the run's
+    fingerprint. How it runs is ``run.tokenizer`` (``TokenizerRun``)."""
 
     SECTION: ClassVar[str] = "tokenizer"
-    RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
     # every quantizer's options under its name ({vq: {beta: 0.25, ...}, ...}); the keys left out take the
     # quantizer's defaults (imtok.models.autoencoder.options_by_quantizer), tokenizer.quantizer's reach it
@@ -218,16 +189,6 @@ class TokenizerParams(TokenizerArchitecture, Section):
     seed: int = 0
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     channels_last: bool = True  # NHWC convolutions: 1.13-1.28x faster steps on 2 CPU cores (benchmarks.train)
-    # run settings (RUNTIME_KEYS)
-    device: str = "auto"  # auto | cpu | cuda (torchrun: the local rank's GPU) | cuda:N (one process a node)
-    num_workers: int = 0
-    compile: bool = False
-    log_every: int = 25
-    val_every: int = 250
-    val_batches: int = 8
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    grid_images: int = 32
 
     @property
     def chosen_options(self) -> dict[str, Any]:
@@ -252,19 +213,9 @@ class TokenizerParams(TokenizerArchitecture, Section):
                 f"tokenizer.downsample={self.downsample} needs {levels_needed} (one more than the number "
                 "of halvings); make them agree"
             )
-        positive = ("batch_size", "total_steps", "pcl_patches")
-        positive += ("disc_channels", "disc_layers", "log_every", "val_every", "checkpoint_every")
-        positive += ("keep_checkpoints", "grid_images")
-        checks = [
-            (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
-        ]
+        positive = ("batch_size", "total_steps", "pcl_patches", "disc_channels", "disc_layers")
+        checks = _at_least_one(self, positive)
         checks += [
-            (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
-            (
-                self.val_batches >= 0,
-                "val_batches",
-                f"must be >= 0 (0: no validation), got {self.val_batches}",
-            ),
             (self.pcl_temperature > 0, "pcl_temperature", f"must be > 0, got {self.pcl_temperature}"),
             (self.gan_start_step >= 0, "gan_start_step", f"must be >= 0, got {self.gan_start_step}"),
             (
@@ -288,13 +239,9 @@ class TokenizerParams(TokenizerArchitecture, Section):
 
 @dataclass(frozen=True)
 class PrepareParams(Section):
-    """The `prepare` section: which images become shards, at what size, and how they are cut.
-
-    ``RUNTIME_KEYS`` change how the shards are written, not their bytes, so dvc.yaml leaves them out.
-    """
+    """The `prepare` section: which images become shards, at what size, and how they are cut."""
 
     SECTION: ClassVar[str] = "prepare"
-    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset({"num_workers"})
 
     source: SourceKind = "fashion_mnist"
     # fashion_mnist: directory with the four IDX .gz files (null: the Debian package's directory,
@@ -312,9 +259,6 @@ class PrepareParams(Section):
     # camera photo up to 8192 x 8192, while a 13000 x 13000 PNG would take 3.8 GB to decode
     max_pixels: int = 64_000_000
     upload: str | None = None  # s3://bucket/prefix: upload <prefix>/train and <prefix>/val after writing
-    # processes that load and PNG-encode images while the stage writes the shards (0: the stage
-    # itself); the shards are byte-identical for any count
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -348,11 +292,6 @@ class PrepareParams(Section):
                 "upload",
                 f"must be an s3://bucket/prefix URL or null, got {self.upload!r}",
             ),
-            (
-                self.num_workers >= 0,
-                "num_workers",
-                f"must be >= 0 processes (0: encode in the stage itself), got {self.num_workers}",
-            ),
         ]
         raise_first_failed(self.SECTION, checks)
 
@@ -366,8 +305,6 @@ class ExtractParams(Section):
     tokenizer: str = layout.TOKENIZER  # a directory with tokenizer.pt, or models:/imtok-tokenizer@champion
     batch_size: int = 256
     flip: bool = False  # also store the tokens of horizontally flipped train images (keys ending _hflip)
-    num_workers: int = 0  # DataLoader processes decoding image shards while the model encodes; 0: in turn
-    device: str = "auto"
     precision: Precision = "fp32"  # bf16 autocast is faster on GPUs but may flip near-tie codes
     channels_last: bool = False  # NHWC encoder: faster, but may flip near-tie codes against NCHW
 
@@ -375,7 +312,6 @@ class ExtractParams(Section):
         checks = [
             (bool(self.tokenizer), "tokenizer", "must name a directory, a model file or an MLflow model URI"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
-            (self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}"),
         ]
         raise_first_failed(self.SECTION, checks)
 
@@ -383,10 +319,10 @@ class ExtractParams(Section):
 @dataclass(frozen=True)
 class PriorParams(PriorArchitecture, Section):
     """The `prior` section: a MaskGIT or GPT prior over the token shards (its transformer:
-    ``PriorArchitecture``, declared once with the models' configs), and how it is trained."""
+    ``PriorArchitecture``, declared once with the models' configs), and how it is trained. How it
+    runs is ``run.prior`` (``PriorRun``)."""
 
     SECTION: ClassVar[str] = "prior"
-    RUNTIME_KEYS: ClassVar[frozenset[str]] = RUN_SETTINGS
 
     kind: Literal["maskgit", "gpt"] = "maskgit"
     conditional: bool = True  # class-conditional (class names from the token shards) or unconditional
@@ -401,26 +337,10 @@ class PriorParams(PriorArchitecture, Section):
     ema_decay: float | None = None
     seed: int = 0
     precision: Precision = "auto"
-    device: str = "auto"
-    log_every: int = 50
-    val_every: int = 400
-    val_batches: int = 8
-    checkpoint_every: int = 400
-    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = (
-            "batch_size",
-            "total_steps",
-            "log_every",
-            "val_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
-        checks = [
-            (getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}") for key in positive
-        ]
+        checks = _at_least_one(self, ("batch_size", "total_steps"))
         checks.append(
             (
                 self.label_dropout < 1,
@@ -451,7 +371,6 @@ class SampleParams(Section):
     seed: int = 0
     grid_per_class: int = 10  # columns of the PNG grid (one row per class)
     maxcount: int = 10000
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -493,7 +412,6 @@ class ClassifierParams(Section):
     flip: bool = True  # mirror half of each batch (right for clothing, wrong for digits or text)
     seed: int = 0
     min_accuracy: float = 0.9  # the stage fails below this val accuracy: its features would mislead
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -562,7 +480,6 @@ class EvaluateParams(Section):
     tokenizer_metric: str = "psnr"  # promotes imtok-tokenizer to champion (direction: higher_is_better)
     prior_metric: str | None = None  # null: fid when InceptionV3 is available, else fid_<classifier.name>
     promote: bool = True  # move the `champion` aliases
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -576,6 +493,155 @@ class EvaluateParams(Section):
                     f"{self.SECTION}.{key}: {metric!r} is not a metric evaluate computes for this model; "
                     f"use one of {_allowed_metrics(table)}"
                 )
+
+
+def _at_least_one(section: Any, keys: tuple[str, ...]) -> list[tuple[bool, str, str]]:
+    """(ok, key, message) checks that each of ``keys`` of ``section`` is >= 1."""
+    return [(getattr(section, key) >= 1, key, f"must be >= 1, got {getattr(section, key)}") for key in keys]
+
+
+def _no_fewer_than_zero(key: str, value: int, zero: str) -> tuple[bool, str, str]:
+    """(ok, key, message) for a count that may be 0, which means ``zero``."""
+    return (value >= 0, key, f"must be >= 0 (0: {zero}), got {value}")
+
+
+# The `run` section: how the stages run. No checkpoint fingerprint holds it (a run resumes under other
+# values) and dvc.yaml lists only each stage's device of it: where a model runs changes its numerics
+# (bf16 autocast on CUDA under precision auto). One subsection per section that has such settings,
+# under the same name.
+
+
+@dataclass(frozen=True)
+class PrepareRun(Section):
+    SECTION: ClassVar[str] = "run.prepare"
+
+    # processes that load and PNG-encode images while the stage writes the shards (0: the stage
+    # itself); the shards are byte-identical for any count
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        zero = "encode in the stage itself"
+        raise_first_failed(self.SECTION, [_no_fewer_than_zero("num_workers", self.num_workers, zero)])
+
+
+@dataclass(frozen=True)
+class DeviceRun(Section):
+    """Where a stage runs its model (``run.sample``, ``run.classifier``, ``run.evaluate``)."""
+
+    SECTION: ClassVar[str] = "run"  # no checks of its own: errors of its keys name run.<stage>
+
+    device: str = "auto"  # auto | cpu | cuda (torchrun: the local rank's GPU) | cuda:N (one process a node)
+
+
+@dataclass(frozen=True)
+class ExtractRun(DeviceRun):
+    SECTION: ClassVar[str] = "run.extract"
+
+    num_workers: int = 0  # DataLoader processes decoding image shards while the model encodes; 0: in turn
+
+    def __post_init__(self) -> None:
+        zero = "decode in the stage itself"
+        raise_first_failed(self.SECTION, [_no_fewer_than_zero("num_workers", self.num_workers, zero)])
+
+
+@dataclass(frozen=True)
+class TrainingRun(DeviceRun):
+    """Where a training stage runs and its cadence (``imtok.engine.Cadence``): how often it logs,
+    validates (on how many batches) and checkpoints (keeping how many)."""
+
+    log_every: int = 50
+    val_every: int = 400
+    val_batches: int = 8  # 0: no validation during training
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 2
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        positive = ("log_every", "val_every", "checkpoint_every", "keep_checkpoints")
+        return [
+            *_at_least_one(self, positive),
+            _no_fewer_than_zero("val_batches", self.val_batches, "no validation"),
+        ]
+
+    def __post_init__(self) -> None:
+        raise_first_failed(self.SECTION, self.checks())
+
+
+@dataclass(frozen=True)
+class TokenizerRun(TrainingRun):
+    SECTION: ClassVar[str] = "run.tokenizer"
+
+    log_every: int = 25
+    val_every: int = 250
+    checkpoint_every: int = 500
+    num_workers: int = 0  # data loader processes per training process
+    compile: bool = False  # torch.compile the model (the same weights to float tolerance)
+    grid_images: int = 32  # reconstructions in each logged grid
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        workers = _no_fewer_than_zero("num_workers", self.num_workers, "load in the training process")
+        return [*super().checks(), workers, *_at_least_one(self, ("grid_images",))]
+
+
+@dataclass(frozen=True)
+class PriorRun(TrainingRun):
+    SECTION: ClassVar[str] = "run.prior"
+
+
+@dataclass(frozen=True)
+class RunParams(Section):
+    """The `run` section: ``dist_timeout_s`` and one subsection per stage section (see above)."""
+
+    SECTION: ClassVar[str] = "run"
+
+    dist_timeout_s: float | None = None  # multi-process stages (tokenizer, extract, prior): the wait for
+    # the other ranks to join and in every collective (extract: also for the slowest rank's shards at
+    # the end of a split); null: PyTorch's default (10 min NCCL, 30 min gloo). Keep it above the longest
+    # time rank 0 spends alone (validation, checkpoints, MLflow) while the others wait
+    prepare: PrepareRun = dataclasses.field(default_factory=PrepareRun)
+    tokenizer: TokenizerRun = dataclasses.field(default_factory=TokenizerRun)
+    extract: ExtractRun = dataclasses.field(default_factory=ExtractRun)
+    prior: PriorRun = dataclasses.field(default_factory=PriorRun)
+    sample: DeviceRun = dataclasses.field(default_factory=DeviceRun)
+    classifier: DeviceRun = dataclasses.field(default_factory=DeviceRun)
+    evaluate: DeviceRun = dataclasses.field(default_factory=DeviceRun)
+
+    def __post_init__(self) -> None:
+        raise_first_failed(self.SECTION, [_dist_timeout_check(self.dist_timeout_s)])
+
+    @classmethod
+    def stages(cls) -> dict[str, type[Section]]:
+        """``{name: subsection class}``: the sections with run settings, by their names."""
+        hints = typing.get_type_hints(cls)
+        return {
+            field.name: hints[field.name]
+            for field in dataclasses.fields(cls)
+            if isinstance(hints[field.name], type) and issubclass(hints[field.name], Section)
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        raw = _checked_mapping(raw, cls.SECTION, "keys to values")
+        stages = cls.stages()
+        own = _build_section(
+            cls, {key: value for key, value in raw.items() if key not in stages}, cls.SECTION
+        )
+        nested = {
+            name: _build_section(kind, raw[name], f"{cls.SECTION}.{name}")
+            for name, kind in stages.items()
+            if name in raw
+        }
+        return dataclasses.replace(own, **nested)
+
+
+def moved_key(section: str, name: str) -> str | None:
+    """Where the key ``name`` of ``section`` lives now, if it moved to the `run` section
+    (``tokenizer.device`` -> ``run.tokenizer.device``); else None."""
+    if name == "dist_timeout_s" and section != RunParams.SECTION:
+        return f"{RunParams.SECTION}.dist_timeout_s"
+    kind = RunParams.stages().get(section)
+    if kind is not None and name in {field.name for field in dataclasses.fields(kind)}:
+        return f"{RunParams.SECTION}.{section}.{name}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -218,13 +218,14 @@ def setup_runtime(
 ) -> Runtime:
     """Join the process group when the environment describes one and pick the device and autocast
     dtype; ``dist_timeout_s`` bounds the wait for the other ranks and every collective (None: PyTorch's
-    default for the backend)."""
+    default for the backend). Errors name ``run.<prefix>.device`` and ``<prefix>.precision``."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     # torchrun sets LOCAL_WORLD_SIZE; other launchers may not, and then every rank may share the node
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
-    resolved = resolve_device(device, local_rank, key=f"{prefix}.device", local_world_size=local_world_size)
+    key = f"run.{prefix}.device"
+    resolved = resolve_device(device, local_rank, key=key, local_world_size=local_world_size)
     owns = False
     if world_size > 1 and not dist.is_initialized():
         if resolved.type == "cuda":

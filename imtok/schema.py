@@ -23,18 +23,24 @@ SCHEMA_FILE = "params.schema.json"
 SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
 
 
-def key_comments(params_text: str) -> dict[str, dict[str, str]]:
-    """``{section: {key: comment}}``: the comment at the end of each key's line in params.yaml."""
+def key_comments(params_text: str) -> dict[str, str]:
+    """``{dotted key: comment}``: the comment at the end of each key's line in params.yaml, at any
+    depth (``run.tokenizer.log_every``)."""
     from ruamel.yaml import YAML
 
-    document = YAML().load(params_text)  # round trip: keeps the comments
-    comments: dict[str, dict[str, str]] = {}
-    for section, values in document.items():
-        for key, tokens in getattr(getattr(values, "ca", None), "items", {}).items():
+    comments: dict[str, str] = {}
+
+    def walk(mapping: Any, prefix: str) -> None:
+        for key, tokens in getattr(getattr(mapping, "ca", None), "items", {}).items():
             token = next((item for item in tokens if item is not None and hasattr(item, "value")), None)
             first = token.value.strip().splitlines()[0] if token is not None and token.value.strip() else ""
             if first.startswith("#") and first.lstrip("#").strip():
-                comments.setdefault(section, {})[key] = first.lstrip("#").strip()
+                comments[f"{prefix}{key}"] = first.lstrip("#").strip()
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(YAML().load(params_text), "")  # round trip: keeps the comments
     return comments
 
 
@@ -44,16 +50,19 @@ def params_schema(params_text: str) -> dict[str, Any]:
 
     schema = TypeAdapter(Params).json_schema()
     comments = key_comments(params_text)
-    schema["additionalProperties"] = False
-    for section, reference in schema["properties"].items():
-        name = reference["$ref"].rsplit("/", 1)[-1]
-        definition = schema["$defs"][name]
+    definitions = schema["$defs"]
+
+    def describe(definition: dict[str, Any], prefix: str) -> None:
         definition["additionalProperties"] = False
         for key, prop in definition["properties"].items():
             prop.pop("title", None)
-            if key in comments.get(section, {}):
-                prop["description"] = comments[section][key]
-    options = schema["$defs"]["TokenizerParams"]["properties"]["quantizer_options"]
+            if f"{prefix}{key}" in comments:
+                prop["description"] = comments[f"{prefix}{key}"]
+            if "$ref" in prop:  # a nested section (run.tokenizer)
+                describe(definitions[prop["$ref"].rsplit("/", 1)[-1]], f"{prefix}{key}.")
+
+    describe(schema, "")
+    options = definitions["TokenizerParams"]["properties"]["quantizer_options"]
     options.update(quantizer_options_schema())
     return {"$schema": SCHEMA_URL, "title": "imtok params.yaml", **schema}
 

@@ -23,12 +23,19 @@ REPORT_PATH = Path(layout.REPORTS) / "params.json"
 
 
 def accepted_keys() -> dict[str, list[str]]:
-    """Every section of params.yaml and the keys it accepts."""
+    """Every section of params.yaml and the keys it accepts, a nested section's as dotted keys
+    (``run``: ``tokenizer.log_every``, ...)."""
+
+    def keys(section: Any) -> list[str]:
+        found = []
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            nested = dataclasses.is_dataclass(value)
+            found += [f"{field.name}.{key}" for key in keys(value)] if nested else [field.name]
+        return found
+
     defaults = Params()
-    return {
-        section.name: [key.name for key in dataclasses.fields(getattr(defaults, section.name))]
-        for section in dataclasses.fields(Params)
-    }
+    return {section.name: keys(getattr(defaults, section.name)) for section in dataclasses.fields(Params)}
 
 
 def check(params: Params, _args: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Encodes every image of each split with the tokenizer named by ``extract.tokenize
 ``models/tokenizer`` directory the previous stage wrote, or an MLflow model URI such as
 ``models:/imtok-tokenizer@champion``), batched, without gradients, and writes one token shard per
 image shard (same name, same samples in stored order) plus a meta.json recording the tokenizer's
-location, registry URI and SHA-256. ``extract.num_workers`` loader processes decode shards while the model
+location, registry URI and SHA-256. ``run.extract.num_workers`` loader processes decode shards while the model
 encodes; under ``torchrun`` each process encodes its share of the shards (``imtok.extraction``), and
 the output is byte-identical whatever the process and worker counts. With ``extract.flip`` the train
 split also gets the tokens of each image flipped left-right (key suffix ``_hflip``; image keys that
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             params.extract,
             shards_dir=SHARDS_DIR,
             tokens_dir=TOKENS_DIR,
+            run=params.run.extract,
             dist_timeout_s=params.run.dist_timeout_s,
         ),
         report_path=REPORT_PATH,

@@ -27,9 +27,13 @@ REPORT_PATH = Path(layout.REPORTS) / "prepare.json"
 
 
 def prepare(
-    params: PrepareParams, shards_dir: Path = SHARDS_DIR, download_dir: Path = DOWNLOAD_DIR
+    params: PrepareParams,
+    shards_dir: Path = SHARDS_DIR,
+    download_dir: Path = DOWNLOAD_DIR,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Write both splits of the configured source; returns the stage report."""
+    """Write both splits of the configured source, ``workers`` processes encoding images
+    (``run.prepare.num_workers``); returns the stage report."""
     started = time.perf_counter()
     source = source_from_params(params, download_dir)
     log.info("source %s at %s, classes: %s", source.kind, source.location, ", ".join(source.class_names))
@@ -38,7 +42,7 @@ def prepare(
         "location": source.location,
         "image_size": params.image_size,
         "channels": params.channels,
-        "encode_workers": params.num_workers,
+        "encode_workers": workers,
         "skipped_files": [],
     }
     for split in SPLITS:
@@ -50,7 +54,7 @@ def prepare(
             maxsize=params.maxsize,
             limit=params.limit,
             seed=params.seed,
-            workers=params.num_workers,
+            workers=workers,
         )
         log.info(
             "%s: %d images in %d shards, %d skipped, %.1f s",
@@ -88,7 +92,12 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__, lambda params, _: prepare(params.prepare), report_path=REPORT_PATH, argv=argv)
+    return stage_main(
+        __doc__,
+        lambda params, _: prepare(params.prepare, workers=params.run.prepare.num_workers),
+        report_path=REPORT_PATH,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def sample_and_log(params: Params, _args: Any) -> dict[str, Any]:
     from imtok.generation import sample
 
     with tracking.stage_run(STAGE, {"sample": dataclasses.asdict(params.sample)}, system_metrics=False):
-        report = sample(params.sample, samples_dir=SAMPLES_DIR, grid_path=GRID_PATH)
+        report = sample(
+            params.sample, samples_dir=SAMPLES_DIR, grid_path=GRID_PATH, device=params.run.sample.device
+        )
         tracking.log_artifact(GRID_PATH, "samples")
         tracking.log_metrics({"sample/images_per_s": report["images_per_s"]}, 0)
     log.info("%d samples in %s, grid %s", report["count"], SAMPLES_DIR, report["grid"])

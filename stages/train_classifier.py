@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             shards_dir=SHARDS_DIR,
             out_path=CLASSIFIER_PATH,
             checkpoint_root=CHECKPOINT_ROOT,
+            device=params.run.classifier.device,
         ),
         report_path=REPORT_PATH,
         argv=argv,

@@ -34,10 +34,8 @@ def train(params: Params, args: Any) -> dict[str, Any] | None:
     """``imtok.trainers.prior.train_and_export`` at the pipeline's paths, in this process's runtime."""
     from imtok.trainers.prior import train_and_export
 
-    section = params.prior
-    runtime = setup_runtime(
-        section.device, section.precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s
-    )
+    device, precision = params.run.prior.device, params.prior.precision
+    runtime = setup_runtime(device, precision, prefix="prior", dist_timeout_s=params.run.dist_timeout_s)
     try:
         return train_and_export(
             params,

@@ -37,8 +37,8 @@ def train(params: Params, args: Any) -> dict[str, Any] | None:
     """``imtok.trainers.tokenizer.train_and_export`` at the pipeline's paths, in this process's runtime."""
     from imtok.trainers.tokenizer import train_and_export
 
-    section = params.tokenizer
-    runtime = setup_runtime(section.device, section.precision, dist_timeout_s=params.run.dist_timeout_s)
+    device, precision = params.run.tokenizer.device, params.tokenizer.precision
+    runtime = setup_runtime(device, precision, dist_timeout_s=params.run.dist_timeout_s)
     try:
         return train_and_export(
             params,

@@ -33,8 +33,9 @@ def main() -> None:
     per_rank = sys.argv[3:] == ["per-rank-checkpoints"]
     torch.set_num_threads(1)
     prior = {"kind": kind, "hidden_dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "batch_size": 8}
-    prior |= {"total_steps": 3, "warmup_steps": 1, "val_batches": 0, "checkpoint_every": 100, "device": "cpu"}
-    params = Params.from_dict({"prior": prior})
+    prior |= {"total_steps": 3, "warmup_steps": 1}
+    run = {"val_batches": 0, "checkpoint_every": 100, "device": "cpu"}
+    params = Params.from_dict({"prior": prior, "run": {"prior": run}})
     config = prior_config(params.prior, CODES, GRID, CLASSES)
     torch.manual_seed(params.prior.seed)  # the initial weights train_prior starts from
     initial = {name: value.detach().clone() for name, value in build_prior(kind, config).state_dict().items()}
@@ -43,6 +44,7 @@ def main() -> None:
         result = train_prior(
             params.prior,
             config,
+            run=params.run.prior,
             train=token_split(),
             val=None,
             checkpoint_dir=out / (f"checkpoints-rank{runtime.rank}" if per_rank else "checkpoints"),

@@ -26,10 +26,8 @@ def main() -> None:
                 "batch_size": 8,
                 "total_steps": 3,
                 "warmup_steps": 1,
-                "val_batches": 0,
-                "checkpoint_every": 100,
-                "device": "cpu",
             },
+            "run": {"tokenizer": {"val_batches": 0, "checkpoint_every": 100, "device": "cpu"}},
         }
     )
     runtime = setup_runtime("cpu", "fp32")
@@ -37,6 +35,7 @@ def main() -> None:
         result = train_tokenizer(
             params.tokenizer,
             params.tokenizer_config(1, 16),
+            run=params.run.tokenizer,
             train_dir=shards / "train",
             val_dir=shards / "val",
             checkpoint_dir=out / "checkpoints",

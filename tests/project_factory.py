@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -20,13 +21,7 @@ TINY_PARAMS = {
         "batch_size": 16,
         "total_steps": 16,
         "warmup_steps": 2,
-        "log_every": 8,
-        "val_every": 16,
-        "val_batches": 1,
-        "checkpoint_every": 8,
-        "device": "cpu",
     },
-    "extract": {"device": "cpu"},
     "prior": {
         "hidden_dim": 32,
         "depth": 1,
@@ -34,16 +29,41 @@ TINY_PARAMS = {
         "batch_size": 16,
         "total_steps": 12,
         "warmup_steps": 2,
-        "log_every": 6,
-        "val_every": 12,
-        "val_batches": 1,
-        "checkpoint_every": 12,
-        "device": "cpu",
     },
-    "sample": {"per_class": 4, "steps": 3, "device": "cpu", "grid_per_class": 2},
-    "classifier": {"steps": 20, "batch_size": 32, "min_accuracy": 0.0, "device": "cpu"},
-    "evaluate": {"device": "cpu"},
+    "sample": {"per_class": 4, "steps": 3, "grid_per_class": 2},
+    "classifier": {"steps": 20, "batch_size": 32, "min_accuracy": 0.0},
+    "run": {
+        "tokenizer": {
+            "log_every": 8,
+            "val_every": 16,
+            "val_batches": 1,
+            "checkpoint_every": 8,
+            "device": "cpu",
+        },
+        "extract": {"device": "cpu"},
+        "prior": {"log_every": 6, "val_every": 12, "val_batches": 1, "checkpoint_every": 12, "device": "cpu"},
+        "sample": {"device": "cpu"},
+        "classifier": {"device": "cpu"},
+        "evaluate": {"device": "cpu"},
+    },
 }
+
+
+def with_run_settings(raw: dict) -> dict:
+    """``raw`` params with the run settings given inside a section (``tokenizer: {log_every: 4}``)
+    moved to ``run.<section>``, where params.yaml holds them: for tests that set both through one
+    mapping of keyword arguments."""
+    from imtok.params import RunParams
+
+    result = {section: dict(values or {}) for section, values in raw.items()}
+    run = result.setdefault("run", {})
+    for section, kind in RunParams.stages().items():
+        names = {field.name for field in dataclasses.fields(kind)}
+        moved = {key: result[section].pop(key) for key in list(result.get(section, {})) if key in names}
+        if moved:
+            run[section] = {**run.get(section, {}), **moved}
+    return result
+
 
 STAGES = (
     "check_params",

@@ -136,7 +136,7 @@ def test_a_worker_that_dies_stops_the_split_with_an_error_naming_the_images(tmp_
     source = SyntheticShapes(count=300, image_size=8, seed=0)
     victim = source.items("train")[150]
     dying = _MisbehavesAt(victim.key, _exit_now, count=300, image_size=8, seed=0)
-    with pytest.raises(EncodingWorkerDied, match=r"prepare\.num_workers: 0") as caught:
+    with pytest.raises(EncodingWorkerDied, match=r"run\.prepare\.num_workers: 0") as caught:
         write_split(dying, "train", tmp_path, maxcount=10, workers=2)
     named = re.search(r"images from (\S+) to (\S+) \(in write order\)", str(caught.value))
     assert named, caught.value
@@ -189,10 +189,10 @@ def test_encoded_items_keeps_the_item_order_and_refuses_negative_workers():
 
 
 def test_prepare_params_refuse_a_negative_worker_count():
-    from imtok.params import PrepareParams
+    from imtok.params import Params
 
-    with pytest.raises(ValueError, match=r"prepare\.num_workers"):
-        PrepareParams(num_workers=-1)
+    with pytest.raises(ValueError, match=r"^run\.prepare\.num_workers: must be >= 0 \(0: encode in the"):
+        Params.from_dict({"run": {"prepare": {"num_workers": -1}}})
 
 
 KILLED_PARENT = textwrap.dedent(

@@ -15,7 +15,7 @@ from imtok.data.tokens import TokenSample, load_token_split, token_dtype, write_
 from imtok.extraction import FLIP_SUFFIX, extract
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.models.files import save_model_file
-from imtok.params import ExtractParams
+from imtok.params import ExtractParams, ExtractRun
 
 
 def save_tokenizer(directory: Path, in_channels: int = 1, seed: int = 0) -> Tokenizer:
@@ -42,8 +42,10 @@ def split_images(split_dir: Path) -> tuple[list[str], torch.Tensor]:
 def test_extracted_tokens_decode_to_exactly_the_tokenizers_reconstruction(
     tiny_shards, tokenizer_dir, tmp_path, one_thread
 ):
-    params = ExtractParams(tokenizer=str(tokenizer_dir), batch_size=7, device="cpu")
-    report = extract(params, shards_dir=tiny_shards, tokens_dir=tmp_path / "tokens")
+    params = ExtractParams(tokenizer=str(tokenizer_dir), batch_size=7)
+    report = extract(
+        params, shards_dir=tiny_shards, tokens_dir=tmp_path / "tokens", run=ExtractRun(device="cpu")
+    )
     tokenizer = save_tokenizer(tmp_path / "again")
     val = load_token_split(tmp_path / "tokens" / "val")
     keys, images = split_images(tiny_shards / "val")
@@ -58,7 +60,8 @@ def test_extraction_is_deterministic_byte_for_byte(tiny_shards, tokenizer_dir, t
     digests = []
     for name in ("first", "second"):
         extract(
-            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu"),
+            ExtractParams(tokenizer=str(tokenizer_dir)),
+            run=ExtractRun(device="cpu"),
             shards_dir=tiny_shards,
             tokens_dir=tmp_path / name,
         )
@@ -69,7 +72,8 @@ def test_extraction_is_deterministic_byte_for_byte(tiny_shards, tokenizer_dir, t
 
 def test_flip_adds_the_tokens_of_mirrored_train_images_only(tiny_shards, tokenizer_dir, tmp_path, one_thread):
     extract(
-        ExtractParams(tokenizer=str(tokenizer_dir), flip=True, device="cpu"),
+        ExtractParams(tokenizer=str(tokenizer_dir), flip=True),
+        run=ExtractRun(device="cpu"),
         shards_dir=tiny_shards,
         tokens_dir=tmp_path / "t",
     )
@@ -198,7 +202,8 @@ def test_a_tokenizer_for_other_channels_names_both_counts(tiny_shards, tmp_path)
         ValueError, match=r"extract\.tokenizer: .* takes 3-channel images but .* holds 1-channel"
     ):
         extract(
-            ExtractParams(tokenizer=str(tmp_path / "rgb"), device="cpu"),
+            ExtractParams(tokenizer=str(tmp_path / "rgb")),
+            run=ExtractRun(device="cpu"),
             shards_dir=tiny_shards,
             tokens_dir=tmp_path / "t",
         )

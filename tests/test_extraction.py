@@ -19,7 +19,7 @@ from test_extract_tokens import save_tokenizer
 from imtok.data.shards import ShardError, read_meta, shard_urls
 from imtok.data.tokens import load_token_split
 from imtok.extraction import ShardImages, encode_pieces, extract, gather_results, rank_shards, split_shards
-from imtok.params import ExtractParams
+from imtok.params import ExtractParams, ExtractRun, Params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,8 @@ def test_ranks_take_every_shard_once():
 
 def test_token_shards_mirror_the_image_shards(tiny_shards, tokenizer_dir, tmp_path, one_thread):
     extract(
-        ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16, device="cpu", num_workers=0),
+        ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16),
+        run=ExtractRun(device="cpu", num_workers=0),
         shards_dir=tiny_shards,
         tokens_dir=tmp_path / "t",
     )
@@ -79,9 +80,8 @@ def test_loader_workers_write_the_same_bytes_as_one_process(
 ):
     for name, count in (("serial", 0), ("parallel", workers)):
         extract(
-            ExtractParams(
-                tokenizer=str(tokenizer_dir), batch_size=16, flip=True, device="cpu", num_workers=count
-            ),
+            ExtractParams(tokenizer=str(tokenizer_dir), batch_size=16, flip=True),
+            run=ExtractRun(device="cpu", num_workers=count),
             shards_dir=tiny_shards,
             tokens_dir=tmp_path / name,
         )
@@ -94,7 +94,8 @@ def test_loader_workers_write_the_same_bytes_as_one_process(
 def test_channels_last_extraction_gives_the_nchw_tokens(tiny_shards, tokenizer_dir, tmp_path, one_thread):
     for name, channels_last in (("nchw", False), ("nhwc", True)):
         extract(
-            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", channels_last=channels_last),
+            ExtractParams(tokenizer=str(tokenizer_dir), channels_last=channels_last),
+            run=ExtractRun(device="cpu"),
             shards_dir=tiny_shards,
             tokens_dir=tmp_path / name,
         )
@@ -152,7 +153,8 @@ def test_a_damaged_image_shard_names_the_file_and_leaves_no_meta(
     message = damage(Path(shard_urls(broken / "train")[2]))
     with pytest.raises(ShardError, match=message):
         extract(
-            ExtractParams(tokenizer=str(tokenizer_dir), device="cpu", num_workers=workers),
+            ExtractParams(tokenizer=str(tokenizer_dir)),
+            run=ExtractRun(device="cpu", num_workers=workers),
             shards_dir=broken,
             tokens_dir=tmp_path / "t",
         )
@@ -161,8 +163,8 @@ def test_a_damaged_image_shard_names_the_file_and_leaves_no_meta(
 
 
 def test_negative_workers_are_refused_naming_the_key():
-    with pytest.raises(ValueError, match=r"extract\.num_workers: must be >= 0"):
-        ExtractParams.from_dict({"num_workers": -1})
+    with pytest.raises(ValueError, match=r"^run\.extract\.num_workers: must be >= 0"):
+        Params.from_dict({"run": {"extract": {"num_workers": -1}}})
 
 
 def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(tiny_shards, tmp_path):
@@ -172,7 +174,12 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
     shutil.copytree(tiny_shards, project / "data" / "shards")
     save_tokenizer(project / "models" / "tokenizer")
     (project / "params.yaml").write_text(
-        yaml.safe_dump({"extract": {"device": "cpu", "batch_size": 16, "num_workers": 1, "flip": True}})
+        yaml.safe_dump(
+            {
+                "extract": {"batch_size": 16, "flip": True},
+                "run": {"extract": {"device": "cpu", "num_workers": 1}},
+            }
+        )
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = torchrun_command("-m", "stages.extract_tokens", log_dir=tmp_path / "torchrun")
@@ -184,9 +191,8 @@ def test_two_gloo_processes_split_the_shards_and_write_what_one_process_writes(t
 
     torch.set_num_threads(1)
     extract(
-        ExtractParams(
-            tokenizer=str(project / "models" / "tokenizer"), batch_size=16, flip=True, device="cpu"
-        ),
+        ExtractParams(tokenizer=str(project / "models" / "tokenizer"), batch_size=16, flip=True),
+        run=ExtractRun(device="cpu"),
         shards_dir=project / "data" / "shards",
         tokens_dir=tmp_path / "single",
     )
@@ -260,7 +266,7 @@ def test_the_stage_ends_on_a_damaged_shard_with_one_line_and_exit_code_1(
     save_tokenizer(tmp_path / "models" / "tokenizer")
     victim = Path(shard_urls(tmp_path / "data" / "shards" / "val")[0])
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu"}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"run": {"extract": {"device": "cpu"}}}))
     monkeypatch.chdir(tmp_path)
     assert main(["--params", "params.yaml"]) == 1
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]

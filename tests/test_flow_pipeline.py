@@ -8,6 +8,8 @@ import pytest
 import yaml
 from project_factory import STAGES, TINY_PARAMS, environment, make_project, run
 
+from imtok.overrides import merged
+
 
 @pytest.fixture(scope="module")
 def harness():
@@ -105,7 +107,7 @@ def test_a_scaled_down_study_runs_both_parts_with_every_label_and_writes_its_rep
 ):
     from flows.study import LABELS, codebook_study, sweep_table
 
-    params = {**TINY_PARAMS, "tokenizer": {**TINY_PARAMS["tokenizer"], "total_steps": 4, "val_every": 2}}
+    params = merged(TINY_PARAMS, {"tokenizer": {"total_steps": 4}, "run": {"tokenizer": {"val_every": 2}}})
     root = make_project(tmp_path / "study", params)
     for key, value in environment(root).items():
         monkeypatch.setenv(key, value)

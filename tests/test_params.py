@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imtok.params import Params, PrepareParams, TokenizerParams, load_params
+from imtok.params import Params, PrepareParams, RunParams, TokenizerParams, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,13 +18,15 @@ def test_repository_params_load_and_match_the_documented_defaults():
     assert params.prepare.image_size % params.tokenizer.downsample == 0
 
 
-def test_every_prepare_key_but_the_runtime_ones_is_listed_in_dvc_yaml():
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
-    listed = set(stage["params"])
-    fields = {field.name for field in dataclasses.fields(PrepareParams)}
-    assert fields >= PrepareParams.RUNTIME_KEYS
-    names = fields - PrepareParams.RUNTIME_KEYS
-    assert {f"prepare.{name}" for name in names} | {"tokenizer.downsample"} == listed
+def test_no_stage_depends_on_a_run_setting_but_its_device_and_no_section_repeats_one():
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        listed = [entry for entry in stage.get("params", []) if isinstance(entry, str)]
+        run = [entry for entry in listed if entry.split(".")[0] == "run"]
+        assert all(entry.endswith(".device") for entry in run), name
+    defaults = Params()
+    for section, kind in RunParams.stages().items():
+        own = {field.name for field in dataclasses.fields(getattr(defaults, section))}
+        assert not own & {field.name for field in dataclasses.fields(kind)}, section
 
 
 def test_a_key_that_moved_to_the_run_section_says_where_it_went():
@@ -33,6 +35,30 @@ def test_a_key_that_moved_to_the_run_section_says_where_it_went():
     assert Params.from_dict({"run": {"dist_timeout_s": 60}}).run.dist_timeout_s == 60.0
     with pytest.raises(ValueError, match=r"^run\.dist_timeout_s: expected float \| null, got '1h' \(str\)$"):
         Params.from_dict({"run": {"dist_timeout_s": "1h"}})
+    with pytest.raises(
+        ValueError, match=r"^tokenizer\.log_every: moved to run\.tokenizer\.log_every; set it"
+    ):
+        Params.from_dict({"tokenizer": {"log_every": 10}})
+    with pytest.raises(ValueError, match=r"^extract\.device: moved to run\.extract\.device"):
+        Params.from_dict({"extract": {"device": "cpu"}})
+
+
+def test_the_run_section_checks_its_nested_keys_and_names_them():
+    run = Params.from_dict({"run": {"tokenizer": {"log_every": 3}, "prior": {"device": "cpu"}}}).run
+    assert run.tokenizer.log_every == 3 and run.tokenizer.val_every == 250  # the rest: defaults
+    assert run.prior.device == "cpu" and run.prior.log_every == 50
+    with pytest.raises(ValueError, match=r"^run\.tokenizer\.log_every: must be >= 1, got 0$"):
+        Params.from_dict({"run": {"tokenizer": {"log_every": 0}}})
+    with pytest.raises(
+        ValueError, match=r"^run\.prior\.grid_images: unknown key; the keys of `run\.prior` are"
+    ):
+        Params.from_dict({"run": {"prior": {"grid_images": 8}}})
+    with pytest.raises(
+        ValueError, match=r"^run\.sampel: unknown key; the keys of `run` are dist_timeout_s, "
+    ):
+        Params.from_dict({"run": {"sampel": {"device": "cpu"}}})
+    with pytest.raises(ValueError, match=r"^run\.extract: expected a mapping of keys to values, got int$"):
+        Params.from_dict({"run": {"extract": 4}})
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():

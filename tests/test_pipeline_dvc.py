@@ -65,6 +65,13 @@ def test_dvc_repro_runs_every_stage_once_then_skips_and_dvc_reads_the_metrics_an
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in changed}
     assert ran == {"check_params", "train_prior", "sample", "evaluate"}, changed
 
+    params["run"]["tokenizer"]["log_every"] = 4  # a run setting: validated, and no stage reruns for it
+    params["run"]["extract"]["num_workers"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro"], root, env)
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in changed}
+    assert ran == {"check_params"}, changed
+
 
 @pytest.mark.slow
 def test_a_misspelled_key_stops_dvc_repro_naming_it_and_a_valid_edit_reruns_only_its_readers(tmp_path):

@@ -15,6 +15,7 @@ import boto3
 import pytest
 import yaml
 from PIL import Image
+from project_factory import with_run_settings
 
 from imtok.data.shards import iter_samples, read_meta
 from stages.prepare import main
@@ -80,7 +81,7 @@ def test_dvc_repro_prepare_in_a_fresh_repository(project, s3_bucket, moto_endpoi
         assert meta["count"] == 200 and [s["count"] for s in meta["shards"]] == [64, 64, 64, 8]
         assert len(list(iter_samples(repo / "data/shards" / split))) == 200
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
-    assert lock["params"]["params.yaml"]["prepare.limit"] == 200
+    assert lock["params"]["params.yaml"]["prepare"]["limit"] == 200
 
     assert "didn't change" in _dvc("repro", "prepare", cwd=repo, env=env)
     _dvc("repro", "--force", "prepare", cwd=repo, env=env)  # a rerun writes byte-identical shards
@@ -104,7 +105,7 @@ def test_dvc_repro_prepare_in_a_fresh_repository(project, s3_bucket, moto_endpoi
 
 
 def _write_params(path: Path, **prepare) -> Path:
-    path.write_text(yaml.safe_dump({"prepare": prepare, "tokenizer": {"downsample": 4}}))
+    path.write_text(yaml.safe_dump(with_run_settings({"prepare": prepare, "tokenizer": {"downsample": 4}})))
     return path
 
 
@@ -187,7 +188,7 @@ def test_encoding_workers_change_neither_the_shards_nor_the_dvc_params(tmp_path,
         }
     assert len(outputs[0]) > 8 and outputs[0] == outputs[2]
     listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]["params"]
-    assert "prepare.num_workers" not in listed
+    assert not [entry for entry in listed if entry.startswith("run.")]
 
 
 def test_an_image_over_max_pixels_is_skipped_undecoded_and_reported(tmp_path, monkeypatch, recwarn):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from project_factory import with_run_settings
 
 from imtok.data.shards import iter_samples, read_meta
 from imtok.data.tokens import TokenSample, load_token_split, write_token_split
@@ -18,7 +19,7 @@ from imtok.extraction import extract
 from imtok.generation import sample
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig
 from imtok.models.files import save_model_file
-from imtok.params import ExtractParams, Params, SampleParams
+from imtok.params import ExtractParams, ExtractRun, Params, SampleParams
 from imtok.runtime import Runtime
 from imtok.trainers.prior import REGISTERED_NAME
 from imtok.trainers.prior import train_and_export as train
@@ -39,9 +40,10 @@ def tiny_tokens(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     torch.set_num_threads(1)
     try:
         extract(
-            ExtractParams(tokenizer=str(root / "tokenizer"), device="cpu"),
+            ExtractParams(tokenizer=str(root / "tokenizer")),
             shards_dir=tiny_shards,
             tokens_dir=root / "tokens",
+            run=ExtractRun(device="cpu"),
         )
     finally:
         torch.set_num_threads(threads)
@@ -66,7 +68,7 @@ def prior_params(kind: str, **overrides: object) -> Params:
         "device": "cpu",
         **overrides,
     }
-    return Params.from_dict({"prepare": {"image_size": 16}, "prior": prior})
+    return Params.from_dict(with_run_settings({"prepare": {"image_size": 16}, "prior": prior}))
 
 
 @pytest.mark.parametrize("kind", ["maskgit", "gpt"])
@@ -112,16 +114,14 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
         register=False,
         runtime=CPU,
     )
-    params = SampleParams(
-        prior=str(tmp_path / "prior"), per_class=3, steps=4, batch_size=5, device="cpu", grid_per_class=2
-    )
-    report = sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "a.png")
+    params = SampleParams(prior=str(tmp_path / "prior"), per_class=3, steps=4, batch_size=5, grid_per_class=2)
+    report = sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "a.png", device="cpu")
     assert report["count"] == 12 and (tmp_path / "a.png").stat().st_size > 0
     meta = read_meta(tmp_path / "a")
     assert meta["image_size"] == 16 and meta["channels"] == 1 and meta["count"] == 12
     first = list(iter_samples(tmp_path / "a"))
     assert [s["cls"] for s in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    sample(params, samples_dir=tmp_path / "b", grid_path=tmp_path / "b.png")
+    sample(params, samples_dir=tmp_path / "b", grid_path=tmp_path / "b.png", device="cpu")
     assert [s["png"] for s in first] == [s["png"] for s in iter_samples(tmp_path / "b")]
 
     import imtok.generation
@@ -139,7 +139,7 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
 
     real_to_uint8 = imtok.generation.to_uint8
     monkeypatch.setattr(imtok.generation, "to_uint8", tracking_to_uint8)
-    sample(params, samples_dir=tmp_path / "d", grid_path=tmp_path / "d.png")
+    sample(params, samples_dir=tmp_path / "d", grid_path=tmp_path / "d.png", device="cpu")
     monkeypatch.setattr(imtok.generation, "to_uint8", real_to_uint8)
     assert earlier_alive == [0, 0, 0]  # 12 samples in batches of 5, each holding a grid pick
     assert (tmp_path / "d.png").read_bytes() == (tmp_path / "a.png").read_bytes()
@@ -157,7 +157,7 @@ def test_sample_writes_decodable_shards_and_a_class_grid_and_is_seeded(
     real_generate = imtok.generation.generate_tokens
     monkeypatch.setattr(imtok.generation, "generate_tokens", failing)
     with pytest.raises(RuntimeError, match="batch 3"):
-        sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "c.png")
+        sample(params, samples_dir=tmp_path / "a", grid_path=tmp_path / "c.png", device="cpu")
     assert read_meta(tmp_path / "a") == meta
     assert [s["png"] for s in iter_samples(tmp_path / "a")] == [s["png"] for s in first]
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".a.")) == []
@@ -200,20 +200,16 @@ def test_a_tokenizer_other_than_the_priors_is_refused_naming_both_checksums(
     save_model_file(
         tmp_path / "other" / "tokenizer.pt", kind="tokenizer", config=config, model=Tokenizer(config), meta={}
     )
-    params = SampleParams(
-        prior=str(tmp_path / "prior"), tokenizer=str(tmp_path / "other"), per_class=1, device="cpu"
-    )
+    params = SampleParams(prior=str(tmp_path / "prior"), tokenizer=str(tmp_path / "other"), per_class=1)
     with pytest.raises(ValueError, match=r"sample\.tokenizer: .*sha256 [0-9a-f]{12}.*sha256 [0-9a-f]{12}"):
-        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
+        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png", device="cpu")
     bigger = TokenizerConfig(in_channels=1, image_size=16, base_channels=8, codebook_size=1024)
     save_model_file(
         tmp_path / "big" / "tokenizer.pt", kind="tokenizer", config=bigger, model=Tokenizer(bigger), meta={}
     )
-    params = SampleParams(
-        prior=str(tmp_path / "prior"), tokenizer=str(tmp_path / "big"), per_class=1, device="cpu"
-    )
+    params = SampleParams(prior=str(tmp_path / "prior"), tokenizer=str(tmp_path / "big"), per_class=1)
     with pytest.raises(ValueError, match=r"codebook of 1000 codes but the prior .* was trained on 240"):
-        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
+        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png", device="cpu")
 
 
 def test_more_maskgit_steps_than_tokens_are_refused_before_the_tokenizer_is_fetched(
@@ -228,10 +224,9 @@ def test_more_maskgit_steps_than_tokens_are_refused_before_the_tokenizer_is_fetc
         tokenizer=str(tmp_path / "absent"),
         per_class=1,
         steps=num_tokens + 1,
-        device="cpu",
     )
     with pytest.raises(ValueError, match=rf"sample\.steps: {num_tokens + 1} .* at most {num_tokens}$"):
-        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
+        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png", device="cpu")
     assert not (tmp_path / "s").exists()
 
 
@@ -273,6 +268,6 @@ def test_token_splits_from_different_tokenizers_are_refused(tiny_tokens, tmp_pat
 
 
 def test_a_prior_uri_that_does_not_resolve_is_named(mlflow_store, tmp_path):
-    params = SampleParams(prior="models:/imtok-prior@nothing", device="cpu")
+    params = SampleParams(prior="models:/imtok-prior@nothing")
     with pytest.raises(ValueError, match="models:/imtok-prior@nothing: cannot fetch prior"):
-        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png")
+        sample(params, samples_dir=tmp_path / "s", grid_path=tmp_path / "s.png", device="cpu")

@@ -31,6 +31,22 @@ def test_overrides_become_set_param_arguments_in_yaml_flow_syntax():
     ]
 
 
+def test_a_nested_override_sets_its_leaf_and_keeps_the_keys_beside_it(tmp_path):
+    from imtok.overrides import write_overrides
+
+    base = {"run": {"tokenizer": {"device": "cpu", "log_every": 5}}, "tokenizer": {"lr": 0.1}}
+    override = {"run": {"tokenizer": {"log_every": 10}}}
+    expected = {"run": {"tokenizer": {"device": "cpu", "log_every": 10}}, "tokenizer": {"lr": 0.1}}
+    assert merged(base, override) == expected
+    assert base["run"]["tokenizer"]["log_every"] == 5  # the params given are not changed
+    assert set_param_arguments(override) == ["-S", "run.tokenizer.log_every=10"]
+    path = tmp_path / "params.yaml"
+    path.write_text("run:\n  tokenizer:\n    device: cpu  # where\n    log_every: 5\n")
+    params = write_overrides(path, override)
+    assert params.run.tokenizer.log_every == 10 and params.run.tokenizer.device == "cpu"
+    assert path.read_text() == "run:\n  tokenizer:\n    device: cpu  # where\n    log_every: 10\n"
+
+
 def test_every_point_of_the_cpu_study_profile_is_valid():
     from flows.study import LABELS, SIZES, points
     from imtok.overrides import validated
@@ -40,5 +56,6 @@ def test_every_point_of_the_cpu_study_profile_is_valid():
     assert len(study) == len(LABELS) * len(SIZES) == 32  # eight labels x four sizes
     for point in study:
         params = validated(REPO / "params.yaml", point["overrides"])
-        assert params.tokenizer.val_batches == profile["tokenizer"]["val_batches"], point["name"]
-        assert params.tokenizer.total_steps % params.tokenizer.val_every == 0  # the last val is the end
+        run = params.run.tokenizer
+        assert run.val_batches == profile["run"]["tokenizer"]["val_batches"], point["name"]
+        assert params.tokenizer.total_steps % run.val_every == 0  # the last val is the end

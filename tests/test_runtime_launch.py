@@ -47,7 +47,7 @@ def write_params(path: Path, sections: dict) -> Path:
 def test_a_rank_whose_peer_failed_before_joining_gives_up_after_the_timeout(tmp_path, stage):
     section = "tokenizer" if stage == "train_tokenizer" else "prior"
     good = write_params(
-        tmp_path / "params.yaml", {section: {"device": "cpu"}, "run": {"dist_timeout_s": TIMEOUT_S}}
+        tmp_path / "params.yaml", {"run": {"dist_timeout_s": TIMEOUT_S, section: {"device": "cpu"}}}
     )
     broken = write_params(tmp_path / "broken.yaml", {section: {"devcie": "cpu"}})  # fails at the params
     port = free_port()
@@ -217,14 +217,20 @@ def test_cuda_index_gives_each_process_its_gpu(
 ):
     from imtok.runtime import cuda_index
 
-    key = "tokenizer.device"
+    key = "run.tokenizer.device"
     assert cuda_index(device, local_rank, local_world_size, device_count, key, visible) == expected
 
 
 @pytest.mark.parametrize(
     ("device", "local_rank", "local_world_size", "device_count", "message"),
     [
-        ("cuda:0", 3, 8, 8, r"tokenizer\.device: 'cuda:0' would put all 8 processes of this node .* GPU 0"),
+        (
+            "cuda:0",
+            3,
+            8,
+            8,
+            r"run\.tokenizer\.device: 'cuda:0' would put all 8 processes of this node .* GPU 0",
+        ),
         ("cuda", 8, 16, 8, r"LOCAL_RANK 8 has no GPU of its own: this process sees 8 GPUs"),
         ("cuda:4", 0, 1, 2, r"'cuda:4' but this process sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"),
         ("cuda:x", 0, 1, 2, r"unknown device 'cuda:x'"),
@@ -239,7 +245,7 @@ def test_cuda_index_refuses_a_gpu_that_ranks_would_share_or_that_is_not_there(
     from imtok.runtime import cuda_index
 
     with pytest.raises(ValueError, match=message):
-        cuda_index(device, local_rank, local_world_size, device_count, "tokenizer.device")
+        cuda_index(device, local_rank, local_world_size, device_count, "run.tokenizer.device")
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
@@ -248,14 +254,14 @@ def test_resolve_device_without_cuda_names_the_key(device, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a host without CUDA, also on GPU hosts
 
-    expected = rf"prior\.device: '{device}' was asked for but CUDA is not available"
+    expected = rf"run\.prior\.device: '{device}' was asked for but CUDA is not available"
     with pytest.raises(ValueError, match=expected):
-        resolve_device(device, key="prior.device")
+        resolve_device(device, key="run.prior.device")
 
 
 @pytest.mark.parametrize("device", ["gpu", "cudax", "mps0"])
 def test_resolve_device_refuses_unknown_names(device):
     from imtok.runtime import resolve_device
 
-    with pytest.raises(ValueError, match=rf"sample\.device: unknown device '{device}'"):
-        resolve_device(device, key="sample.device")
+    with pytest.raises(ValueError, match=rf"run\.sample\.device: unknown device '{device}'"):
+        resolve_device(device, key="run.sample.device")

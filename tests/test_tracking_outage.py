@@ -15,14 +15,19 @@ import yaml
 from conftest import free_port
 from services import services
 
+from imtok.overrides import merged
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = {
     "prepare": {"source": "synthetic", "image_size": 16, "synthetic_count": 300, "maxcount": 100},
     "tokenizer": {
         "base_channels": 8, "codebook_size": 256, "batch_size": 8, "warmup_steps": 2, "total_steps": 400,
-        "log_every": 5, "val_every": 400, "val_batches": 1, "checkpoint_every": 20, "keep_checkpoints": 50,
-        "device": "cpu", "perceptual_weight": 0.0,
+        "perceptual_weight": 0.0,
+    },
+    "run": {
+        "tokenizer": {"log_every": 5, "val_every": 400, "val_batches": 1, "checkpoint_every": 20,
+                      "keep_checkpoints": 50, "device": "cpu"},
     },
 }  # fmt: skip
 
@@ -31,8 +36,7 @@ def project(root: Path, uri: str) -> tuple[Path, dict[str, str]]:
     """A directory with tiny params and prepared shards; the environment that points at ``uri``."""
     root.mkdir(parents=True, exist_ok=True)
     full = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        full[section].update(values)
+    full = merged(full, TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(full))
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import needs_compiler, torchrun_command
+from project_factory import with_run_settings
 
 from imtok.models.files import read_model_file
 from imtok.params import Params
@@ -46,8 +47,9 @@ TINY = {
 
 
 def tiny_params(**tokenizer: object) -> Params:
+    """The tiny params with ``tokenizer`` keys (run settings among them) changed."""
     raw = {"prepare": dict(TINY["prepare"]), "tokenizer": {**TINY["tokenizer"], **tokenizer}}
-    return Params.from_dict(raw)
+    return Params.from_dict(with_run_settings(raw))
 
 
 def project(root: Path, shards: Path, params: dict) -> Path:
@@ -148,7 +150,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_uninterrupte
     tiny_shards, tmp_path, monkeypatch, one_thread
 ):
     settings = {"total_steps": 96, "checkpoint_every": 8, "val_every": 48}
-    params = {"prepare": TINY["prepare"], "tokenizer": {**TINY["tokenizer"], **settings}}
+    params = with_run_settings({"prepare": TINY["prepare"], "tokenizer": {**TINY["tokenizer"], **settings}})
     killed = project(tmp_path / "killed", tiny_shards, params)
     env = {
         **os.environ,
@@ -214,6 +216,7 @@ def _trained_state(params: Params, shards: Path, checkpoint_dir: Path) -> tuple[
     result = train_tokenizer(
         params.tokenizer,
         params.tokenizer_config(1, 16),
+        run=params.run.tokenizer,
         train_dir=shards / "train",
         val_dir=shards / "val",
         checkpoint_dir=checkpoint_dir,
@@ -341,7 +344,7 @@ def test_shards_whose_size_is_not_divisible_by_f_name_the_split_and_the_key(tiny
 
 @needs_compiler
 def test_a_compiled_run_trains_like_the_eager_one(tiny_shards, mlflow_store, tmp_path, one_thread):
-    # tokenizer.compile wraps the training forward (generator and quantizer; the discriminator and
+    # run.tokenizer.compile wraps the training forward (generator and quantizer; the discriminator and
     # the losses stay eager) in torch.compile: the same steps must give the same weights, to float
     # rounding. (That the forward is one graph is tests/test_code_counts.py's concern.)
     from torch._dynamo.utils import counters
@@ -372,10 +375,12 @@ def test_a_discriminator_too_deep_for_the_shards_images_is_refused_before_traini
 ):
     # prepare.image_size says 32 (deep enough), but the shards hold the 16x16 images that train.
     params = Params.from_dict(
-        {
-            "prepare": {**TINY["prepare"], "image_size": 32},
-            "tokenizer": {**TINY["tokenizer"], "gan_weight": 0.1},
-        }
+        with_run_settings(
+            {
+                "prepare": {**TINY["prepare"], "image_size": 32},
+                "tokenizer": {**TINY["tokenizer"], "gan_weight": 0.1},
+            }
+        )
     )
     expected = r"^tokenizer\.disc_layers: 3 .*/train: image_size=16 .* use tokenizer\.disc_layers <= 2$"
     with pytest.raises(ValueError, match=expected):

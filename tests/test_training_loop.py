@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from project_factory import with_run_settings
 from torch.overrides import TorchFunctionMode
 
 from imtok.data.shards import read_meta
@@ -56,7 +57,7 @@ def tokenizer_params(steps: int, **tokenizer: object) -> Params:
             "warmup_steps": 0, "device": "cpu", "ema_decay": 0.9, **every, **tokenizer,
         },
     }  # fmt: skip
-    return Params.from_dict(raw)
+    return Params.from_dict(with_run_settings(raw))
 
 
 def run_tokenizer(params: Params, shards: Path, checkpoints: Path):
@@ -67,6 +68,7 @@ def run_tokenizer(params: Params, shards: Path, checkpoints: Path):
     return train_tokenizer(
         params.tokenizer,
         config,
+        run=params.run.tokenizer,
         train_dir=shards / "train",
         val_dir=shards / "val",
         checkpoint_dir=checkpoints,
@@ -107,12 +109,18 @@ def test_prior_training_steps_read_nothing_back_between_log_lines(tmp_path, kind
         prior = {"kind": kind, "hidden_dim": 16, "depth": 1, "heads": 2, "batch_size": 8, "device": "cpu"}
         prior |= {"total_steps": steps, "warmup_steps": 0, "val_batches": 0, "grad_clip": 1.0}
         prior |= {"log_every": steps, "val_every": steps, "checkpoint_every": steps}
-        params = Params.from_dict({"prior": prior})
+        params = Params.from_dict(with_run_settings({"prior": prior}))
         config = prior_config(params.prior, 32, (4, 4), 4)
         with HostReads() as counter:
             checkpoints = tmp_path / f"ck{steps}"
             result = train_prior(
-                params.prior, config, train=split, val=None, checkpoint_dir=checkpoints, runtime=CPU
+                params.prior,
+                config,
+                run=params.run.prior,
+                train=split,
+                val=None,
+                checkpoint_dir=checkpoints,
+                runtime=CPU,
             )
         assert result.step == steps
         reads[steps] = counter.count
@@ -176,13 +184,16 @@ def test_a_token_split_with_ids_outside_the_codebook_is_refused_before_training(
     bad_tokens[5, 1, 2] = 32
     bad = good._replace(tokens=bad_tokens)
     bad_labels = good._replace(labels=torch.full((64,), 7))
-    prior = {"hidden_dim": 16, "depth": 1, "heads": 2, "batch_size": 8, "device": "cpu", "total_steps": 2}
-    params = Params.from_dict({"prior": prior | {"warmup_steps": 0, "val_batches": 0}})
+    prior = {"hidden_dim": 16, "depth": 1, "heads": 2, "batch_size": 8, "total_steps": 2, "warmup_steps": 0}
+    params = Params.from_dict({"prior": prior, "run": {"prior": {"device": "cpu", "val_batches": 0}}})
     config = prior_config(params.prior, 32, (4, 4), 2)
     checkpoints = tmp_path / "ck"
+    run = params.run.prior
     for train, val, match in ((bad, None, "indices"), (good, bad, "indices"), (bad_labels, None, "labels")):
         with pytest.raises(ValueError, match=match):
-            train_prior(params.prior, config, train=train, val=val, checkpoint_dir=checkpoints, runtime=CPU)
+            train_prior(
+                params.prior, config, run=run, train=train, val=val, checkpoint_dir=checkpoints, runtime=CPU
+            )
     assert not list(tmp_path.glob("ck/*.pt"))  # refused before the first step
 
 

@@ -103,7 +103,7 @@ def _worker_died(in_flight: Sequence[Sequence[SourceItem]], workers: int) -> Enc
         f"an encoding worker process died or could not start while the {count} images from "
         f"{in_flight[0][0].origin} to {in_flight[-1][-1].origin} (in write order) were being encoded: "
         "killed by the system, out of memory, or crashed in an image decoder (its error, if any, is "
-        f"printed above). Set prepare.num_workers: 0 (now {workers}) to encode in the stage itself "
+        f"printed above). Set run.prepare.num_workers: 0 (now {workers}) to encode in the stage itself "
         "and see the error there."
     )
 

@@ -37,7 +37,7 @@ log = logging.getLogger("imtok.classifier")
 
 @dataclass(frozen=True)
 class ClassifierLoop:
-    """The engine's loop settings for the classifier (``imtok.engine.LoopParams``)."""
+    """The engine's loop settings for the classifier (``imtok.engine.Schedule`` and ``Cadence``)."""
 
     total_steps: int
     batch_size: int
@@ -152,13 +152,13 @@ def train_classifier(
     task = ClassifierTask(config, batches, flip)
     runtime = Runtime(device=torch.device(device))
     with tempfile.TemporaryDirectory() as scratch:
-        run = engine.train(task, loop, checkpoint_dir=checkpoint_dir or scratch, runtime=runtime)
+        run = engine.train(task, loop, loop, checkpoint_dir=checkpoint_dir or scratch, runtime=runtime)
     return run.model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[return-value]
 
 
 # The train_classifier stage's run: train, measure val accuracy, save.
 
-RUNTIME_KEYS = frozenset({"device", "min_accuracy"})  # change nothing that training computes
+RUNTIME_KEYS = frozenset({"min_accuracy"})  # changes nothing that training computes
 
 
 def labelled_batches(loader: ShardLoader, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -173,11 +173,17 @@ def val_batches(location: Path, batch_size: int) -> Iterator[tuple[torch.Tensor,
 
 
 def train_and_export(
-    params: ClassifierParams, *, shards_dir: Path, out_path: Path, checkpoint_root: Path
+    params: ClassifierParams,
+    *,
+    shards_dir: Path,
+    out_path: Path,
+    checkpoint_root: Path,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """The ``train_classifier`` stage's work: train (or resume) on ``shards_dir``'s train split, measure
     val accuracy, refuse a classifier below ``min_accuracy``, save it to ``out_path``; returns the
-    stage report. Checkpoints go to ``checkpoint_root/<fingerprint>`` (params, train split, code)."""
+    stage report, training on ``device`` (``run.classifier.device``). Checkpoints go to
+    ``checkpoint_root/<fingerprint>`` (params, train split, code)."""
     started = time.perf_counter()
     meta = read_meta(shards_dir / "train")
     num_classes = len(meta.get("class_names") or []) or 10
@@ -189,7 +195,7 @@ def train_and_export(
         embed_dim=params.embed_dim,
         name=params.name,
     )
-    device = resolve_device(params.device, key="classifier.device")
+    resolved = resolve_device(device, key="run.classifier.device")
     loader = ShardLoader(
         shards_dir / "train", params.batch_size, shuffle=True, seed=params.seed, rank=0, world_size=1
     )
@@ -202,7 +208,7 @@ def train_and_export(
             steps=params.steps,
             lr=params.lr,
             flip=params.flip,
-            device=device,
+            device=resolved,
             seed=params.seed,
             checkpoint_dir=checkpoint_dir,
             batch_size=params.batch_size,

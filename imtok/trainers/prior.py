@@ -38,7 +38,7 @@ from imtok.models.maskgit import (
     random_token_mask,
 )
 from imtok.models.priors import build_prior
-from imtok.params import Params, PriorParams
+from imtok.params import Params, PriorParams, PriorRun
 from imtok.quantizers.common import check_indices
 from imtok.runtime import Runtime, agreed_fingerprint, code_digest, run_fingerprint
 from imtok.trainers.export import Registration, finish_training, training_run
@@ -178,9 +178,16 @@ class PriorTask(engine.Task):
     advice = "lower prior.lr or set prior.grad_clip"
 
     def __init__(
-        self, params: PriorParams, config: Any, *, train: TokenSplit, val: TokenSplit | None
+        self,
+        params: PriorParams,
+        config: Any,
+        *,
+        val_batches: int,
+        train: TokenSplit,
+        val: TokenSplit | None,
     ) -> None:
         self.p, self.config, self.train, self.val = params, config, train, val
+        self.val_batches = val_batches
 
     def build(self, device: torch.device) -> nn.Module:
         self.device = device
@@ -224,7 +231,7 @@ class PriorTask(engine.Task):
             self.val,
             self.device,
             batch_size=p.batch_size,
-            max_batches=p.val_batches,
+            max_batches=self.val_batches,
             conditional=p.conditional,
         )
 
@@ -233,6 +240,7 @@ def train_prior(
     params: PriorParams,
     config: Any,
     *,
+    run: PriorRun,
     train: TokenSplit,
     val: TokenSplit | None,
     checkpoint_dir: str | Path,
@@ -240,24 +248,25 @@ def train_prior(
     on_metrics: MetricsCallback | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> PriorResult:
-    """Train (or resume) a prior to ``params.total_steps`` with ``imtok.engine``; callbacks run on the
-    main process only."""
-    run = engine.train(
-        PriorTask(params, config, train=train, val=val),
+    """Train (or resume) a prior to ``params.total_steps`` with ``imtok.engine`` at the cadence of
+    ``run``; callbacks run on the main process only."""
+    trained = engine.train(
+        PriorTask(params, config, val_batches=run.val_batches, train=train, val=val),
         params,
+        run,
         checkpoint_dir=checkpoint_dir,
         runtime=runtime,
         on_metrics=on_metrics,
         checkpoint_extra=checkpoint_extra,
     )
     return PriorResult(
-        model=run.model,
-        step=run.step,
-        start_step=run.start_step,
-        val=run.val,
-        train=run.train,
-        seconds=run.seconds,
-        tokens_per_s=run.units_per_s,
+        model=trained.model,
+        step=trained.step,
+        start_step=trained.start_step,
+        val=trained.val,
+        train=trained.train,
+        seconds=trained.seconds,
+        tokens_per_s=trained.units_per_s,
     )
 
 
@@ -319,10 +328,7 @@ def train_and_export(
     token_identity = json.dumps(
         {k: v for k, v in meta.items() if k != "shards"} | {"shards": meta["shards"]}, sort_keys=True
     )
-    run_key = run_fingerprint(
-        {**section.as_dict(), "tokens": token_identity, "code": code_digest()},
-        PriorParams.RUNTIME_KEYS,
-    )
+    run_key = run_fingerprint({**section.as_dict(), "tokens": token_identity, "code": code_digest()})
     run_key = agreed_fingerprint(run_key, runtime, "prior")
     checkpoint_dir = checkpoint_root / run_key
     provenance = tokenizer_provenance(meta)
@@ -335,6 +341,7 @@ def train_and_export(
         result = train_prior(
             section,
             config,
+            run=params.run.prior,
             train=train_split,
             val=val_split,
             checkpoint_dir=checkpoint_dir,

@@ -52,7 +52,7 @@ from imtok.losses import (
 from imtok.metrics.codebook import CodeCounter
 from imtok.metrics.recon import MAX_PSNR_DB, ReconstructionTotals, psnr
 from imtok.models.autoencoder import Tokenizer, TokenizerConfig, evaluating
-from imtok.params import Params, TokenizerParams, check_discriminator_depth
+from imtok.params import Params, TokenizerParams, TokenizerRun, check_discriminator_depth
 from imtok.quantizers import QuantizerOutput
 from imtok.runtime import (
     Runtime,
@@ -242,12 +242,13 @@ class TokenizerTask(engine.Task):
         params: TokenizerParams,
         config: TokenizerConfig,
         *,
+        run: TokenizerRun,
         train_dir: str | Path,
         val_dir: str | Path,
         runtime: Runtime,
         on_grid: GridCallback | None = None,
     ) -> None:
-        self.p, self.config, self.runtime, self.on_grid = params, config, runtime, on_grid
+        self.p, self.run, self.config, self.runtime, self.on_grid = params, run, config, runtime, on_grid
         self.train_dir, self.val_dir = train_dir, val_dir
 
     def build(self, device: torch.device) -> nn.Module:
@@ -285,19 +286,19 @@ class TokenizerTask(engine.Task):
         }
 
     def bind(self, train_model: nn.Module, runtime: Runtime, start: int) -> None:
-        p = self.p
+        p, workers = self.p, self.run.num_workers
         self.train_discriminator = (
             wrap_ddp(self.discriminator, runtime) if self.discriminator is not None else None
         )
-        self.forward = torch.compile(train_model) if p.compile else train_model
+        self.forward = torch.compile(train_model) if self.run.compile else train_model
         loader = ShardLoader(
             self.train_dir,
             p.batch_size,
             shuffle=True,
-            num_workers=p.num_workers,
+            num_workers=workers,
             seed=p.seed,
             pin_memory=self.device.type == "cuda",
-            multiprocessing_context="fork" if p.num_workers else None,
+            multiprocessing_context="fork" if workers else None,
         )
         self.stream = batches_from(loader, start)
         self.last_layer = decoder_last_layer(self.model)
@@ -342,12 +343,12 @@ class TokenizerTask(engine.Task):
             model,
             iter_batches(self.val_dir, self.p.batch_size),
             self.device,
-            max_batches=self.p.val_batches,
+            max_batches=self.run.val_batches,
             recon_kind=self.p.recon_loss,
             autocast=self.runtime.autocast,
         )
         if self.on_grid is not None and pair is not None:
-            count = self.p.grid_images
+            count = self.run.grid_images
             self.on_grid(pair[0][:count], pair[1][:count], step)
         return metrics
 
@@ -363,6 +364,7 @@ def train_tokenizer(
     params: TokenizerParams,
     config: TokenizerConfig,
     *,
+    run: TokenizerRun,
     train_dir: str | Path,
     val_dir: str | Path,
     checkpoint_dir: str | Path,
@@ -371,30 +373,32 @@ def train_tokenizer(
     on_grid: GridCallback | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) a tokenizer to ``params.total_steps`` with ``imtok.engine``.
+    """Train (or resume training) a tokenizer to ``params.total_steps`` with ``imtok.engine``, at the
+    cadence and with the loader processes of ``run``.
 
     ``on_metrics(metrics, step)`` and ``on_grid(images, reconstructions, step)`` are called on the main
     process only. ``checkpoint_extra`` (plain values) is stored in every checkpoint.
     """
     task = TokenizerTask(
-        params, config, train_dir=train_dir, val_dir=val_dir, runtime=runtime, on_grid=on_grid
+        params, config, run=run, train_dir=train_dir, val_dir=val_dir, runtime=runtime, on_grid=on_grid
     )
-    run = engine.train(
+    trained = engine.train(
         task,
         params,
+        run,
         checkpoint_dir=checkpoint_dir,
         runtime=runtime,
         on_metrics=on_metrics,
         checkpoint_extra=checkpoint_extra,
     )
     return TrainResult(
-        model=run.model,  # type: ignore[arg-type]
-        step=run.step,
-        start_step=run.start_step,
-        val=run.val,
-        train=run.train,
-        seconds=run.seconds,
-        images_per_s=run.units_per_s,
+        model=trained.model,  # type: ignore[arg-type]
+        step=trained.step,
+        start_step=trained.start_step,
+        val=trained.val,
+        train=trained.train,
+        seconds=trained.seconds,
+        images_per_s=trained.units_per_s,
         disabled_losses=dict(task.objective.disabled),
         feature_source=task.objective.feature_source,
     )
@@ -437,7 +441,7 @@ def fingerprint(params: TokenizerParams, channels: int, image_size: int, train_m
         "train_meta": data,
         "code": code_digest(),
     }
-    return run_fingerprint(values, TokenizerParams.RUNTIME_KEYS)
+    return run_fingerprint(values)
 
 
 def version_tags(
@@ -490,8 +494,8 @@ def train_and_export(
 ) -> dict[str, Any] | None:
     """The ``train_tokenizer`` stage's work: train (or resume) on ``shards_dir``, measure the whole val
     split, export to ``out_dir`` and register; returns the stage report on the main process (else None).
-    The caller holds ``runtime`` (``imtok.runtime.setup_runtime`` from ``tokenizer.device`` and
-    ``tokenizer.precision``) and shuts it down.
+    The caller holds ``runtime`` (``imtok.runtime.setup_runtime`` from ``run.tokenizer.device`` and
+    ``tokenizer.precision``) and shuts it down. ``run.tokenizer`` sets the cadence and loader.
 
     Checkpoints go to ``checkpoint_root/<fingerprint>``, the fingerprint hashing every param that
     changes what is computed, the train split's meta.json and the code.
@@ -518,6 +522,7 @@ def train_and_export(
         result = train_tokenizer(
             section,
             config,
+            run=params.run.tokenizer,
             train_dir=shards_dir / "train",
             val_dir=shards_dir / "val",
             checkpoint_dir=checkpoint_dir,
@@ -545,7 +550,7 @@ def train_and_export(
 
         def add_grid(staging: Path) -> None:
             if pair is not None:
-                count = section.grid_images
+                count = params.run.tokenizer.grid_images
                 save_grid(paired_rows(pair[0][:count], pair[1][:count]), staging / "reconstructions.png")
 
         def registration() -> Registration:
