@@ -51,7 +51,10 @@ def set_leaf(document: dict[str, Any], keys: tuple[str, ...], value: Any) -> Non
 
 
 def merged(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of params with each of the overrides' leaves set (``leaves``)."""
+    """A copy of params with each of the overrides' leaves set (``leaves``); params that are not a
+    mapping of sections (a YAML list, say) are a ValueError naming them."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params: expected a mapping of sections, got {type(params).__name__}")
     result = copy.deepcopy(params)
     for keys, value in leaves(overrides):
         set_leaf(result, keys, value)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from imtok.overrides import merged, set_param_arguments
@@ -45,6 +46,15 @@ def test_a_nested_override_sets_its_leaf_and_keeps_the_keys_beside_it(tmp_path):
     params = write_overrides(path, override)
     assert params.run.tokenizer.log_every == 10 and params.run.tokenizer.device == "cpu"
     assert path.read_text() == "run:\n  tokenizer:\n    device: cpu  # where\n    log_every: 10\n"
+
+
+def test_params_that_are_no_mapping_are_refused_by_name_before_an_override_is_set(tmp_path):
+    from imtok.overrides import validated
+
+    path = tmp_path / "params.yaml"
+    path.write_text("- tokenizer\n- prior\n")
+    with pytest.raises(ValueError, match=r"^params: expected a mapping of sections, got list$"):
+        validated(path, {"run": {"tokenizer": {"log_every": 10}}})
 
 
 def test_every_point_of_the_cpu_study_profile_is_valid():
